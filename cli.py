@@ -1,0 +1,188 @@
+"""Command-line face of the engine: parse, call the Python API, print. Nothing else lives here.
+
+Heavy modules are imported inside commands so `--help` and `info` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+INDEX_HELP = "Index directory. Default: $RETRIEVAL_INDEX, else ~/.local/share/retrieval/default."
+
+
+class Cli(click.Group):
+    """Turns user errors into one line on stderr and exit code 2; --debug keeps tracebacks."""
+
+    def invoke(self, ctx):
+        from retrieval.errors import RetrievalError
+
+        try:
+            return super().invoke(ctx)
+        except RetrievalError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def index_option(f):
+    return click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
+                        envvar="RETRIEVAL_INDEX", help=INDEX_HELP)(f)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Search your photos by sentence, by example image, or both — offline, on your machine."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@index_option
+@click.option("--captions", "captions_file", type=click.Path(dir_okay=False), help="Caption corpus: CSV, JSONL, Karpathy or COCO JSON.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "csv", "jsonl", "karpathy", "coco"]), default="auto", show_default=True)
+@click.option("--split", default=None, help="Karpathy split to use (train, val, test, restval).")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None, help="Folder that corpus image paths are relative to.")
+@click.option("--model", default=None, help="ARCH:PRETRAINED (open_clip names), ARCH:/path/to/weights, ARCH:none, or 'starter'. Only for a new index.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--workers", default=None, type=click.IntRange(0, 64), help="Decode processes (0 = in-process). Default: cores - 1.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto, or the index's setting).")
+@click.option("--exclude", multiple=True, help="Glob of paths or names to skip (repeatable).")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
+@click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, index_type,
+          exclude, include_hidden, rebuild, quiet):
+    """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
+    from index_data.pipeline import IndexOptions, run_index
+
+    opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
+                        model=model, batch_size=batch_size, workers=workers, device=device, index_type=index_type,
+                        exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild, progress=not quiet)
+    r = run_index(index_dir, opts)
+    click.echo(
+        f"{r.images_total} images indexed: {r.encoded} encoded, {r.reused} duplicates reused, {r.moved} moved, "
+        f"{r.updated} updated, {r.removed} removed, {r.unchanged} unchanged, {r.captions_added} captions added "
+        f"in {r.seconds:.1f}s", err=True)
+    if r.errors:
+        click.echo(f"{len(r.errors)} files skipped:", err=True)
+        for path, reason in r.errors[:20]:
+            click.echo(f"  {os.fsencode(path).decode('utf-8', 'replace')}: {reason}", err=True)
+        if len(r.errors) > 20:
+            click.echo(f"  … and {len(r.errors) - 20} more (see: retrieval info --errors)", err=True)
+    if r.interrupted:
+        click.echo("stopped early by Ctrl-C; everything encoded so far is kept. Run the same command to resume.", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("text", required=False)
+@index_option
+@click.option("--image", type=click.Path(), default=None, help="Query image (alone, or with TEXT for a composite query).")
+@click.option("--weight", default=0.5, show_default=True, type=float, help="Image share of a composite query (0..1).")
+@click.option("--to", "to", type=click.Choice(["images", "captions"]), default="images", show_default=True)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--min-score", type=float, default=None)
+@click.option("--under", default=None, help="Only results whose path is under this folder.")
+@click.option("--glob", default=None, help="Only results whose path or file name matches this glob.")
+@click.option("--exclude-self", is_flag=True, help="Leave out the query image itself (and identical copies).")
+@click.option("--no-dedupe", is_flag=True, help="Keep results with identical content.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
+@click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
+def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, device, as_json, as_paths):
+    """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
+    from retrieval.search import Searcher
+
+    with Searcher.open(index_dir, device=device) as s:
+        results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
+                           exclude_self=exclude_self, dedupe=not no_dedupe)
+    _print_results(results, as_json, as_paths)
+    sys.exit(0 if results else 1)
+
+
+def _print_results(results, as_json: bool, as_paths: bool) -> None:
+    if as_json:
+        for r in results:
+            click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+        return
+    if as_paths:
+        for r in results:
+            if r.path:
+                click.echo(r.path)
+        return
+    if not results:
+        click.echo("no results", err=True)
+        return
+    if results[0].kind == "image":
+        click.echo(f"{'rank':>4}  {'score':>6}  path")
+        for r in results:
+            click.echo(f"{r.rank:>4}  {r.score:6.3f}  {r.path}")
+    else:
+        click.echo(f"{'rank':>4}  {'score':>6}  caption  [image]")
+        for r in results:
+            click.echo(f"{r.rank:>4}  {r.score:6.3f}  {r.caption}" + (f"  [{r.path}]" if r.path else ""))
+
+
+@main.command()
+@index_option
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--errors", "show_errors", is_flag=True, help="List the files that were skipped, with reasons.")
+def info(index_dir, as_json, show_errors):
+    """What an index holds: counts, model, vector index type."""
+    from retrieval.index import Index
+
+    idx = Index.open(index_dir)
+    try:
+        i = idx.info()
+        errors = idx.store.errors() if show_errors else []
+    finally:
+        idx.close()
+    if as_json:
+        d = i.to_dict()
+        if show_errors:
+            d["error_list"] = [{"path": p, "reason": r} for p, r in errors]
+        click.echo(json.dumps(d, ensure_ascii=False))
+        return
+    for key, value in i.to_dict().items():
+        click.echo(f"{key:>16}: {value}")
+    for p, r in errors:
+        click.echo(f"  {p}: {r}")
+
+
+@main.command()
+@index_option
+@click.option("--repair", is_flag=True, help="Rebuild the vector files from the stored raw embeddings.")
+def verify(index_dir, repair):
+    """Check that the manifest, SQLite and FAISS agree. Exit 1 if a problem is found."""
+    from retrieval.index import Index
+
+    with Index.open_for_write(index_dir, create=False) as idx:
+        problems = idx.verify()
+        for p in problems:
+            click.echo(f"problem: {p}")
+        if problems and repair:
+            idx.sync_vectors(force_rebuild=True)
+            after = idx.verify()
+            click.echo("repaired: vectors rebuilt from stored embeddings" if not after else "still broken after repair:")
+            for p in after:
+                click.echo(f"problem: {p}")
+            sys.exit(1 if after else 0)
+    if not problems:
+        click.echo("ok")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""Decode images for the write path: in worker processes, ahead of the encoder, in input order.
+
+Design (chosen by measurement, see the report in README/benchmarks): worker processes do only PIL
+work (decode with JPEG draft mode, EXIF orientation, RGB, and the leading Resize/CenterCrop of the
+model's preprocess when it has one) and send back small uint8 arrays; the parent applies the model's
+own `preprocess` (ToTensor, Normalize, ...). Workers never touch torch, so forking a parent that has
+torch loaded is safe, and a worker starts in milliseconds. The pixels are exactly those the query path
+gets from `encoder.encode_images([path])`: the same `load_image`, and the pre-applied steps are
+checked once per stream to be no-ops when preprocess runs them again.
+
+This module imports only numpy and PIL at import time.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import signal
+import sys
+import warnings
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from retrieval.errors import ImageDecodeError
+from retrieval.images import load_image_with_size
+
+# a decode that takes longer than this is treated like a crashed worker (a hostile file looping the decoder)
+ITEM_TIMEOUT_S = 120.0
+# this many files in a row killing their worker means something else is wrong (memory, sandbox): raise
+MAX_CONSECUTIVE_CRASHES = 5
+
+
+class DecodeWorkerError(RuntimeError):
+    """The decode worker processes keep dying for reasons that are not one bad file."""
+
+
+@dataclass
+class DecodeResult:
+    key: object  # whatever the caller passed with the path
+    tensor: "object | None"  # torch.Tensor [3, H, W] from the encoder's preprocess, or None on error
+    width: int | None  # original width as displayed (after EXIF rotation), before any resizing
+    height: int | None
+    error: str | None  # one line, no path, when the file could not be decoded
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# A "plan" is what of the encoder's preprocess can run outside torch, found by recognising the usual
+# torchvision pipeline (Resize(int) -> CenterCrop -> to RGB -> ToTensor -> Normalize) and then checked
+# for bit-identical output on probe images. It has two parts:
+#   pil:    (("resize", short_side, resample), ("crop", height, width), ...) run by the workers
+#   finish: None, or (mean, std) with None for "no Normalize": the parent turns the uint8 HxWx3 array
+#           into the CHW float tensor with numpy (no torch ops, which on a busy 2-core machine cost
+#           10-70 ms per image with two OpenMP threads); None means "run preprocess itself".
+
+
+@dataclass(frozen=True)
+class Plan:
+    pil: tuple = ()
+    finish: "tuple | None" = None
+
+
+def _find_transforms(preprocess):
+    """The torchvision Compose list behind preprocess: itself, or (for encoder.preprocess, a bound
+    method) the encoder's _preprocess. Whatever is found is only trusted after make_plan's check."""
+    owner = getattr(preprocess, "__self__", None)
+    for obj in (preprocess, getattr(owner, "_preprocess", None), getattr(owner, "transform", None)):
+        transforms = getattr(obj, "transforms", None)
+        if isinstance(transforms, (list, tuple)):
+            return transforms
+    return None
+
+
+def _recognise(preprocess) -> Plan:
+    transforms = _find_transforms(preprocess)
+    if not transforms:
+        return Plan()
+    pil: list = []
+    stage = "pil"  # pil -> rgb -> tensor -> done
+    finish = None
+    for t in transforms:
+        mod = getattr(t, "__module__", "") or ""
+        name = getattr(t, "__name__", None) or type(t).__name__
+        if not isinstance(t, type) and not callable(t):
+            return Plan(tuple(pil))
+        if stage == "pil" and mod.startswith("torchvision.") and name == "Resize":
+            size = t.size[0] if isinstance(t.size, (list, tuple)) and len(t.size) == 1 else t.size
+            if not isinstance(size, int) or getattr(t, "max_size", None) is not None:
+                return Plan(tuple(pil))
+            try:
+                from torchvision.transforms.functional import pil_modes_mapping
+
+                resample = int(pil_modes_mapping[t.interpolation])
+            except Exception:
+                return Plan(tuple(pil))
+            pil.append(("resize", size, resample))
+        elif stage == "pil" and mod.startswith("torchvision.") and name == "CenterCrop":
+            size = (t.size, t.size) if isinstance(t.size, int) else tuple(t.size)
+            if len(size) == 1:
+                size = (size[0], size[0])
+            if len(size) != 2:
+                return Plan(tuple(pil))
+            pil.append(("crop", int(size[0]), int(size[1])))
+        elif stage in ("pil", "rgb") and (
+            (name == "MaybeConvertMode" and getattr(t, "mode", None) == "RGB") or name == "_convert_to_rgb"
+        ):
+            stage = "rgb"  # our images are RGB already
+        elif stage in ("pil", "rgb") and name in ("ToTensor", "MaybeToTensor"):
+            stage, finish = "tensor", (None, None)
+        elif stage == "tensor" and mod.startswith("torchvision.") and name == "Normalize":
+            finish = (tuple(float(m) for m in t.mean), tuple(float(s) for s in t.std))
+            stage = "done"
+        else:
+            return Plan(tuple(pil))
+    return Plan(tuple(pil), finish if stage in ("tensor", "done") else None)
+
+
+def apply_pil_steps(img: Image.Image, steps: tuple) -> tuple[Image.Image, bool]:
+    """Run the PIL steps of a plan, as torchvision's Resize(int) and CenterCrop do on PIL images.
+    Returns (image, complete); complete is False when a step was left to preprocess (a crop that
+    would need padding)."""
+    for step in steps:
+        if step[0] == "resize":
+            _, s, resample = step
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = s, int(s * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            if size != (w, h):
+                img = img.resize(size, resample)
+        elif step[0] == "crop":
+            _, ch, cw = step
+            w, h = img.size
+            if cw > w or ch > h:
+                return img, False  # torchvision would pad: leave that to preprocess
+            top = int(round((h - ch) / 2.0))
+            left = int(round((w - cw) / 2.0))
+            img = img.crop((left, top, left + cw, top + ch))
+    return img, True
+
+
+def finish_array(arr: np.ndarray, finish: tuple) -> np.ndarray:
+    """uint8 HxWx3 -> float32 3xHxW, as ToTensor then Normalize(mean, std) compute it (bit for bit)."""
+    x = np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+    x /= np.float32(255)
+    mean, std = finish
+    if mean is not None:
+        x -= np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        x /= np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    return x
+
+
+_PLAN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def make_plan(preprocess, target_size: int | None = None) -> Plan:
+    """What of `preprocess` can run outside it with bit-identical results (see Plan); checked on probe
+    images, cached per encoder. Plan() for an unrecognised preprocess: everything then runs in it."""
+    owner = getattr(preprocess, "__self__", None) or preprocess
+    try:
+        cached = _PLAN_CACHE.get(owner)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return cached
+    plan = _validated(preprocess, _recognise(preprocess))
+    try:
+        _PLAN_CACHE[owner] = plan
+    except TypeError:
+        pass
+    return plan
+
+
+def _validated(preprocess, plan: Plan) -> Plan:
+    if not plan.pil and plan.finish is None:
+        return plan
+    try:
+        import torch
+    except ImportError:
+        return Plan()
+    sizes = [s for step in plan.pil for s in step[1:2]] or [64]
+    s = max(8, min(max(sizes), 512))
+    rng = np.random.default_rng(1234)
+    probes = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in ((2 * s + 1, s + 3), (s // 2 + 1, s - 1), (s, s), (1, 1))
+    ]
+    try:
+        refs = [preprocess(im) for im in probes]
+    except Exception:
+        return Plan()
+
+    def same(pil: tuple, finish) -> bool:
+        for im, ref in zip(probes, refs):
+            out, complete = apply_pil_steps(im, pil)
+            if finish is not None and complete:
+                got = torch.from_numpy(finish_array(np.asarray(out), finish))
+            else:
+                got = preprocess(out)
+            if not (isinstance(ref, torch.Tensor) and ref.dtype == got.dtype and torch.equal(ref, got)):
+                return False
+        return True
+
+    try:
+        if plan.finish is not None and same(plan.pil, plan.finish):
+            return plan
+        pil = plan.pil
+        while pil:
+            if same(pil, None):
+                return Plan(pil)
+            pil = pil[:-1]
+    except Exception:
+        pass
+    return Plan()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The worker side: plain functions, picklable by reference, PIL and numpy only.
+
+
+def _one_line(msg: str, path) -> str:
+    name = os.fsdecode(path)
+    if msg.startswith(name + ": "):
+        msg = msg[len(name) + 2 :]
+    msg = " ".join(msg.split())
+    # surrogate escapes from non-UTF-8 names must not reach SQLite or a terminal as-is
+    return msg.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def decode_file(path, target_size: int | None, pil_steps: tuple = ()):
+    """Decode one file exactly as the query path does, then run the plan's PIL steps.
+
+    Returns (uint8 array [H, W, 3], width, height, None, complete) or (None, None, None, reason, False).
+    Never raises for a bad file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's "Corrupt EXIF data" etc: one per file is noise
+            img, (w, h) = load_image_with_size(path, target_size)
+            complete = True
+            if pil_steps:
+                img, complete = apply_pil_steps(img, pil_steps)
+            return np.asarray(img), w, h, None, complete
+    except ImageDecodeError as e:
+        return None, None, None, _one_line(str(e), path), False
+    except MemoryError:
+        return None, None, None, "out of memory while decoding", False
+    except Exception as e:  # a decoder bug must cost one file, not the run
+        return None, None, None, _one_line(f"decoder error: {type(e).__name__}: {e}", path), False
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group: let the parent handle it and stop us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _default_start_method() -> str:
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods:
+        return "fork"  # workers run no torch, so fork is safe; it starts a worker in ~ms
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def default_workers() -> int:
+    """Decode processes to use next to an encoder in the main process: cores - 1, at least 1, at most 8."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, n - 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class DecodeStream(Iterator[DecodeResult]):
+    """Iterator of DecodeResult in input order; also a context manager (close() stops the workers).
+
+    Use it as `with decode_stream(...) as results: for r in results: ...` so that an exception or
+    Ctrl-C in the caller's loop terminates the worker processes at once.
+    """
+
+    def __init__(self, jobs, preprocess: Callable, target_size: int, workers: int = 0, prefetch: int = 256, start_method: str | None = None):
+        self._jobs = iter(jobs)
+        self._preprocess = preprocess
+        self._target = target_size
+        self._plan = make_plan(preprocess)
+        self._workers = max(0, int(workers))
+        self._prefetch = max(1, int(prefetch))
+        self._start_method = start_method or _default_start_method()
+        self._pending: collections.deque = collections.deque()  # [key, path, future]
+        self._pool: ProcessPoolExecutor | None = None
+        self._jobs_done = False
+        self._closed = False
+        self._crashes_in_a_row = 0
+
+    # -- iterator protocol --
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> DecodeResult:
+        if self._closed:
+            raise StopIteration
+        try:
+            if self._workers == 0:
+                key, path = next(self._jobs)  # StopIteration ends the stream
+                return self._finish(key, decode_file(path, self._target, self._plan.pil))
+            self._fill()
+            if not self._pending:
+                raise StopIteration
+            raw = self._head_result()
+            key = self._pending.popleft()[0]
+            self._fill()  # keep the workers busy while the caller encodes
+            return self._finish(key, raw)
+        except BaseException:  # StopIteration, KeyboardInterrupt, a failing jobs iterator, ...
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        """Stop decoding: cancel what is queued and terminate the workers (no zombies left)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        self._kill_pool()
+
+    # -- internals --
+    def _finish(self, key, raw) -> DecodeResult:
+        arr, w, h, err, complete = raw
+        if err is not None:
+            return DecodeResult(key, None, None, None, err)
+        try:
+            if complete and self._plan.finish is not None:
+                import torch
+
+                tensor = torch.from_numpy(finish_array(arr, self._plan.finish))
+            else:
+                tensor = self._preprocess(Image.fromarray(arr))
+        except Exception as e:
+            return DecodeResult(key, None, None, None, f"preprocess failed: {type(e).__name__}: {e}")
+        return DecodeResult(key, tensor, w, h, None)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context(self._start_method)
+        self._pool = ProcessPoolExecutor(max_workers=self._workers, mp_context=ctx, initializer=_worker_init)
+        return self._pool
+
+    def _submit(self, path):
+        pool = self._pool or self._new_pool()
+        return pool.submit(decode_file, path, self._target, self._plan.pil)
+
+    def _fill(self) -> None:
+        while not self._jobs_done and len(self._pending) < self._prefetch:
+            try:
+                key, path = next(self._jobs)
+            except StopIteration:
+                self._jobs_done = True
+                return
+            self._pending.append([key, path, self._submit(path)])
+
+    def _head_result(self):
+        head = self._pending[0]
+        try:
+            raw = head[2].result(timeout=ITEM_TIMEOUT_S)
+            self._crashes_in_a_row = 0
+            return raw
+        except BrokenProcessPool:
+            return self._recover(head, "decoder crashed (worker process died)")
+        except FutureTimeout:
+            return self._recover(head, f"decoding took longer than {ITEM_TIMEOUT_S:g} s", timed_out=True)
+
+    def _recover(self, head, reason: str, timed_out: bool = False):
+        """The pool died (or hung) with `head` unfinished. Find whether head itself is to blame by running
+        it alone in a fresh pool, then resubmit everything behind it."""
+        self._kill_pool()
+        crashed = True
+        if timed_out:
+            raw = (None, None, None, reason, False)
+        else:
+            try:
+                raw = self._submit(head[1]).result(timeout=ITEM_TIMEOUT_S)
+                crashed = False  # an innocent bystander: another file killed the pool
+            except (BrokenProcessPool, FutureTimeout):
+                self._kill_pool()
+                raw = (None, None, None, reason, False)
+        self._crashes_in_a_row = self._crashes_in_a_row + 1 if crashed else 0
+        if self._crashes_in_a_row >= MAX_CONSECUTIVE_CRASHES:
+            name = os.fsdecode(head[1]).encode("utf-8", "backslashreplace").decode("utf-8")
+            raise DecodeWorkerError(
+                f"decode workers died on {self._crashes_in_a_row} files in a row (last: {name}); "
+                "out of memory? Decoding in-process (workers=0) would show the real error"
+            )
+        for item in list(self._pending)[1:]:
+            fut = item[2]
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                continue  # finished before the crash: keep its result
+            item[2] = self._submit(item[1])
+        return raw
+
+    def _kill_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def decode_stream(
+    jobs: Iterable[tuple[object, str]],
+    preprocess,
+    target_size: int,
+    workers: int = 0,
+    prefetch: int = 256,
+    start_method: str | None = None,
+) -> DecodeStream:
+    """Decode `(key, path)` jobs into DecodeResults, in input order, `prefetch` files ahead of the caller.
+
+    `preprocess` is the encoder's (PIL image -> tensor) and `target_size` must be `encoder.image_size`,
+    so the tensors equal what `encoder.encode_images([path])` sees. workers=0 decodes in the calling
+    process when next() is called; workers>0 decodes in that many processes while the caller encodes.
+    A file that cannot be decoded gives a result with `error` set; a worker that dies takes only the
+    file it was decoding with it. start_method: "fork" (default on Linux), "forkserver" or "spawn".
+    """
+    return DecodeStream(jobs, preprocess, target_size, workers=workers, prefetch=prefetch, start_method=start_method)

@@ -1,0 +1,337 @@
+"""The write path: scan → plan → decode → encode → store → publish vectors.
+
+Stages follow clip-retrieval's reader → mapper → writer split: `scan` and `decode` read, the encoder
+maps, and each batch is written to SQLite in one transaction. FAISS files are derived from SQLite and
+published as a new generation at checkpoints and at the end, so a SIGKILL at any point loses at most
+the batch in flight and the next run resumes from what SQLite holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
+from retrieval.errors import ModelMismatchError, RetrievalError
+from retrieval.index import Index
+from retrieval.modelspec import DEFAULT_MODEL, parse_spec
+
+from .decode import decode_stream
+from .scan import ScannedFile, hash_file, scan
+
+CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
+
+
+@dataclass
+class IndexOptions:
+    paths: Sequence[str] = ()
+    captions_file: str | None = None
+    fmt: str = "auto"
+    split: str | None = None
+    images_dir: str | None = None
+    model: str | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    index_type: str | None = None  # None keeps the index's setting (auto for a new index)
+    exclude: Sequence[str] = ()
+    include_hidden: bool = False
+    rebuild: bool = False
+    progress: bool = True
+
+
+@dataclass
+class IndexReport:
+    scanned: int = 0
+    unchanged: int = 0
+    encoded: int = 0
+    reused: int = 0        # new paths whose content was already embedded (duplicates, re-added files)
+    moved: int = 0
+    updated: int = 0       # same path, new content
+    removed: int = 0
+    captions_added: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    generation: int = 0
+    images_total: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.encoded or self.reused or self.moved or self.updated or self.removed or self.captions_added)
+
+
+@dataclass
+class _Work:
+    file: ScannedFile
+    hash: str
+    replace_id: int | None = None  # the row of the same path whose content changed
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current batch and stop cleanly. Second: stop now."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexReport:
+    t0 = time.perf_counter()
+    report = IndexReport()
+    idx = Index.open_for_write(index_dir)
+    try:
+        encoder = _prepare_model(idx, opts)
+        corpus = _read_corpus(opts) if opts.captions_file else {}
+        roots = list(opts.paths) + sorted(corpus)
+        if not roots:
+            raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
+        files, problems = scan(roots, exclude=opts.exclude, include_hidden=opts.include_hidden)
+        for p in problems:
+            report.errors.append((p.path, p.reason))
+        with idx.store.transaction():
+            for p in problems:
+                idx.store.record_error(p.path, p.reason)
+        report.scanned = len(files)
+        work, dirty = _plan_and_apply_cheap_changes(idx, files, roots, report)
+        with _StopFlag() as stop:
+            _encode(idx, encoder, work, opts, report, stop, dirty)
+            report.interrupted = stop.set
+        report.captions_added += _sync_captions(idx, encoder, files, corpus, dirty)
+        with idx.store.transaction():
+            idx.store.drop_unreferenced_embeddings()
+        idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
+        report.generation = idx.generation
+        report.images_total = idx.store.count("images")
+    finally:
+        idx.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _prepare_model(idx: Index, opts: IndexOptions):
+    from retrieval.encoders import load_encoder
+
+    current = idx.identity
+    if current is not None and opts.model and not opts.rebuild:
+        if str(parse_spec(opts.model)) != current.spec:
+            raise ModelMismatchError(
+                f"the index at {idx.root} uses {current.spec}; refusing to add vectors from {opts.model}. "
+                f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with the new one"
+            )
+    spec = opts.model or (current.spec if current else DEFAULT_MODEL)
+    encoder = load_encoder(spec, device=opts.device)
+    if current is not None and opts.rebuild:
+        _reset_for_rebuild(idx)
+        current = None
+    if current is None:
+        idx.set_model(encoder.identity)
+    else:
+        idx.check_identity(encoder.identity)
+    return encoder
+
+
+def _reset_for_rebuild(idx: Index) -> None:
+    """--rebuild: every vector is re-made with the new model; the image list is re-scanned from PATHs."""
+    with idx.store.transaction():
+        idx.store.db.execute("DELETE FROM captions")
+        idx.store.db.execute("DELETE FROM images")
+        idx.store.clear_embeddings()
+        idx.store.set_manifest("fusion", None)
+        idx.store.set_manifest("model", None)
+
+
+def _read_corpus(opts: IndexOptions) -> dict[str, list[str]]:
+    """Caption corpus grouped by resolved image path."""
+    out: dict[str, list[str]] = {}
+    for rec in read_captions(opts.captions_file, opts.fmt, opts.split):
+        path = resolve_image_path(rec.image, opts.images_dir, opts.captions_file)
+        out.setdefault(os.path.abspath(path), []).append(rec.caption)
+    return out
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    for r in roots:
+        if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, report: IndexReport):
+    """Decide what each file needs. Moves, touches, duplicates and deletions are applied here (no model
+    needed); files whose content is new are returned for encoding."""
+    store = idx.store
+    existing = store.image_stats()
+    abs_roots = [os.path.abspath(r) for r in roots]
+    seen = {f.path for f in files}
+    gone = {p: v for p, v in existing.items() if p not in seen and _under(p, abs_roots)}
+    gone_by_hash: dict[str, list[str]] = {}
+    for p, (_, _, _, h) in gone.items():
+        gone_by_hash.setdefault(h, []).append(p)
+
+    work: list[_Work] = []
+    dirty: set[int] = set()
+    known_hashes = {h for (_, _, _, h) in existing.values()}
+    with store.transaction():
+        for f in files:
+            old = existing.get(f.path)
+            if old and old[1] == f.size and old[2] == f.mtime_ns:
+                report.unchanged += 1
+                continue
+            try:
+                h = hash_file(f.path)
+            except OSError as e:
+                reason = f"cannot read: {e.strerror or e}"
+                store.record_error(f.path, reason)
+                report.errors.append((f.path, reason))
+                continue
+            if old:
+                if old[3] == h:
+                    store.touch_image(old[0], f.size, f.mtime_ns)
+                    report.unchanged += 1
+                else:
+                    work.append(_Work(f, h, replace_id=old[0]))
+                continue
+            if gone_by_hash.get(h):
+                src = gone_by_hash[h].pop()
+                row_id = gone.pop(src)[0]
+                store.move_image(row_id, f.path, f.size, f.mtime_ns)
+                store.clear_errors([f.path])
+                report.moved += 1
+                continue
+            if h in known_hashes and store.has_embeddings("image", [h]):
+                # exact duplicate of indexed content: reuse the stored embedding
+                dims = _dims_for_hash(store, h)
+                store.upsert_image(f.path, f.size, f.mtime_ns, h, *dims)
+                store.clear_errors([f.path])
+                report.reused += 1
+                continue
+            work.append(_Work(f, h))
+        if gone:
+            store.delete_images([v[0] for v in gone.values()])
+            store.clear_errors(gone)
+            report.removed += len(gone)
+    return work, dirty
+
+
+def _dims_for_hash(store, h: str):
+    row = store.db.execute("SELECT width, height FROM images WHERE hash = ? LIMIT 1", [h]).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: IndexReport, stop: _StopFlag, dirty: set[int]) -> None:
+    if not work:
+        return
+    import torch
+    from tqdm import tqdm
+
+    store = idx.store
+    workers = default_workers() if opts.workers is None else opts.workers
+    jobs = [(w, w.file.path) for w in work]
+    bar = tqdm(total=len(work), unit="img", disable=not opts.progress, desc="indexing", smoothing=0.1)
+    batch: list = []
+    last_checkpoint = time.monotonic()
+    seen_hashes: dict[str, int] = {}
+
+    def flush():
+        nonlocal batch
+        if not batch:
+            return
+        fresh = [r for r in batch if r.key.hash not in seen_hashes]
+        vecs = encoder.encode_image_tensors(torch.stack([r.tensor for r in fresh])) if fresh else None
+        with store.transaction():
+            if fresh:
+                store.put_embeddings("image", [r.key.hash for r in fresh], vecs)
+            for r in batch:
+                w: _Work = r.key
+                if w.replace_id is not None:
+                    store.delete_images([w.replace_id])
+                    report.updated += 1
+                store.upsert_image(w.file.path, w.file.size, w.file.mtime_ns, w.hash, r.width, r.height)
+                seen_hashes[w.hash] = 1
+            store.clear_errors([r.key.file.path for r in batch])
+        report.encoded += len(batch)
+        bar.update(len(batch))
+        batch = []
+
+    stream = decode_stream(jobs, encoder.preprocess, encoder.image_size, workers=workers)
+    try:
+        for res in stream:
+            if res.error:
+                with store.transaction():
+                    store.record_error(res.key.file.path, res.error)
+                report.errors.append((res.key.file.path, res.error))
+                bar.update(1)
+            else:
+                batch.append(res)
+            if len(batch) >= opts.batch_size:
+                flush()
+                if stop.set:
+                    break
+                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                    idx.sync_vectors(requested_type=opts.index_type)
+                    last_checkpoint = time.monotonic()
+        flush()
+    finally:
+        close = getattr(stream, "close", None)
+        if close:
+            close()
+        bar.close()
+
+
+def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[str, list[str]], dirty: set[int]) -> int:
+    """Attach sidecar and corpus captions to indexed images, and embed texts not yet embedded."""
+    store = idx.store
+    added = 0
+    with store.transaction():
+        for f in files:
+            lines = read_sidecar(f.path)
+            row = None
+            if lines:
+                row = store.image_by_path(f.path)
+                if row is not None:
+                    new = store.add_captions(row.id, lines, "sidecar")
+                    if new:
+                        dirty.add(row.id)
+                        added += len(new)
+        for path, texts in corpus.items():
+            row = store.image_by_path(path)
+            if row is None:
+                continue  # the image failed to index; its error is recorded
+            new = store.add_captions(row.id, texts, "corpus")
+            if new:
+                dirty.add(row.id)
+                added += len(new)
+    missing = store.texts_missing_embeddings()
+    if missing:
+        step = 1024
+        for i in range(0, len(missing), step):
+            chunk = missing[i : i + step]
+            vecs = encoder.encode_texts([t for _, t in chunk])
+            with store.transaction():
+                store.put_embeddings("text", [h for h, _ in chunk], vecs)
+    return added

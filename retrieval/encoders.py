@@ -1,0 +1,210 @@
+"""Encoders: one interface over open_clip models and the offline starter model.
+
+Every encoder returns L2-normalised float32 numpy arrays of shape [n, dim]. Heavy imports (torch,
+open_clip) happen inside functions so that light commands never pay for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import ModelSpecError, OfflineWeightsError, OFFLINE_HELP
+from .images import load_image
+from .modelspec import ModelIdentity, ModelSpec, parse_spec, sha256_file
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM_INIT_SEED = 0
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelSpecError(f"--device {device} requested but CUDA is not available")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+class Encoder:
+    """The shared interface. Subclasses implement preprocess, encode_image_tensors and encode_texts."""
+
+    identity: ModelIdentity
+    image_size: int  # shorter side the model looks at; decoders may draft-decode down to it
+    device: str = "cpu"
+
+    @property
+    def dim(self) -> int:
+        return int(self.identity.dim)
+
+    def preprocess(self, image):  # PIL.Image -> torch.Tensor [3, H, W]
+        raise NotImplementedError
+
+    def encode_image_tensors(self, batch) -> np.ndarray:  # torch.Tensor [n, 3, H, W]
+        raise NotImplementedError
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_images(self, images: Iterable, batch_size: int = 64) -> np.ndarray:
+        """Encode PIL images or paths. A path that is not an image raises ImageDecodeError."""
+        import torch
+
+        out, buf = [], []
+        for item in images:
+            buf.append(self.preprocess(load_image(item, self.image_size)))
+            if len(buf) == batch_size:
+                out.append(self.encode_image_tensors(torch.stack(buf)))
+                buf = []
+        if buf:
+            out.append(self.encode_image_tensors(torch.stack(buf)))
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out, axis=0)
+
+
+class OpenClipEncoder(Encoder):
+    """An open_clip model in eval mode. Holds no I/O beyond what load_encoder passed in."""
+
+    def __init__(self, model, preprocess, tokenizer, identity: ModelIdentity, device: str, precision: str):
+        self.model = model
+        self._preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.device = device
+        self.precision = precision
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def preprocess(self, image):
+        return self._preprocess(image)
+
+    def _autocast(self):
+        import torch
+
+        if self.device.startswith("cuda") and self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def encode_image_tensors(self, batch) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_image(batch.to(self.device, non_blocking=True))
+        return l2_normalize(feats.float().cpu().numpy())
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                feats = self.model.encode_text(tokens)
+            out.append(l2_normalize(feats.float().cpu().numpy()))
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out, axis=0)
+
+
+_REGISTERED = False
+
+
+def register_model_configs() -> None:
+    """Make the project's own architectures (e.g. tiny-clip) known to open_clip's registry."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+    _REGISTERED = True
+
+
+def _resolve_weights(spec: ModelSpec, cache_dir: str | None) -> str | None:
+    """Path of the weights file for spec, downloading into open_clip's cache when a network exists."""
+    import open_clip
+
+    if spec.is_random:
+        return None
+    if spec.is_path:
+        p = Path(spec.pretrained)
+        if not p.is_file():
+            raise ModelSpecError(f"weights file not found: {p}")
+        return str(p)
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        hint = f" Known tags for {spec.arch}: {', '.join(tags)}." if tags else ""
+        raise ModelSpecError(f"unknown pretrained tag {spec.pretrained!r} for {spec.arch}.{hint}")
+    try:
+        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as e:  # hub/urllib raise many types; all mean "weights not available here"
+        raise OfflineWeightsError(
+            f"The weights for {spec} are not in the local cache and could not be downloaded "
+            f"({type(e).__name__}). {OFFLINE_HELP}"
+        ) from None
+    if not path or not Path(path).is_file():
+        raise OfflineWeightsError(f"The weights for {spec} could not be found or downloaded. {OFFLINE_HELP}")
+    return path
+
+
+def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None) -> Encoder:
+    """Build the encoder a spec names: `ARCH:TAG`, `ARCH:/path/to/weights`, `ARCH:none`, or `starter`."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.is_starter:
+        from .starter import load_starter
+
+        return load_starter(device=device)
+
+    import torch
+    import open_clip
+
+    register_model_configs()
+    if spec.arch not in open_clip.list_models():
+        raise ModelSpecError(f"unknown open_clip architecture {spec.arch!r} (see open_clip.list_models())")
+    device = pick_device(device)
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    weights = _resolve_weights(spec, cache_dir)
+    if weights is None:
+        torch.manual_seed(RANDOM_INIT_SEED)  # random init is deterministic, so an index can be reopened
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.arch, pretrained=weights, device=device, precision="fp32",
+            pretrained_text=False, pretrained_image=False,
+        )
+    except RuntimeError as e:
+        if weights:
+            raise ModelSpecError(f"weights {weights} do not fit architecture {spec.arch}: {str(e).splitlines()[0]}") from None
+        raise
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.arch)
+    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None and hasattr(model.text_projection, "shape") else None
+    if dim is None:
+        dim = int(open_clip.get_model_config(spec.arch)["embed_dim"])
+    identity = ModelIdentity(
+        spec=str(spec),
+        arch=spec.arch,
+        pretrained=Path(spec.pretrained).name if spec.is_path else spec.pretrained,
+        weights_sha256=sha256_file(weights) if weights else None,
+        dim=dim,
+    )
+    return OpenClipEncoder(model, preprocess, tokenizer, identity, device, precision)

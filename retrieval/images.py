@@ -1,0 +1,102 @@
+"""Safe, fast image loading shared by indexing and querying, so both see the same pixels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDecodeError
+
+# Refuse absurd dimensions before decoding. PIL's own guard (warn at MAX_IMAGE_PIXELS, raise at 2x)
+# stays on; we set the limit explicitly so it cannot be lifted by another library by accident.
+MAX_PIXELS = 178_956_970  # PIL's default
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def load_image(source, target_size: int | None = None) -> Image.Image:
+    """Decode `source` (path, bytes file object, or PIL image) to an RGB image, EXIF-oriented.
+
+    With `target_size`, large JPEGs decode in draft mode at the smallest scale that keeps the
+    shorter side >= target_size, which is several times faster and loses nothing the model sees.
+    Raises ImageDecodeError with a short reason for anything that is not a usable image.
+    """
+    return load_image_with_size(source, target_size)[0]
+
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def load_image_with_size(source, target_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Like load_image, and also return the original (width, height) as displayed.
+
+    The size is read from the header before draft mode shrinks the decode, and is swapped when the
+    EXIF orientation rotates the image by 90 degrees, so it is what a viewer shows. The pixels are
+    exactly those load_image returns.
+    """
+    if isinstance(source, Image.Image):
+        oriented = _to_rgb(ImageOps.exif_transpose(source) or source)
+        return oriented, oriented.size
+    name = os.fsdecode(source) if isinstance(source, (str, bytes, os.PathLike)) else getattr(source, "name", "upload")
+    try:
+        if isinstance(source, (str, bytes, os.PathLike)) and os.path.getsize(source) == 0:
+            raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        with Image.open(source) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ImageDecodeError(f"{name}: invalid dimensions {w}x{h}")
+            if w * h > MAX_PIXELS:
+                raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)")
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            if target_size and im.format == "JPEG":
+                im.draft("RGB", (target_size, target_size))
+            im.load()
+            try:
+                oriented = ImageOps.exif_transpose(im)
+                if oriented is not None and im.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS:
+                    w, h = h, w
+            except Exception:  # garbage EXIF must not lose the image
+                oriented = im
+            return _to_rgb(oriented if oriented is not None else im), (w, h)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{name}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageDecodeError(f"{name}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{name}: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"{name}: decompression bomb refused ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.split()[-1])
+        return bg
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits rather than clip
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float32)
+        hi = float(a.max()) or 1.0
+        return Image.fromarray(np.clip(a * (255.0 / max(hi, 255.0)), 0, 255).astype("uint8")).convert("RGB")
+    return im.convert("RGB")
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(os.fsdecode(path)).suffix.lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,391 @@
+"""`Index`: one directory holding the SQLite store, the FAISS files of the current generation, and the
+fusion. Writers take a lock; readers never do and always see one whole generation.
+
+Layout:
+    meta.sqlite                 metadata, raw embeddings, manifest (source of truth)
+    images.g<N>.faiss           fused image vectors, keyed by images.id
+    captions.g<N>.faiss         caption vectors, keyed by captions.id
+    fusion.g<N>.safetensors     trained fusion in force for generation N (optional)
+    lock                        flock'd by the one writer
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EmptyIndexError, IndexLockedError, IndexNotFoundError, ModelMismatchError, RetrievalError
+from .modelspec import ModelIdentity
+from .store import DB_NAME, Store
+
+ENV_INDEX = "RETRIEVAL_INDEX"
+KEEP_GENERATIONS = 2  # the current one and the one before, so a reader that just read the manifest can still open its files
+
+
+def default_index_dir() -> Path:
+    env = os.environ.get(ENV_INDEX)
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "retrieval" / "default"
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    path: str
+    images: int
+    captions: int
+    errors: int
+    model: str
+    dim: int
+    index_type: str
+    generation: int
+    fusion: str | None
+    vectors: int
+    caption_vectors: int
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _vec_file(root: Path, kind: str, gen: int) -> Path:
+    return root / f"{kind}.g{gen}.faiss"
+
+
+class Index:
+    def __init__(self, root: Path, store: Store, writable: bool):
+        self.root = root
+        self.store = store
+        self.writable = writable
+        self._lock_fd: int | None = None
+        self._vectors: dict[tuple[str, int], object] = {}
+        self._encoder = None
+        self._fusion_cache: tuple[int, object] | None = None
+        self._fusion_override: tuple[dict | None] | None = None
+
+    # -- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> "Index":
+        """Open an existing index for reading. Raises IndexNotFoundError with a hint if there is none."""
+        root = Path(path).expanduser() if path else default_index_dir()
+        db = root / DB_NAME
+        if not db.is_file():
+            raise IndexNotFoundError(f"no index at {root} (create one with: retrieval index PHOTOS_DIR --index {root})")
+        store = Store(db, readonly=not os.access(db, os.W_OK) or not os.access(root, os.W_OK))
+        idx = cls(root, store, writable=False)
+        if store.get_manifest("model") is None:
+            raise IndexNotFoundError(f"{root} holds no finished index yet (no model recorded)")
+        return idx
+
+    @classmethod
+    def open_for_write(cls, path: str | os.PathLike | None = None, create: bool = True) -> "Index":
+        root = Path(path).expanduser() if path else default_index_dir()
+        if root.exists() and not root.is_dir():
+            raise RetrievalError(f"{root} exists and is not a directory")
+        if not root.exists():
+            if not create:
+                raise IndexNotFoundError(f"no index at {root}")
+            try:
+                root.mkdir(parents=True)
+            except OSError as e:
+                raise RetrievalError(f"cannot create index directory {root}: {e.strerror}") from None
+        if not os.access(root, os.W_OK):
+            raise RetrievalError(f"index directory {root} is not writable")
+        idx = cls(root, None, writable=True)  # type: ignore[arg-type]
+        idx._acquire_lock()
+        try:
+            idx.store = Store(root / DB_NAME)
+        except Exception as e:
+            idx.close()
+            if isinstance(e, OSError) or e.__class__.__name__ == "OperationalError":
+                raise RetrievalError(f"cannot open {root / DB_NAME}: {e}") from None
+            raise
+        return idx
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise IndexLockedError(f"another process is writing to the index at {self.root}; wait for it to finish") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- manifest -------------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> ModelIdentity | None:
+        d = self.store.get_manifest("model")
+        return ModelIdentity.from_dict(d) if d else None
+
+    @property
+    def dim(self) -> int:
+        return int(self.store.get_manifest("dim", 0))
+
+    @property
+    def generation(self) -> int:
+        return int(self.store.get_manifest("generation", 0))
+
+    def set_model(self, identity: ModelIdentity) -> None:
+        with self.store.transaction():
+            self.store.set_manifest("model", identity.to_dict())
+            self.store.set_manifest("dim", identity.dim)
+
+    def check_identity(self, identity: ModelIdentity) -> None:
+        mine = self.identity
+        if mine is not None and not mine.matches(identity):
+            raise ModelMismatchError(
+                f"model mismatch: the index at {self.root} was built with {mine.spec} "
+                f"(dim {mine.dim}) but the encoder is {identity.spec} (dim {identity.dim}); "
+                f"use the index's own model, or re-index with --rebuild"
+            )
+
+    def info(self) -> IndexInfo:
+        ident = self.identity
+        cfg = self.store.get_manifest("index_type") or {}
+        fusion = self.store.get_manifest("fusion")
+        gen = self.generation
+        return IndexInfo(
+            path=str(self.root),
+            images=self.store.count("images"),
+            captions=self.store.count("captions"),
+            errors=self.store.count("errors"),
+            model=ident.spec if ident else "",
+            dim=self.dim,
+            index_type=cfg.get("kind", "none"),
+            generation=gen,
+            fusion=(fusion or {}).get("version") if fusion else None,
+            vectors=int(self.store.get_manifest("vectors_images", 0)),
+            caption_vectors=int(self.store.get_manifest("vectors_captions", 0)),
+        )
+
+    # -- encoder and fusion ---------------------------------------------------------------------
+
+    def encoder(self, device: str = "auto"):
+        """The query encoder always comes from the manifest; its identity must still match."""
+        if self._encoder is None:
+            from .encoders import load_encoder
+
+            ident = self.identity
+            if ident is None:
+                raise EmptyIndexError(f"the index at {self.root} has no model recorded")
+            enc = load_encoder(ident.spec, device=device)
+            self.check_identity(enc.identity)
+            self._encoder = enc
+        return self._encoder
+
+    def fusion(self):
+        """The trained fusion in force for this generation, or None (identity)."""
+        meta = self._fusion_override[0] if self._fusion_override else self.store.get_manifest("fusion")
+        if not meta:
+            return None
+        key = hash(str(sorted(meta.items())))
+        if self._fusion_cache and self._fusion_cache[0] == key:
+            return self._fusion_cache[1]
+        from .fusion import load_fusion
+
+        fusion = load_fusion(self.root / meta["file"])
+        ident = self.identity
+        if ident is not None and fusion.identity is not None and not ident.matches(fusion.identity):
+            raise ModelMismatchError(f"the fusion at {meta['file']} was trained for {fusion.identity.spec}, not {ident.spec}")
+        self._fusion_cache = (key, fusion)
+        return fusion
+
+    # -- vectors --------------------------------------------------------------------------------
+
+    def vectors(self, kind: str = "images", mmap: bool = False):
+        """The VectorIndex of the current generation (`images` or `captions`), or None if empty."""
+        from .vectors import VectorIndex
+
+        for attempt in range(3):
+            gen = self.generation
+            if (kind, gen) in self._vectors:
+                return self._vectors[(kind, gen)]
+            path = _vec_file(self.root, kind, gen)
+            if not path.exists():
+                if gen == 0 or int(self.store.get_manifest(f"vectors_{kind}", 0)) == 0:
+                    return None
+                continue  # a writer moved on between our manifest read and the open: read again
+            try:
+                vi = VectorIndex.load(path, mmap=mmap)
+            except FileNotFoundError:
+                continue
+            self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
+            return vi
+        raise RetrievalError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
+
+    def image_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:
+        """Vectors to index for images (id, hash): raw image embedding, blended with captions by the fusion."""
+        dim = self.dim
+        raw = self.store.get_embeddings("image", [h for _, h in rows], dim)
+        fusion = self.fusion()
+        if fusion is None or len(rows) == 0:
+            return raw
+        caps = self.store.captions_for_images([i for i, _ in rows])
+        cap_vecs = []
+        for image_id, _ in rows:
+            texts = caps.get(image_id, [])
+            if texts:
+                from .store import text_hash
+
+                cap_vecs.append(self.store.get_embeddings("text", [text_hash(t) for _, t in texts], dim))
+            else:
+                cap_vecs.append(None)
+        return fusion.document_vectors(raw, cap_vecs)
+
+    def caption_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:
+        raw = self.store.get_embeddings("text", [h for _, h in rows], self.dim)
+        fusion = self.fusion()
+        return raw if fusion is None or len(rows) == 0 else fusion.caption_vectors(raw)
+
+    def sync_vectors(self, requested_type: str | None = None, dirty_images=(), force_rebuild: bool = False,
+                     fusion_meta: dict | None = ..., ) -> bool:
+        """Bring the FAISS files in line with SQLite and publish them as a new generation.
+
+        Only ids that differ are added or removed, unless the index kind must change or a rebuild is
+        forced. Returns True if a new generation was written. Safe to call after a crash: the set
+        difference is exactly what the interrupted run had not yet published.
+        """
+        assert self.writable
+        store = self.store
+        if requested_type is None:
+            requested_type = store.get_manifest("index_type_requested", "auto")
+        gen = self.generation
+        if fusion_meta is not ...:
+            force_rebuild = True  # a new fusion changes every vector
+        # a new fusion is computed under, but published only with the manifest switch at the end
+        self._fusion_override = None if fusion_meta is ... else (fusion_meta,)
+        try:
+            new, changed = self._updated_vectors(requested_type, dirty_images, force_rebuild, gen)
+        finally:
+            self._fusion_override = None
+        if not changed and gen > 0:
+            return False
+        return self._publish(new, gen + 1, requested_type, fusion_meta)
+
+    def _updated_vectors(self, requested_type, dirty_images, force_rebuild, gen):
+        from .vectors import VectorIndex, choose_config
+
+        store = self.store
+        new = {}
+        changed = False
+        for kind, rows_fn, vec_fn in (
+            ("images", store.image_ids_with_hash, self.image_vectors_for),
+            ("captions", store.caption_ids_with_hash, self.caption_vectors_for),
+        ):
+            rows = rows_fn()
+            want = {i for i, _ in rows}
+            current = None
+            if not force_rebuild and gen > 0 and _vec_file(self.root, kind, gen).exists():
+                current = VectorIndex.load(_vec_file(self.root, kind, gen))
+            cfg = choose_config(len(rows), self.dim, requested_type if kind == "images" else _caption_kind(requested_type))
+            if current is not None and current.config.kind == cfg.kind and current.dim == self.dim and not current.needs_rebuild:
+                have = set(int(i) for i in current.ids())
+                dirty = {int(i) for i in dirty_images} & want & have if kind == "images" else set()
+                remove = (have - want) | dirty
+                add = (want - have) | dirty
+                if remove:
+                    current.remove(np.fromiter(remove, dtype=np.int64))
+                if add:
+                    add_rows = [r for r in rows if r[0] in add]
+                    current.add(np.array([r[0] for r in add_rows], dtype=np.int64), vec_fn(add_rows))
+                if remove or add:
+                    changed = True
+                new[kind] = current
+            else:
+                vecs = vec_fn(rows) if rows else np.zeros((0, self.dim), np.float32)
+                new[kind] = VectorIndex.build(self.dim, np.array([i for i, _ in rows], dtype=np.int64), vecs, cfg)
+                changed = True
+        return new, changed
+
+    def _publish(self, new, next_gen, requested_type, fusion_meta) -> bool:
+        store = self.store
+        for kind, vi in new.items():
+            vi.save(_vec_file(self.root, kind, next_gen))
+        with store.transaction():
+            store.set_manifest("generation", next_gen)
+            store.set_manifest("index_type", new["images"].config.to_dict())
+            store.set_manifest("index_type_requested", requested_type)
+            store.set_manifest("vectors_images", int(new["images"].ntotal))
+            store.set_manifest("vectors_captions", int(new["captions"].ntotal))
+            if fusion_meta is not ...:
+                store.set_manifest("fusion", fusion_meta)
+        self._fusion_cache = None
+        self._vectors = {(k, next_gen): v for k, v in new.items()}
+        self._prune_generations(next_gen)
+        return True
+
+    def _prune_generations(self, current: int) -> None:
+        keep = {current - i for i in range(KEEP_GENERATIONS)}
+        for p in self.root.glob("*.g*.*"):
+            stem = p.name.split(".")
+            if len(stem) >= 3 and stem[1].startswith("g") and stem[1][1:].isdigit():
+                if int(stem[1][1:]) not in keep and not p.name.endswith(".tmp"):
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Problems found: missing files, ids that disagree between SQLite and FAISS, missing embeddings."""
+        problems: list[str] = []
+        store = self.store
+        if self.identity is None:
+            problems.append("manifest: no model recorded")
+        gen = self.generation
+        for kind, rows in (("images", store.image_ids_with_hash()), ("captions", store.caption_ids_with_hash())):
+            want = {i for i, _ in rows}
+            path = _vec_file(self.root, kind, gen)
+            if gen == 0:
+                if want:
+                    problems.append(f"{kind}: {len(want)} rows but no vector files were ever written")
+                continue
+            if not path.exists():
+                problems.append(f"{kind}: vector file {path.name} for generation {gen} is missing")
+                continue
+            from .vectors import VectorIndex
+
+            try:
+                vi = VectorIndex.load(path)
+            except Exception as e:  # a corrupt file is exactly what verify is for
+                problems.append(f"{kind}: cannot read {path.name}: {e}")
+                continue
+            have = {int(i) for i in vi.ids()}
+            if have - want:
+                problems.append(f"{kind}: {len(have - want)} orphan vectors (in FAISS, not in SQLite)")
+            if want - have:
+                problems.append(f"{kind}: {len(want - have)} rows have no vector (in SQLite, not in FAISS)")
+            if vi.dim != self.dim:
+                problems.append(f"{kind}: vector dim {vi.dim} != manifest dim {self.dim}")
+            ekind = "image" if kind == "images" else "text"
+            missing = {h for _, h in rows} - store.has_embeddings(ekind, {h for _, h in rows})
+            if missing:
+                problems.append(f"{kind}: {len(missing)} rows lack a stored raw embedding")
+        return problems
+
+
+def _caption_kind(requested: str) -> str:
+    return requested if requested in ("auto", "flat") else "auto"

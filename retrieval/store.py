@@ -1,0 +1,305 @@
+"""SQLite metadata and raw embeddings, through sqlite-utils.
+
+SQLite is the source of truth. FAISS files are derived from the `embeddings` table and can always be
+rebuilt from it, which is what makes crash recovery and fusion retraining cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+DB_NAME = "meta.sqlite"
+
+
+def path_to_db(path: str) -> tuple[str, bytes]:
+    """(display text, exact bytes). Non-UTF-8 names keep their bytes; the text is for people."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", "replace"), raw
+
+
+def path_from_db(raw: bytes) -> str:
+    return os.fsdecode(bytes(raw))
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    path: str          # filesystem path (round-trips non-UTF-8 names)
+    display_path: str  # UTF-8 text for printing and JSON
+    size: int
+    mtime_ns: int
+    hash: str
+    width: int | None
+    height: int | None
+
+
+class Store:
+    """One index's SQLite database. Writers hold the index lock; readers may run at any time (WAL)."""
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            uri = f"file:{self.path}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+        else:
+            conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        self.db = sqlite_utils.Database(conn)
+        self.readonly = readonly
+        if not readonly:
+            self.db.conn.execute("PRAGMA journal_mode = WAL")
+            self.db.conn.execute("PRAGMA synchronous = NORMAL")
+            self._ensure_schema()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def _ensure_schema(self) -> None:
+        db = self.db
+        with db.atomic():
+            db["manifest"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["images"].create(
+                {
+                    "id": int, "path": str, "path_raw": bytes, "size": int, "mtime_ns": int, "hash": str,
+                    "width": int, "height": int, "added_at": float, "status": str,
+                },
+                pk="id", not_null={"path_raw", "hash"}, if_not_exists=True,
+            )
+            db["images"].create_index(["path_raw"], unique=True, if_not_exists=True)
+            db["images"].create_index(["hash"], if_not_exists=True)
+            db["captions"].create(
+                {"id": int, "image_id": int, "text": str, "text_hash": str, "source": str},
+                pk="id", not_null={"text", "text_hash"}, if_not_exists=True,
+            )
+            db["captions"].create_index(["image_id"], if_not_exists=True)
+            db["captions"].create_index(["image_id", "text_hash"], unique=True, if_not_exists=True)
+            # Raw encoder outputs keyed by content: images by file hash, texts by text hash.
+            # Moved files, duplicates and repeated captions reuse them without re-encoding.
+            db["embeddings"].create(
+                {"kind": str, "key": str, "vector": bytes}, pk=("kind", "key"), if_not_exists=True,
+            )
+            db["errors"].create(
+                {"id": int, "path": str, "path_raw": bytes, "reason": str, "at": float},
+                pk="id", if_not_exists=True,
+            )
+            db["errors"].create_index(["path_raw"], unique=True, if_not_exists=True)
+            if self.get_manifest("schema_version") is None:
+                self.set_manifest("schema_version", SCHEMA_VERSION)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+
+    # -- manifest -------------------------------------------------------------------------------
+
+    def get_manifest(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM manifest WHERE key = ?", [key]).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def manifest(self) -> dict:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM manifest")}
+
+    def set_manifest(self, key: str, value) -> None:
+        self.db.execute(
+            "INSERT INTO manifest(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, json.dumps(value, sort_keys=True)],
+        )
+
+    # -- images ---------------------------------------------------------------------------------
+
+    _IMAGE_COLS = "id, path_raw, path, size, mtime_ns, hash, width, height"
+
+    @staticmethod
+    def _image(row) -> ImageRow:
+        return ImageRow(row[0], path_from_db(row[1]), row[2], row[3], row[4], row[5], row[6], row[7])
+
+    def image_stats(self) -> dict[str, tuple[int, int, int, str]]:
+        """path -> (id, size, mtime_ns, hash) for every image: what an incremental scan compares against."""
+        return {
+            path_from_db(raw): (i, s, m, h)
+            for i, raw, s, m, h in self.db.execute("SELECT id, path_raw, size, mtime_ns, hash FROM images")
+        }
+
+    def images_by_ids(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        out: dict[int, ImageRow] = {}
+        ids = [int(i) for i in ids]
+        for chunk in _chunks(ids, 900):
+            q = f"SELECT {self._IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            for row in self.db.execute(q, chunk):
+                out[row[0]] = self._image(row)
+        return out
+
+    def image_by_path(self, path: str) -> ImageRow | None:
+        row = self.db.execute(f"SELECT {self._IMAGE_COLS} FROM images WHERE path_raw = ?", [os.fsencode(path)]).fetchone()
+        return None if row is None else self._image(row)
+
+    def iter_images(self) -> Iterator[ImageRow]:
+        for row in self.db.execute(f"SELECT {self._IMAGE_COLS} FROM images ORDER BY id"):
+            yield self._image(row)
+
+    def image_ids(self) -> np.ndarray:
+        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+
+    def image_ids_with_hash(self) -> list[tuple[int, str]]:
+        return list(self.db.execute("SELECT id, hash FROM images ORDER BY id"))
+
+    def upsert_image(self, path: str, size: int, mtime_ns: int, hash_: str, width=None, height=None) -> int:
+        text, raw = path_to_db(path)
+        row = self.db.execute("SELECT id FROM images WHERE path_raw = ?", [raw]).fetchone()
+        if row:
+            self.db.execute(
+                "UPDATE images SET size=?, mtime_ns=?, hash=?, width=COALESCE(?, width), height=COALESCE(?, height), status='ok' WHERE id=?",
+                [size, mtime_ns, hash_, width, height, row[0]],
+            )
+            return int(row[0])
+        cur = self.db.execute(
+            "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) VALUES (?,?,?,?,?,?,?,?, 'ok')",
+            [text, raw, size, mtime_ns, hash_, width, height, time.time()],
+        )
+        return int(cur.lastrowid)
+
+    def move_image(self, image_id: int, new_path: str, size: int, mtime_ns: int) -> None:
+        text, raw = path_to_db(new_path)
+        self.db.execute("UPDATE images SET path=?, path_raw=?, size=?, mtime_ns=? WHERE id=?", [text, raw, size, mtime_ns, image_id])
+
+    def touch_image(self, image_id: int, size: int, mtime_ns: int) -> None:
+        self.db.execute("UPDATE images SET size=?, mtime_ns=? WHERE id=?", [size, mtime_ns, image_id])
+
+    def delete_images(self, ids: Iterable[int]) -> None:
+        ids = [int(i) for i in ids]
+        for chunk in _chunks(ids, 900):
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM captions WHERE image_id IN ({marks})", chunk)
+            self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+
+    def count(self, table: str) -> int:
+        return int(self.db.execute(f"SELECT COUNT(*) FROM [{table}]").fetchone()[0])
+
+    # -- captions -------------------------------------------------------------------------------
+
+    def add_captions(self, image_id: int | None, texts: Sequence[str], source: str) -> list[int]:
+        """Insert captions not already attached to this image; return the ids of new ones."""
+        new = []
+        for t in texts:
+            h = text_hash(t)
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO captions(image_id, text, text_hash, source) VALUES (?,?,?,?)",
+                [image_id, t, h, source],
+            )
+            if cur.rowcount:
+                new.append(int(cur.lastrowid))
+        return new
+
+    def captions_for_images(self, ids: Sequence[int]) -> dict[int, list[tuple[int, str]]]:
+        out: dict[int, list[tuple[int, str]]] = {}
+        for chunk in _chunks([int(i) for i in ids], 900):
+            q = f"SELECT image_id, id, text FROM captions WHERE image_id IN ({','.join('?' * len(chunk))}) ORDER BY id"
+            for image_id, cid, text in self.db.execute(q, chunk):
+                out.setdefault(image_id, []).append((cid, text))
+        return out
+
+    def captions_by_ids(self, ids: Sequence[int]) -> dict[int, tuple[int | None, str, str]]:
+        """caption id -> (image_id, text, source)"""
+        out = {}
+        for chunk in _chunks([int(i) for i in ids], 900):
+            q = f"SELECT id, image_id, text, source FROM captions WHERE id IN ({','.join('?' * len(chunk))})"
+            for cid, image_id, text, source in self.db.execute(q, chunk):
+                out[cid] = (image_id, text, source)
+        return out
+
+    def caption_ids_with_hash(self) -> list[tuple[int, str]]:
+        return list(self.db.execute("SELECT id, text_hash FROM captions ORDER BY id"))
+
+    def caption_pairs(self) -> list[tuple[int, int, str, str]]:
+        """(caption id, image id, image hash, text hash) for captions attached to an image: training pairs."""
+        return list(self.db.execute(
+            "SELECT c.id, c.image_id, i.hash, c.text_hash FROM captions c JOIN images i ON i.id = c.image_id ORDER BY c.id"
+        ))
+
+    def texts_missing_embeddings(self) -> list[tuple[str, str]]:
+        return list(self.db.execute(
+            "SELECT DISTINCT c.text_hash, c.text FROM captions c LEFT JOIN embeddings e "
+            "ON e.kind = 'text' AND e.key = c.text_hash WHERE e.key IS NULL"
+        ))
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    def put_embeddings(self, kind: str, keys: Sequence[str], vecs: np.ndarray) -> None:
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        self.db.conn.executemany(
+            "INSERT OR REPLACE INTO embeddings(kind, key, vector) VALUES (?,?,?)",
+            [(kind, k, v.tobytes()) for k, v in zip(keys, vecs)],
+        )
+
+    def has_embeddings(self, kind: str, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        found: set[str] = set()
+        for chunk in _chunks(keys, 900):
+            q = f"SELECT key FROM embeddings WHERE kind = ? AND key IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.db.execute(q, [kind, *chunk]))
+        return found
+
+    def get_embeddings(self, kind: str, keys: Sequence[str], dim: int) -> np.ndarray:
+        """Vectors in the order of `keys`; a missing key raises KeyError (the index is inconsistent)."""
+        found: dict[str, bytes] = {}
+        uniq = list(dict.fromkeys(keys))
+        for chunk in _chunks(uniq, 900):
+            q = f"SELECT key, vector FROM embeddings WHERE kind = ? AND key IN ({','.join('?' * len(chunk))})"
+            found.update(self.db.execute(q, [kind, *chunk]))
+        out = np.empty((len(keys), dim), dtype=np.float32)
+        for i, k in enumerate(keys):
+            out[i] = np.frombuffer(found[k], dtype=np.float32)
+        return out
+
+    def drop_unreferenced_embeddings(self) -> int:
+        cur = self.db.execute(
+            "DELETE FROM embeddings WHERE (kind = 'image' AND key NOT IN (SELECT hash FROM images)) "
+            "OR (kind = 'text' AND key NOT IN (SELECT text_hash FROM captions))"
+        )
+        return cur.rowcount
+
+    def clear_embeddings(self) -> None:
+        self.db.execute("DELETE FROM embeddings")
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def record_error(self, path: str, reason: str) -> None:
+        text, raw = path_to_db(path)
+        self.db.execute(
+            "INSERT INTO errors(path, path_raw, reason, at) VALUES (?,?,?,?) "
+            "ON CONFLICT(path_raw) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+            [text, raw, reason, time.time()],
+        )
+
+    def clear_errors(self, paths: Iterable[str]) -> None:
+        raws = [os.fsencode(p) for p in paths]
+        for chunk in _chunks(raws, 900):
+            self.db.execute(f"DELETE FROM errors WHERE path_raw IN ({','.join('?' * len(chunk))})", chunk)
+
+    def errors(self) -> list[tuple[str, str]]:
+        return list(self.db.execute("SELECT path, reason FROM errors ORDER BY path"))
+
+
+def text_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _chunks(seq: Sequence, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]

@@ -1,0 +1,59 @@
+"""Test configuration: never touch the network; register the tiny model."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = "tiny-clip:none"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    from retrieval.encoders import load_encoder
+
+    return load_encoder(TINY, device="cpu")
+
+
+def draw_scene(seed: int, size=(96, 72)):
+    """A distinct synthetic photo per seed: background colour plus a few shapes."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rnd = random.Random(seed)
+    im = Image.new("RGB", size, tuple(rnd.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(3):
+        x0, y0 = rnd.randrange(size[0] - 20), rnd.randrange(size[1] - 20)
+        box = [x0, y0, x0 + rnd.randrange(10, 40), y0 + rnd.randrange(10, 40)]
+        colour = tuple(rnd.randrange(256) for _ in range(3))
+        (d.ellipse if rnd.random() < 0.5 else d.rectangle)(box, fill=colour)
+    return im
+
+
+def write_photos(folder, n: int, start: int = 0, ext: str = "jpg"):
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"img_{i:04d}.{ext}"
+        draw_scene(i).save(p, quality=95) if ext == "jpg" else draw_scene(i).save(p)
+        paths.append(p)
+    return paths
+
+
+def build_index(index_dir, paths, **kw):
+    from index_data.pipeline import IndexOptions, run_index
+
+    kw.setdefault("model", TINY)
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    return run_index(index_dir, IndexOptions(paths=[str(p) for p in paths], **kw))

