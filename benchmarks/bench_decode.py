@@ -48,6 +48,7 @@ def bench_torch_in_workers(paths, enc, workers, method="spawn"):
     import torch
 
     ctx = multiprocessing.get_context(method)
+    c0 = _cpu()
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_spawn_init) as ex:
         list(ex.map(_spawn_job, paths[:workers], [enc.image_size] * workers, [enc._preprocess] * workers))
@@ -56,6 +57,7 @@ def bench_torch_in_workers(paths, enc, workers, method="spawn"):
         for f in futs:
             torch.from_numpy(f.result()[0])
         t2 = time.perf_counter()
+    LAST_CPU_MS[0] = (_cpu() - c0) * 1000 / len(paths)  # includes the workers' torch import
     return t1 - t0, len(paths) / (t2 - t1)
 
 
@@ -69,6 +71,7 @@ def run_stream(paths, enc, workers, method=None, encode=False, batch=64, parent_
     if parent_torch:  # the variant where the parent runs the model's torch preprocess
         D._PLAN_CACHE[enc] = D.Plan(saved.pil if saved else ())
     t = time.perf_counter()
+    c0 = _cpu()
     n = 0
     try:
         with D.decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers, start_method=method) as s:
@@ -86,7 +89,19 @@ def run_stream(paths, enc, workers, method=None, encode=False, batch=64, parent_
         if parent_torch:
             D._PLAN_CACHE[enc] = saved
     assert n == len(paths)
+    LAST_CPU_MS[0] = (_cpu() - c0) * 1000 / len(paths)
     return len(paths) / (time.perf_counter() - t)
+
+
+LAST_CPU_MS = [0.0]
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) plus its reaped children (the decode workers)."""
+    import resource
+
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + c.ru_utime + c.ru_stime
 
 
 def med(f, repeat):
@@ -115,24 +130,24 @@ def main():
 
     from retrieval.encoders import load_encoder
 
-    print(f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} load={os.getloadavg()[0]:.2f} n={len(paths)}")
+    print(f"python={sys.version.split()[0]} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} load={os.getloadavg()[0]:.2f} n={len(paths)}")
     for spec in args.models.split(","):
         enc = load_encoder(spec, device="cpu")
         enc.encode_image_tensors(torch.zeros(2, 3, enc.image_size, enc.image_size))  # parent has run torch ops
         print(f"\n== {spec} (image_size {enc.image_size})")
         for w in (0, 1, 2) if not args.skip_decode else ():
             r = med(lambda: run_stream(paths, enc, w), args.repeat)
-            print(f"decode-only  workers={w} fork        {r:7.1f} img/s")
+            print(f"decode-only  workers={w} fork        {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img")
         for w in (1, 2) if not args.skip_decode else ():
             r = med(lambda: run_stream(paths, enc, w, method="forkserver"), args.repeat)
-            print(f"decode-only  workers={w} forkserver  {r:7.1f} img/s (incl. start)")
+            print(f"decode-only  workers={w} forkserver  {r:7.1f} img/s (incl. start)  cpu n/a (forkserver's children are not ours to reap)")
         if not args.skip_alternatives and not args.skip_decode:
             for w in (0, 2):
                 r = med(lambda: run_stream(paths, enc, w, parent_torch=True), args.repeat)
-                print(f"decode-only  workers={w} parent-torch-preprocess {r:7.1f} img/s")
+                print(f"decode-only  workers={w} parent-torch-preprocess {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img")
             for w in (1, 2):
                 st, r = bench_torch_in_workers(paths, enc, w, "spawn")
-                print(f"decode-only  workers={w} torch-in-workers/spawn {r:7.1f} img/s, pool start {st:.1f} s")
+                print(f"decode-only  workers={w} torch-in-workers/spawn {r:7.1f} img/s after a pool start of {st:.1f} s  cpu {LAST_CPU_MS[0]:5.1f} ms/img incl. start")
         n = len(paths) if enc.image_size < 100 else min(len(paths), args.n_e2e_big)
         rep = args.repeat if enc.image_size < 100 else 1
         threads0 = torch.get_num_threads()
@@ -140,7 +155,7 @@ def main():
             torch.set_num_threads(th)
             for w in (0, 1, 2):
                 r = med(lambda: run_stream(paths[:n], enc, w, encode=True), rep)
-                print(f"end-to-end   workers={w} torch_threads={th} {r:7.1f} img/s  (n={n})")
+                print(f"end-to-end   workers={w} torch_threads={th} {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img  (n={n})")
         torch.set_num_threads(threads0)
     print(f"\nload={os.getloadavg()[0]:.2f}")
 

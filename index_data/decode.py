@@ -1,14 +1,19 @@
 """Decode images for the write path: in worker processes, ahead of the encoder, in input order.
 
-Design (chosen by measurement, see the report in README/benchmarks): worker processes do only PIL
-work (decode with JPEG draft mode, EXIF orientation, RGB, and the leading Resize/CenterCrop of the
-model's preprocess when it has one) and send back small uint8 arrays; the parent applies the model's
-own `preprocess` (ToTensor, Normalize, ...). Workers never touch torch, so forking a parent that has
-torch loaded is safe, and a worker starts in milliseconds. The pixels are exactly those the query path
-gets from `encoder.encode_images([path])`: the same `load_image`, and the pre-applied steps are
-checked once per stream to be no-ops when preprocess runs them again.
+Design (chosen by measurement; figures in benchmarks/bench_decode.py's report):
+- Worker processes (fork on Linux) do only PIL work: decode through retrieval.images (JPEG draft
+  mode, EXIF orientation, RGB), then the model preprocess's leading Resize + CenterCrop. They send
+  back small uint8 arrays (224x224x3 = 150 KB for ViT-B-32) and never import or run torch, so forking
+  a parent that has torch loaded is safe and a worker starts in milliseconds.
+- The parent finishes with numpy (ToTensor + Normalize, bit-identical to torchvision's) and wraps the
+  result with torch.from_numpy. Running the torch preprocess in the parent instead costs 10-70 ms
+  per image on a busy 2-core machine (two OpenMP threads waiting on each other for a tiny op).
+- Both shortcuts are recognised from the encoder's torchvision Compose and checked once per encoder
+  on probe images to give exactly preprocess's output; any other preprocess simply runs whole in
+  the parent. So the tensors equal those `encoder.encode_images([path])` builds for a query.
+- A worker that dies or hangs costs the file it was decoding (reported as an error), not the run.
 
-This module imports only numpy and PIL at import time.
+This module imports only numpy and PIL at import time (torch when a stream is made).
 """
 
 from __future__ import annotations
@@ -92,8 +97,6 @@ def _recognise(preprocess) -> Plan:
     for t in transforms:
         mod = getattr(t, "__module__", "") or ""
         name = getattr(t, "__name__", None) or type(t).__name__
-        if not isinstance(t, type) and not callable(t):
-            return Plan(tuple(pil))
         if stage == "pil" and mod.startswith("torchvision.") and name == "Resize":
             size = t.size[0] if isinstance(t.size, (list, tuple)) and len(t.size) == 1 else t.size
             if not isinstance(size, int) or getattr(t, "max_size", None) is not None:
@@ -259,9 +262,30 @@ def decode_file(path, target_size: int | None, pil_steps: tuple = ()):
         return None, None, None, _one_line(f"decoder error: {type(e).__name__}: {e}", path), False
 
 
-def _worker_init() -> None:
+def _worker_init(expected_ppid: int | None = None) -> None:
     # Ctrl-C goes to the whole process group: let the parent handle it and stop us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(expected_ppid)
+
+
+def _die_with_parent(expected_ppid: int | None = None) -> None:
+    """Linux: SIGKILL this worker when the indexer dies (a SIGKILLed or OOM-killed parent would otherwise
+    leave it blocked on the task queue forever).
+
+    expected_ppid is the pid that forked us (fork, spawn). Under forkserver our OS parent is the server,
+    not multiprocessing.parent_process(), so no race check is possible there (the server exits with
+    the indexer). PDEATHSIG fires when the *thread* that created the worker exits: make streams from a
+    thread that outlives them (the main thread, as the pipeline does)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+            if expected_ppid is not None and os.getppid() != expected_ppid:
+                os._exit(1)  # the parent died before prctl took effect
+    except Exception:
+        pass
 
 
 def _default_start_method() -> str:
@@ -361,7 +385,10 @@ class DecodeStream(Iterator[DecodeResult]):
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context(self._start_method)
-        self._pool = ProcessPoolExecutor(max_workers=self._workers, mp_context=ctx, initializer=_worker_init)
+        ppid = os.getpid() if self._start_method in ("fork", "spawn") else None
+        self._pool = ProcessPoolExecutor(
+            max_workers=self._workers, mp_context=ctx, initializer=_worker_init, initargs=(ppid,)
+        )
         return self._pool
 
     def _submit(self, path):
@@ -387,6 +414,8 @@ class DecodeStream(Iterator[DecodeResult]):
             return self._recover(head, "decoder crashed (worker process died)")
         except FutureTimeout:
             return self._recover(head, f"decoding took longer than {ITEM_TIMEOUT_S:g} s", timed_out=True)
+        except Exception as e:  # e.g. a path that cannot be pickled: that job fails, the pool is fine
+            return None, None, None, _one_line(f"decoder error: {type(e).__name__}: {e}", head[1]), False
 
     def _recover(self, head, reason: str, timed_out: bool = False):
         """The pool died (or hung) with `head` unfinished. Find whether head itself is to blame by running

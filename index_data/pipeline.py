@@ -17,7 +17,9 @@ from typing import Sequence
 
 from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.index import Index
+from retrieval.fast_text import ensure_text_export
+from retrieval.faults import checkpoint
+from retrieval.index import Index, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
 from .decode import decode_stream
@@ -106,6 +108,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     idx = Index.open_for_write(index_dir)
     try:
         encoder = _prepare_model(idx, opts)
+        ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
         corpus = _read_corpus(opts) if opts.captions_file else {}
         roots = list(opts.paths) + sorted(corpus)
         if not roots:
@@ -127,6 +130,11 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
         report.generation = idx.generation
         report.images_total = idx.store.count("images")
+    except Exception as e:  # a full or read-only disk is the user's to fix: one line, not a traceback
+        err = storage_error(e, idx.root)
+        if err is None:
+            raise
+        raise err from None
     finally:
         idx.close()
     report.seconds = time.perf_counter() - t0
@@ -263,6 +271,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
             return
         fresh = [r for r in batch if r.key.hash not in seen_hashes]
         vecs = encoder.encode_image_tensors(torch.stack([r.tensor for r in fresh])) if fresh else None
+        checkpoint("encode")
         with store.transaction():
             if fresh:
                 store.put_embeddings("image", [r.key.hash for r in fresh], vecs)
@@ -281,6 +290,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
     stream = decode_stream(jobs, encoder.preprocess, encoder.image_size, workers=workers)
     try:
         for res in stream:
+            checkpoint("decode")
             if res.error:
                 with store.transaction():
                     store.record_error(res.key.file.path, res.error)

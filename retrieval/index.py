@@ -11,14 +11,17 @@ Layout:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import EmptyIndexError, IndexLockedError, IndexNotFoundError, ModelMismatchError, RetrievalError
+from .faults import checkpoint
 from .modelspec import ModelIdentity
 from .store import DB_NAME, Store
 
@@ -54,6 +57,60 @@ class IndexInfo:
         return asdict(self)
 
 
+# Lock fds held by writers in this process. A forked child (a decode worker) closes its copies at once:
+# a flock belongs to the open file, so an orphaned worker of a SIGKILLed writer would otherwise keep
+# the index locked for as long as it lives.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in _HELD_LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+_SQLITE_STORAGE = ("database or disk is full", "readonly database", "disk I/O error", "unable to open database file")
+
+
+def storage_error(e: BaseException, root) -> RetrievalError | None:
+    """A write to the index that failed because of the disk (full, read-only, quota, permissions, I/O) as
+    a one-line user error; None for any other exception (a bug keeps its traceback). Knows OSError,
+    sqlite3 errors and the RuntimeError faiss raises with the C library's strerror in parentheses."""
+    why = None
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+        why = e.strerror or str(e)
+    elif e.__class__.__name__ in ("OperationalError", "DatabaseError") and any(s in str(e) for s in _SQLITE_STORAGE):
+        why = str(e)
+    elif isinstance(e, RuntimeError):
+        why = next((os.strerror(n) for n in _STORAGE_ERRNOS if f"({os.strerror(n)})" in str(e)), None)
+    if why is None:
+        return None
+    why += _disk_full_hint(root) if "space" not in why and "full" not in why else ""
+    return RetrievalError(
+        f"cannot write to the index at {root}: {why}. What was written before is intact; "
+        f"free some space (or make it writable) and run the same command again to finish"
+    )
+
+
+def _disk_full_hint(root) -> str:
+    """" (the disk is full)" when it is: SQLite says only "disk I/O error" when it cannot grow its -shm."""
+    try:
+        import shutil
+
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    return f" (the disk is full: {free // 1024} KiB free)" if free < (1 << 20) else ""
+
+
 def _vec_file(root: Path, kind: str, gen: int) -> Path:
     return root / f"{kind}.g{gen}.faiss"
 
@@ -78,9 +135,13 @@ class Index:
         db = root / DB_NAME
         if not db.is_file():
             raise IndexNotFoundError(f"no index at {root} (create one with: retrieval index PHOTOS_DIR --index {root})")
-        store = Store(db, readonly=not os.access(db, os.W_OK) or not os.access(root, os.W_OK))
+        try:
+            store = Store(db, readonly=not os.access(db, os.W_OK) or not os.access(root, os.W_OK))
+            recorded = store.get_manifest("model") is not None
+        except sqlite3.DatabaseError as e:  # not a database, or a damaged one
+            raise RetrievalError(f"cannot read {db}: {e}") from None
         idx = cls(root, store, writable=False)
-        if store.get_manifest("model") is None:
+        if not recorded:
             raise IndexNotFoundError(f"{root} holds no finished index yet (no model recorded)")
         return idx
 
@@ -100,12 +161,13 @@ class Index:
             raise RetrievalError(f"index directory {root} is not writable")
         idx = cls(root, None, writable=True)  # type: ignore[arg-type]
         idx._acquire_lock()
+        idx._remove_stale_temp_files()
         try:
             idx.store = Store(root / DB_NAME)
         except Exception as e:
             idx.close()
             if isinstance(e, OSError) or e.__class__.__name__ == "OperationalError":
-                raise RetrievalError(f"cannot open {root / DB_NAME}: {e}") from None
+                raise RetrievalError(f"cannot open {root / DB_NAME}: {e}{_disk_full_hint(root)}") from None
             raise
         return idx
 
@@ -117,11 +179,22 @@ class Index:
             os.close(fd)
             raise IndexLockedError(f"another process is writing to the index at {self.root}; wait for it to finish") from None
         self._lock_fd = fd
+        _HELD_LOCK_FDS.add(fd)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of an atomic save that a killed writer never renamed (.images.g3.faiss.XXXX.tmp).
+        Only a writer makes them and we hold the lock, so every one left is dead."""
+        for p in self.root.glob(".*.tmp"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
         if self._lock_fd is not None:
+            _HELD_LOCK_FDS.discard(self._lock_fd)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -321,16 +394,29 @@ class Index:
 
     def _publish(self, new, next_gen, requested_type, fusion_meta) -> bool:
         store = self.store
-        for kind, vi in new.items():
-            vi.save(_vec_file(self.root, kind, next_gen))
-        with store.transaction():
-            store.set_manifest("generation", next_gen)
-            store.set_manifest("index_type", new["images"].config.to_dict())
-            store.set_manifest("index_type_requested", requested_type)
-            store.set_manifest("vectors_images", int(new["images"].ntotal))
-            store.set_manifest("vectors_captions", int(new["captions"].ntotal))
-            if fusion_meta is not ...:
-                store.set_manifest("fusion", fusion_meta)
+        try:
+            for kind, vi in new.items():
+                vi.save(_vec_file(self.root, kind, next_gen))
+            checkpoint("publish")
+            with store.transaction():
+                store.set_manifest("generation", next_gen)
+                store.set_manifest("index_type", new["images"].config.to_dict())
+                store.set_manifest("index_type_requested", requested_type)
+                store.set_manifest("vectors_images", int(new["images"].ntotal))
+                store.set_manifest("vectors_captions", int(new["captions"].ntotal))
+                if fusion_meta is not ...:
+                    store.set_manifest("fusion", fusion_meta)
+        except Exception as e:
+            # the manifest still names the previous generation: drop the half-published one's files
+            for kind in new:
+                try:
+                    _vec_file(self.root, kind, next_gen).unlink()
+                except OSError:
+                    pass
+            err = storage_error(e, self.root)
+            if err is not None:
+                raise err from None
+            raise
         self._fusion_cache = None
         self._vectors = {(k, next_gen): v for k, v in new.items()}
         self._prune_generations(next_gen)
@@ -350,13 +436,53 @@ class Index:
     # -- checks ---------------------------------------------------------------------------------
 
     def verify(self) -> list[str]:
-        """Problems found: missing files, ids that disagree between SQLite and FAISS, missing embeddings."""
+        """Problems found, one line each (empty: all is well). Checks SQLite's own integrity; the manifest
+        (model, dimension, schema version, the generation's vector files, their counts and kind, the
+        fusion file); that the ids in SQLite and in FAISS agree, and a sample of the vectors' contents;
+        that every row has a raw embedding of the right size, and every caption an image."""
+        try:
+            return self._verify()
+        except sqlite3.DatabaseError as e:
+            return [f"sqlite: {self.store.path.name} is damaged: {e}"]
+
+    def _verify(self) -> list[str]:
+        from .store import SCHEMA_VERSION
+        from .vectors import VectorIndex
+
         problems: list[str] = []
         store = self.store
-        if self.identity is None:
+        db = store.db
+        quick = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+        if quick != ["ok"]:
+            problems.append(f"sqlite: {store.path.name} is damaged: {'; '.join(quick)}")
+        manifest = store.manifest()
+        ident = self.identity
+        dim = self.dim
+        if ident is None:
             problems.append("manifest: no model recorded")
+        if dim <= 0:
+            problems.append("manifest: no vector dimension recorded")
+        elif ident is not None and ident.dim != dim:
+            problems.append(f"manifest: dim {dim} but the model {ident.spec} has dim {ident.dim}")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            problems.append(f"manifest: schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
+        dangling = db.execute(
+            "SELECT COUNT(*) FROM captions WHERE image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)"
+        ).fetchone()[0]
+        if dangling:
+            problems.append(f"captions: {dangling} rows point at an image that does not exist")
         gen = self.generation
         for kind, rows in (("images", store.image_ids_with_hash()), ("captions", store.caption_ids_with_hash())):
+            ekind = "image" if kind == "images" else "text"
+            keys = {h for _, h in rows}
+            missing = keys - store.has_embeddings(ekind, keys)
+            if missing:
+                problems.append(f"{kind}: {len(missing)} rows lack a stored raw embedding")
+            if dim > 0:
+                wrong = db.execute("SELECT COUNT(*) FROM embeddings WHERE kind = ? AND length(vector) != ?",
+                                   [ekind, 4 * dim]).fetchone()[0]
+                if wrong:
+                    problems.append(f"{kind}: {wrong} stored raw embeddings are not {dim} float32 values")
             want = {i for i, _ in rows}
             path = _vec_file(self.root, kind, gen)
             if gen == 0:
@@ -364,27 +490,94 @@ class Index:
                     problems.append(f"{kind}: {len(want)} rows but no vector files were ever written")
                 continue
             if not path.exists():
-                problems.append(f"{kind}: vector file {path.name} for generation {gen} is missing")
+                problems.append(f"{kind}: vector file {path.name} of generation {gen} is missing")
                 continue
-            from .vectors import VectorIndex
-
             try:
                 vi = VectorIndex.load(path)
+                file_ids = vi.ids()
             except Exception as e:  # a corrupt file is exactly what verify is for
-                problems.append(f"{kind}: cannot read {path.name}: {e}")
+                problems.append(f"{kind}: cannot read {path.name}: {' '.join(str(e).split())[:300]}")
                 continue
-            have = {int(i) for i in vi.ids()}
+            have = {int(i) for i in file_ids}
+            if len(have) != len(file_ids):
+                problems.append(f"{kind}: {len(file_ids) - len(have)} duplicate ids in {path.name}")
             if have - want:
                 problems.append(f"{kind}: {len(have - want)} orphan vectors (in FAISS, not in SQLite)")
             if want - have:
-                problems.append(f"{kind}: {len(want - have)} rows have no vector (in SQLite, not in FAISS)")
-            if vi.dim != self.dim:
-                problems.append(f"{kind}: vector dim {vi.dim} != manifest dim {self.dim}")
-            ekind = "image" if kind == "images" else "text"
-            missing = {h for _, h in rows} - store.has_embeddings(ekind, {h for _, h in rows})
-            if missing:
-                problems.append(f"{kind}: {len(missing)} rows lack a stored raw embedding")
+                problems.append(f"{kind}: {len(want - have)} rows have no vector (in SQLite, not in FAISS; "
+                                f"an interrupted run: the next index run or verify --repair adds them)")
+            if vi.dim != dim:
+                problems.append(f"{kind}: vector dim {vi.dim} != manifest dim {dim}")
+            counted = manifest.get(f"vectors_{kind}")
+            if counted is not None and int(counted) != vi.ntotal:
+                problems.append(f"{kind}: the manifest counts {counted} vectors, {path.name} holds {vi.ntotal}")
+            cfg = manifest.get("index_type") or {}
+            if kind == "images" and cfg.get("kind") and cfg["kind"] != vi.config.kind:
+                problems.append(f"images: the manifest says {cfg['kind']}, {path.name} is {vi.config.kind}")
+            if vi.dim == dim and not missing and vi.config.kind != "ivfpq":  # ivfpq stores approximations
+                off = self._sampled_content_mismatches(kind, vi, sorted(have & want), dict(rows))
+                if off:
+                    problems.append(f"{kind}: {off[0]} of {off[1]} sampled vectors in {path.name} differ from what "
+                                    f"the raw embeddings in SQLite give (one of the two is corrupt)")
+        fusion = manifest.get("fusion")
+        if isinstance(fusion, dict) and fusion.get("file") and not (self.root / fusion["file"]).is_file():
+            problems.append(f"fusion: {fusion['file']} named by the manifest is missing")
         return problems
+
+    def _sampled_content_mismatches(self, kind: str, vi, ids: list[int], hashes: dict, n: int = 64):
+        """(mismatches, sampled): whether the vectors stored for up to n ids (evenly spaced) equal the
+        vectors SQLite's raw embeddings give them (a flipped byte in a FAISS file passes every other
+        check). None when nothing could be compared."""
+        if not ids:
+            return None
+        if len(ids) > n:
+            ids = [ids[i] for i in np.linspace(0, len(ids) - 1, n).astype(int)]
+        try:
+            make = self.image_vectors_for if kind == "images" else self.caption_vectors_for
+            expected = np.ascontiguousarray(make([(i, hashes[i]) for i in ids]), dtype=np.float32)
+            scores, found = vi.search(expected, len(ids), allowed_ids=np.array(ids, dtype=np.int64))
+        except Exception:  # lost or malformed raw embeddings are reported on their own
+            return None
+        norms = np.einsum("ij,ij->i", expected, expected)
+        bad = 0
+        for r, i in enumerate(ids):
+            hit = np.flatnonzero(found[r] == i)
+            if len(hit) == 0 or not abs(float(scores[r, hit[0]]) - norms[r]) <= 1e-3 * max(1.0, norms[r]):
+                bad += 1
+        return (bad, len(ids)) if bad else None
+
+    def repair(self) -> list[str]:
+        """Rebuild every vector file from the raw embeddings in SQLite, as a new generation. Rows that
+        cannot get a vector (raw embedding lost or of the wrong size, caption of a deleted image) are
+        removed, so that the next index run re-encodes their files. Returns what was done, one line each."""
+        assert self.writable
+        store, db, dim = self.store, self.store.db, self.dim
+        if self.identity is None or dim <= 0:
+            raise RetrievalError(f"cannot repair {self.root}: no model recorded; re-index with: retrieval index PATH --rebuild --model SPEC")
+        done = []
+        try:
+            with store.transaction():
+                bad = db.execute("DELETE FROM embeddings WHERE length(vector) != ?", [4 * dim]).rowcount
+                if bad:
+                    done.append(f"removed {bad} raw embeddings of the wrong size")
+                lost = [r[0] for r in db.execute(
+                    "SELECT id FROM images WHERE hash NOT IN (SELECT key FROM embeddings WHERE kind = 'image')")]
+                if lost:
+                    store.delete_images(lost)
+                    done.append(f"removed {len(lost)} image rows without a raw embedding (the next index run re-encodes those files)")
+                n = db.execute(
+                    "DELETE FROM captions WHERE text_hash NOT IN (SELECT key FROM embeddings WHERE kind = 'text') "
+                    "OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images))").rowcount
+                if n:
+                    done.append(f"removed {n} caption rows without a raw embedding or an image (the next index run re-adds sidecar captions)")
+            self.sync_vectors(force_rebuild=True)
+        except Exception as e:
+            err = storage_error(e, self.root)
+            if err is None:
+                raise
+            raise err from None
+        done.append(f"vector files rebuilt from the stored raw embeddings as generation {self.generation}")
+        return done
 
 
 def _caption_kind(requested: str) -> str:

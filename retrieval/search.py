@@ -67,6 +67,7 @@ class Searcher:
     def __init__(self, index: Index, device: str = "auto"):
         self.index = index
         self.device = device
+        self._fast_text = None  # (identity, numpy text encoder or None); see retrieval/fast_text.py
 
     @classmethod
     def open(cls, path=None, device: str = "auto") -> "Searcher":
@@ -87,8 +88,18 @@ class Searcher:
     def encoder(self):
         return self.index.encoder(self.device)
 
+    def _text_vector(self, text: str) -> np.ndarray:
+        """The index's text tower: its exported numpy copy when valid (no torch import), else torch."""
+        ident = self.index.identity
+        if self._fast_text is None or self._fast_text[0] != ident:
+            from .fast_text import load_fast_text_encoder
+
+            self._fast_text = (ident, load_fast_text_encoder(self.index.root, ident))
+        enc = self._fast_text[1] or self.encoder
+        return enc.encode_texts([text])[0]
+
     def embed_text(self, text: str) -> np.ndarray:
-        vec = self.encoder.encode_texts([text])[0]
+        vec = self._text_vector(text)
         fusion = self.index.fusion()
         return vec if fusion is None else fusion.query_text(vec[None])[0]
 
@@ -108,9 +119,8 @@ class Searcher:
             return self.embed_text(text)
         if text is None:
             return self.embed_image(image)
-        enc = self.encoder
-        img = enc.encode_images([image])[0]
-        txt = enc.encode_texts([text])[0]
+        img = self.encoder.encode_images([image])[0]
+        txt = self._text_vector(text)
         fusion = self.index.fusion()
         if fusion is not None:
             return fusion.query_composite(img[None], txt[None], weight)[0]
@@ -126,7 +136,7 @@ class Searcher:
             raise RetrievalError("-k must be at least 1")
         if to not in ("images", "captions"):
             raise RetrievalError(f"--to must be 'images' or 'captions', not {to!r}")
-        vectors = self.index.vectors(to)
+        vectors = self.index.vectors(to, mmap=True)
         if vectors is None or vectors.ntotal == 0:
             what = "images" if to == "images" else "captions"
             raise EmptyIndexError(f"the index at {self.index.root} has no {what} to search")
@@ -138,7 +148,7 @@ class Searcher:
     def search_vector(self, qvec: np.ndarray, *, to: str = "images", k: int = 10, min_score: float | None = None,
                       under: str | None = None, glob: str | None = None, exclude_hash: str | None = None,
                       dedupe: bool = True) -> list[Result]:
-        vectors = self.index.vectors(to)
+        vectors = self.index.vectors(to, mmap=True)
         if vectors is None or vectors.ntotal == 0:
             return []
         allowed = self._allowed_ids(to, under, glob)

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sqlite_utils
 
+from .faults import checkpoint
+
 SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
 
@@ -50,12 +52,11 @@ class Store:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            uri = f"file:{self.path}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+            conn = _connect_readonly(self.path)
         else:
             conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         conn.execute("PRAGMA busy_timeout = 30000")
-        self.db = sqlite_utils.Database(conn)
+        self.db = sqlite_utils.Database(conn, execute_plugins=False)  # no entry-point scan (~50 ms per open)
         self.readonly = readonly
         if not readonly:
             self.db.conn.execute("PRAGMA journal_mode = WAL")
@@ -103,6 +104,7 @@ class Store:
     def transaction(self) -> Iterator[None]:
         with self.db.atomic():
             yield
+            checkpoint("sqlite_commit")
 
     # -- manifest -------------------------------------------------------------------------------
 
@@ -292,6 +294,27 @@ class Store:
 
     def errors(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM errors ORDER BY path"))
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """mode=ro. On a read-only filesystem a WAL database cannot get its -shm file and would not open at
+    all, so there it is opened immutable (nothing can change it while that mount is read-only)."""
+    from urllib.parse import quote
+
+    uri = "file:" + quote(os.fsencode(os.path.abspath(path)))
+    conn = sqlite3.connect(uri + "?mode=ro", uri=True, check_same_thread=False, timeout=30)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        try:
+            read_only_fs = bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            read_only_fs = False
+        if not read_only_fs:
+            raise
+        conn.close()
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=30)
 
 
 def text_hash(text: str) -> str:

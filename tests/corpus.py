@@ -40,6 +40,14 @@ __all__ = [
     "LONG_NAME",
     "make_malformed_corpus",
     "make_photo_folder",
+    "make_truncated_png",
+    "make_huge_text",
+    "make_fifo",
+    "make_symlink_loop",
+    "make_self_symlink",
+    "make_broken_symlink",
+    "make_unreadable",
+    "make_deep_path",
 ]
 
 # A file name that is not valid UTF-8 (Latin-1 "é" byte), as bytes: join with os.fsencode(dir).
@@ -301,3 +309,92 @@ def make_photo_folder(directory, n: int, size: tuple[int, int] = (1600, 1200), q
             f.write(b"copy %d" % i)  # after EOI: ignored by decoders, makes content hashes distinct
         paths.append(p)
     return paths
+
+
+# --- added for the fault suite (tests/test_malformed.py, benchmarks/malformed_report.py) ---------------
+
+
+def make_truncated_png(path, size: tuple[int, int] = (256, 192), keep: float = 0.5, seed: int = 0):
+    """A PNG cut off after `keep` of its bytes (IDAT incomplete, no IEND). Must be skipped."""
+    buf = io.BytesIO()
+    Image.fromarray(photo_array(size[0], size[1], seed)).save(buf, format="PNG")
+    data = buf.getvalue()
+    p = _prepare(path)
+    with open(p, "wb") as f:
+        f.write(data[: max(64, int(len(data) * keep))])
+    return path
+
+
+def make_huge_text(path, n_bytes: int = 5 * 1024 * 1024, line: str = "a caption line that repeats"):
+    """A text file of about n_bytes (a runaway sidecar): many numbered lines, the last one unterminated."""
+    p = _prepare(path)
+    with open(p, "w", encoding="utf-8") as f:
+        written, i = 0, 0
+        while written < n_bytes:
+            s = f"{line} {i}\n"
+            f.write(s)
+            written += len(s)
+            i += 1
+        f.write("an unterminated last line")
+    return path
+
+
+def make_fifo(path):
+    """A named pipe (e.g. called x.jpg): opening it for reading would block forever. Must be skipped."""
+    p = _prepare(path)
+    os.mkfifo(p)
+    return path
+
+
+def make_symlink_loop(path):
+    """A directory symlink pointing at its own parent folder (walking it never ends). Reported once."""
+    p = _prepare(path)
+    os.symlink(".", p)
+    return path
+
+
+def make_self_symlink(path):
+    """A symlink to itself (e.g. loop.jpg -> loop.jpg): stat fails with ELOOP."""
+    p = _prepare(path)
+    os.symlink(os.path.basename(os.fsdecode(p)), p)
+    return path
+
+
+def make_broken_symlink(path, target: str = "does-not-exist.jpg"):
+    """A dangling symlink."""
+    p = _prepare(path)
+    os.symlink(target, p)
+    return path
+
+
+def make_unreadable(path, size: tuple[int, int] = (64, 48), seed: int = 0):
+    """A valid JPEG with mode 000. Note: root (CAP_DAC_OVERRIDE) still reads it; a test must drop that
+    capability (tests/faultkit.py: no_dac_override) for the denial to be real."""
+    make_jpeg(path, size, seed=seed)
+    os.chmod(_prepare(path), 0)
+    return path
+
+
+def make_deep_path(directory, total_len: int = 4200, name: str = "deep.jpg") -> bytes:
+    """A valid JPEG whose absolute path is longer than PATH_MAX (4096 on Linux), made through relative
+    mkdirs. Returns the full path as bytes (it cannot be opened by name; scandir still lists it)."""
+    base = os.fsencode(os.path.abspath(os.fspath(directory)))
+    os.makedirs(base, exist_ok=True)
+    seg = b"d" * 200
+    fd = os.open(base, os.O_RDONLY)
+    parts = []
+    try:
+        while len(base) + sum(len(x) + 1 for x in parts) + len(name) + 1 < total_len:
+            os.mkdir(seg, dir_fd=fd)
+            nfd = os.open(seg, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            parts.append(seg)
+        buf = io.BytesIO()
+        Image.fromarray(photo_array(40, 30, 1)).save(buf, format="JPEG")
+        out = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, buf.getvalue())
+        os.close(out)
+    finally:
+        os.close(fd)
+    return b"/".join([base, *parts, os.fsencode(name)])

@@ -329,3 +329,13 @@ def test_ctrl_c_in_a_real_process_exits_cleanly(tmp_path):
         raise
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_other_start_methods(tmp_path, method):
+    """Non-fork platforms (macOS, Windows) use these; the worker must start and decode there too."""
+    p = make_jpeg(str(tmp_path / "a.jpg"), (50, 40))
+    with decode_stream([(i, p) for i in range(3)], np.asarray, 32, workers=1, start_method=method) as s:
+        results = list(s)
+    assert [r.key for r in results] == [0, 1, 2] and all(r.ok for r in results)
+    assert (results[0].width, results[0].height) == (50, 40)

@@ -24,10 +24,11 @@ from retrieval.errors import ModelSpecError  # noqa: E402
 from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
 
 # Measured with the shipped defaults (benchmarks/out/starter_quality.json, 2-core CPU sandbox):
-#   text->image R@1 = 0.628, R@5 = 0.860; image->text R@1 = 0.611, R@5 = 0.611 (see MEASURED below).
-# The thresholds sit a little below, so a regression of two or three queries fails but float noise does not.
-MEASURED = {"t2i_R@1": 0.628, "t2i_R@5": 0.860, "i2t_R@5": 0.611}
-THRESHOLDS = {"t2i_R@1": 0.55, "t2i_R@5": 0.78, "i2t_R@5": 0.50}
+#   text->image R@1 = 0.605 (26/43), R@5 = 0.907 (39/43); image->text R@1 = 0.556 (10/18), R@5 = 0.611 (11/18).
+# The thresholds sit three text queries / two image queries below, so a real regression fails but a
+# change in float rounding (another CPU, BLAS or Pillow version) that flips one near-tie does not.
+MEASURED = {"t2i_R@1": 0.605, "t2i_R@5": 0.907, "i2t_R@5": 0.611}
+THRESHOLDS = {"t2i_R@1": 0.53, "t2i_R@5": 0.83, "i2t_R@5": 0.50}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,31 @@ def test_preprocess_contract(starter, samples):
     assert tuple(starter.preprocess(Image.new("L", (40, 500), 128)).shape) == (3, 224, 224)
 
 
+def test_preprocess_equals_torchvision_and_decode_plan(starter):
+    """Bit for bit: torchvision's Resize(BICUBIC)+CenterCrop+ToTensor+Normalize, and the decode_plan steps."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    mean, std = S.NORMALIZATIONS[starter.config.normalization]
+    tv = T.Compose([T.Resize(starter.config.resize, interpolation=T.InterpolationMode.BICUBIC),
+                    T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+    rng = np.random.default_rng(0)
+    probes = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for w, h in ((451, 300), (300, 451), (224, 224), (1000, 223), (37, 50))]
+    for im in probes:
+        assert torch.equal(starter.preprocess(im), tv(im))
+    try:
+        from index_data.decode import apply_pil_steps, finish_array
+    except ImportError:
+        return
+    steps, finish = starter.preprocess.decode_plan
+    for im in probes:
+        out, complete = apply_pil_steps(im, steps)
+        assert complete
+        assert torch.equal(starter.preprocess(im), torch.from_numpy(finish_array(np.asarray(out), finish)))
+
+
 def test_deterministic(starter, samples):
     a = starter.encode_images(samples[:2])
     b = starter.encode_images(samples[:2])
@@ -142,8 +168,10 @@ def test_obvious_queries_find_their_photo(starter, samples, sample_embeddings):
 def test_resized_recompressed_copy_finds_original(starter, samples, sample_embeddings, tmp_path):
     from PIL import Image
 
+    # Every sample photo, re-saved at 60% size and JPEG quality 70, finds its original first
+    # (measured margins over the runner-up: 0.02 for the blurred clock, 0.03 to 0.25 for the others).
     img, _, _ = sample_embeddings
-    picks = [i for i, p in enumerate(samples) if p.name in ("cat_chelsea.jpg", "coffee_cup.jpg", "red_motorcycle.jpg", "astronaut_portrait.jpg")]
+    picks = list(range(len(samples)))
     copies = []
     for i in picks:
         with Image.open(samples[i]) as im:
@@ -157,14 +185,22 @@ def test_resized_recompressed_copy_finds_original(starter, samples, sample_embed
 
 def test_class_embedding_cache(starter, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    classes = S.imagenet_classnames()[:10]  # a slice keeps the test fast; the mechanism is the same
+    monkeypatch.setattr(S, "imagenet_classnames", lambda: list(classes))
+    monkeypatch.setattr(S, "sha256_file", lambda p: "0" * 64)  # do not re-hash 100 MB into the new cache dir
     files = S.locate_files()
-    first, cached1 = S.class_embeddings(files, starter.text, "name")  # 1000 prompts: cheap
-    second, cached2 = S.class_embeddings(files, starter.text, "name")
+    first, cached1 = S.class_embeddings(files, starter.text, "simple")
+    second, cached2 = S.class_embeddings(files, starter.text, "simple")
     assert (cached1, cached2) == (False, True)
-    assert first.shape == (1000, 384) and first.dtype == np.float32 and np.array_equal(first, second)
-    for f in (tmp_path / "retrieval").glob("starter-name-*.npy"):
+    assert first.shape == (10, 384) and first.dtype == np.float32 and np.array_equal(first, second)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    # the cached rows are what the shipped encoder uses for those classes
+    assert np.allclose(first, starter.class_emb[:10].cpu().numpy(), atol=1e-5)
+    written = list((tmp_path / "retrieval").glob("starter-simple-*.npy"))
+    assert len(written) == 1
+    for f in written:
         f.write_bytes(b"garbage")  # a corrupt cache is recomputed, not trusted
-    third, cached3 = S.class_embeddings(files, starter.text, "name")
+    third, cached3 = S.class_embeddings(files, starter.text, "simple")
     assert not cached3 and np.allclose(first, third, atol=1e-6)
 
 

@@ -12,10 +12,11 @@ from retrieval.vectors import VectorIndex, VectorIndexConfig, choose_config
 
 DIM = 64
 N = 3000
-KINDS = ["flat", "hnsw", "ivfpq"]
+KINDS = ["flat", "hnsw", "ivfflat", "ivfpq"]
 # Measured on this data: ivfpq with choose_config's params (nlist 76, m 16 = 4 bytes/vector, nbits 6,
 # nprobe 16) gives recall@10 0.627 vs exact (m 32: 0.83); PQ caps recall, nprobe barely matters here.
 IVFPQ_MIN_RECALL = 0.55
+IVFFLAT_MIN_RECALL = 0.95
 
 
 def clustered(n: int, dim: int = DIM, seed: int = 0, n_clusters: int = 30) -> np.ndarray:
@@ -218,10 +219,12 @@ def test_load_rejects_truncated_file(data, tmp_path):
 def test_choose_config():
     assert choose_config(1000, 512).kind == "flat"
     assert choose_config(50_000, 512).kind == "flat"
-    assert choose_config(200_000, 512).kind == "hnsw"
+    assert choose_config(200_000, 512).kind == "ivfflat"  # measured better than hnsw (RESULTS_vectors.md)
     assert choose_config(10_000_000, 512).kind == "ivfpq"
     assert choose_config(1000, 512, "hnsw").kind == "hnsw"  # explicit wins
     assert choose_config(10**7, 512, "flat").kind == "flat"
+    assert choose_config(1_000_000, 512, "hnsw").params["efSearch"] >= 64
+    assert choose_config(1_000_000, 512).params["nlist"] == 2048
     cfg = choose_config(1000, 512, "ivfpq")
     assert cfg.kind == "ivfpq" and 512 % cfg.params["m"] == 0
     assert VectorIndexConfig.from_dict(cfg.to_dict()) == cfg
@@ -229,11 +232,20 @@ def test_choose_config():
         choose_config(10, 8, "annoy")
 
 
-def test_ivfpq_falls_back_to_flat_when_too_small(data):
+@pytest.mark.parametrize("kind, params", [("ivfpq", {"nlist": 64, "m": 8, "nbits": 8}), ("ivfflat", {"nlist": 64})])
+def test_ivf_falls_back_to_flat_when_too_small(data, kind, params):
     ids, x = data
-    vi = VectorIndex.build(DIM, ids[:20], x[:20], VectorIndexConfig("ivfpq", {"nlist": 64, "m": 8, "nbits": 8}))
-    assert vi.config.kind == "flat" and vi.config.params["fallback_from"] == "ivfpq"
+    vi = VectorIndex.build(DIM, ids[:20], x[:20], VectorIndexConfig(kind, params))
+    assert vi.config.kind == "flat" and vi.config.params["fallback_from"] == kind
     assert vi.search(x[:1], 1)[1][0, 0] == ids[0]
+
+
+def test_ivfflat_recall_vs_flat(built, data):
+    queries = clustered(100, seed=9)
+    exact = built["flat"].search(queries, 10)[1]
+    approx = built["ivfflat"].search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)])
+    assert recall >= IVFFLAT_MIN_RECALL, recall
 
 
 def test_ivfpq_recall_vs_flat(built, data):

@@ -1,0 +1,414 @@
+"""Query latency: cold CLI searches (process start to printed results) and warm in-process queries.
+
+What it measures, side by side in one run so that both paths meet the same machine load:
+
+* cold `retrieval search "a sentence" --index DIR --json`, as a subprocess, `--runs` times each, interleaved:
+  - "before": the torch text encoder (forced with RETRIEVAL_NO_FAST_TEXT=1: `import torch, open_clip`, build
+    the model, encode);
+  - "after": the numpy text encoder exported into the index (retrieval/fast_text.py), no torch import;
+  on a ViT-B-32:none index of `--n` images (default 100k, HNSW) and on a starter-model index of the sample
+  photos. Each pair of runs is checked: same top 10, scores within 1e-4, and no torch/open_clip import on
+  the fast path (PYTHONPROFILEIMPORTTIME).
+* cold image query (`--image`), which needs torch for the image tower.
+* warm queries through the Python API in one process (Searcher.search: encode, FAISS, SQLite join):
+  p50/p95 for text (fast and torch) and image, with ANN recall@10 against exact search.
+
+The ViT-B-32 index holds synthetic image vectors (clustered, CLIP-like: benchmarks/speed_vectors.py's
+generator) written straight through the Store/Index APIs under the real identity of ViT-B-32:none; its text
+encoder is the real random-init ViT-B-32 text tower, exported as indexing does. Indexes are built once under
+--workdir and reused. Child processes get PYTHONPYCACHEPREFIX (bytecode cached, as after an install) and
+HF_HUB_OFFLINE=1.
+
+    python benchmarks/cold_query.py                        # 100k index, 5 cold runs per path
+    python benchmarks/cold_query.py --warm-n 1000000       # also warm queries on a 1M index (slow build)
+    python benchmarks/cold_query.py --quick                # small and fast (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MACHINE = "2-core CPU sandbox (no GPU)"
+QUERY = "a dog running on the beach at sunset"
+SPEC = "ViT-B-32:none"
+K = 10
+WARM_TEMPLATES = [
+    "a photo of {}", "a close-up picture of {}", "{} at night", "two {} in the snow", "a drawing of {}",
+    "a blurry photo of {} on a table", "{} next to a red car", "an old photograph of {}",
+]
+WARM_THINGS = [
+    "a dog", "a cat", "a bicycle", "the sea", "a mountain lake", "a birthday cake", "a city street", "a child",
+    "an airplane", "a cup of coffee", "a horse", "a bridge", "flowers", "a laptop", "a bowl of soup", "a train",
+    "a lighthouse", "a forest path", "a snowman", "a sailing boat", "a guitar", "an old church", "a parrot",
+    "fireworks", "a football match",
+]
+
+
+def warm_queries(n: int) -> list[str]:
+    qs = [t.format(x) for x in WARM_THINGS for t in WARM_TEMPLATES]
+    return (qs * (n // len(qs) + 1))[:n]
+
+
+# ------------------------------------------------------------------------------------------ building
+def _meta_ok(root: Path, want: dict) -> bool:
+    try:
+        return json.loads((root / "bench_meta.json").read_text()) == want
+    except (OSError, ValueError):
+        return False
+
+
+def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "auto") -> Path:
+    """A ViT-B-32:none index of n synthetic image vectors, plus the real exported text encoder."""
+    want = {"spec": SPEC, "n": n, "seed": seed, "index_type": index_type, "version": 1}
+    if _meta_ok(root, want) and (root / "text_encoder.json").is_file():
+        return root
+    import shutil
+
+    from benchmarks.speed_vectors import make_vectors
+    from retrieval.encoders import load_encoder
+    from retrieval.fast_text import ensure_text_export
+    from retrieval.index import Index
+
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    encoder = load_encoder(SPEC, device="cpu")
+    vecs = make_vectors(n, encoder.dim, seed=seed)
+    idx = Index.open_for_write(root)
+    try:
+        idx.set_model(encoder.identity)
+        store = idx.store
+        step = 20_000
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            hashes = [hashlib.sha256(f"synthetic-{i}".encode()).hexdigest() for i in range(s, e)]
+            with store.transaction():
+                store.put_embeddings("image", hashes, vecs[s:e])
+                store.db.conn.executemany(
+                    "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) "
+                    "VALUES (?,?,?,?,?,?,?,?, 'ok')",
+                    [(p, p.encode(), 1000, 0, h, 640, 480, 0.0)
+                     for p, h in ((f"/synthetic/photos/img_{i:07d}.jpg", hashes[i - s]) for i in range(s, e))],
+                )
+        del vecs
+        print(f"  {n} rows written in {time.perf_counter() - t0:.0f}s; building vectors ...", file=sys.stderr, flush=True)
+        idx.sync_vectors(requested_type=index_type)
+        ensure_text_export(encoder, root)
+    finally:
+        idx.close()
+    (root / "bench_meta.json").write_text(json.dumps(want))
+    print(f"  built {root} in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return root
+
+
+def build_starter_index(root: Path) -> Path:
+    want = {"spec": "starter", "version": 1}
+    if _meta_ok(root, want) and (root / "index" / "text_encoder.json").is_file():
+        return root / "index"
+    import shutil
+
+    from index_data.pipeline import IndexOptions, run_index
+    from retrieval.samples import write_sample_photos
+
+    shutil.rmtree(root, ignore_errors=True)
+    photos = write_sample_photos(root / "photos")
+    run_index(root / "index", IndexOptions(paths=[str(root / "photos")], model="starter", workers=0, progress=False, device="cpu"))
+    (root / "bench_meta.json").write_text(json.dumps(want))
+    assert photos
+    return root / "index"
+
+
+def query_image(workdir: Path) -> Path:
+    p = workdir / "query.jpg"
+    if not p.is_file():
+        from PIL import Image, ImageDraw
+
+        im = Image.new("RGB", (640, 480), (30, 120, 200))
+        d = ImageDraw.Draw(im)
+        d.ellipse([200, 120, 440, 360], fill=(240, 200, 40))
+        d.rectangle([0, 380, 640, 480], fill=(60, 160, 60))
+        im.save(p, quality=92)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ cold runs
+def cli_command() -> list[str]:
+    script = Path(sys.executable).with_name("retrieval")
+    return [str(script)] if script.is_file() else [sys.executable, str(ROOT / "cli.py")]
+
+
+def child_env(pycache: Path, torch_path: bool, importtime: bool = False) -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("RETRIEVAL_NO_FAST_TEXT", None)
+    if torch_path:
+        env["RETRIEVAL_NO_FAST_TEXT"] = "1"
+    if importtime:
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
+    else:
+        env.pop("PYTHONPROFILEIMPORTTIME", None)
+    return env
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_cli(args: list[str], env: dict) -> tuple[float, list[dict], str, float]:
+    """(wall seconds, result rows, stderr, CPU seconds of the child: user+sys, load-independent-ish)."""
+    c = _children_cpu()
+    t = time.perf_counter()
+    p = subprocess.run(cli_command() + ["search"] + args, env=env, capture_output=True, text=True, cwd=str(ROOT))
+    wall = time.perf_counter() - t
+    cpu = _children_cpu() - c
+    if p.returncode != 0:
+        raise RuntimeError(f"search failed ({p.returncode}): {p.stderr[-2000:]}")
+    return wall, [json.loads(line) for line in p.stdout.splitlines() if line.strip()], p.stderr, cpu
+
+
+def compare(a: list[dict], b: list[dict]) -> dict:
+    ids_a, ids_b = [r["id"] for r in a], [r["id"] for r in b]
+    sa, sb = {r["id"]: r["score"] for r in a}, {r["id"]: r["score"] for r in b}
+    common = set(sa) & set(sb)
+    diff = max((abs(sa[i] - sb[i]) for i in common), default=0.0)
+    return {"same_top10": ids_a == ids_b, "same_set": set(ids_a) == set(ids_b), "max_score_diff": diff}
+
+
+def summary(times: list[float], cpu: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "runs": [round(t, 3) for t in times], "cpu_median_s": statistics.median(cpu)}
+
+
+def cold_pair(index: Path, args: list[str], runs: int, pycache: Path, label: str) -> dict:
+    """Interleaved torch ('before') and fast ('after') cold runs of the same query, after one warm-up each."""
+    base = args + ["--index", str(index), "--json", "-k", str(K)]
+    print(f"[cold] {label}: warm-up", file=sys.stderr, flush=True)
+    before_res = run_cli(base, child_env(pycache, True))[1]
+    after_res = run_cli(base, child_env(pycache, False))[1]
+    before, after, before_cpu, after_cpu = [], [], [], []
+    for i in range(runs):
+        wall, _, _, cpu = run_cli(base, child_env(pycache, True))
+        before.append(wall)
+        before_cpu.append(cpu)
+        wall, _, _, cpu = run_cli(base, child_env(pycache, False))
+        after.append(wall)
+        after_cpu.append(cpu)
+        print(f"[cold] {label}: run {i + 1}/{runs} torch {before[-1]:.2f}s fast {after[-1]:.2f}s", file=sys.stderr, flush=True)
+    imports = run_cli(base, child_env(pycache, False, importtime=True))[2]
+    heavy = sorted({ln.split("|")[-1].strip() for ln in imports.splitlines() if ln.startswith("import time:")
+                    and ln.split("|")[-1].strip().split(".")[0] in ("torch", "open_clip", "torchvision", "transformers")})
+    return {
+        "index": str(index), "args": args, "before_torch": summary(before, before_cpu), "after_fast": summary(after, after_cpu),
+        "speedup_median": statistics.median(before) / statistics.median(after),
+        "results": compare(before_res, after_res), "heavy_imports_on_fast_path": heavy,
+    }
+
+
+def cold_image(index: Path, image: Path, runs: int, pycache: Path) -> dict:
+    base = ["--image", str(image), "--index", str(index), "--json", "-k", str(K)]
+    run_cli(base, child_env(pycache, False))  # warm-up
+    times, cpus = [], []
+    for i in range(runs):
+        wall, _, _, cpu = run_cli(base, child_env(pycache, False))
+        times.append(wall)
+        cpus.append(cpu)
+        print(f"[cold] image {index.name}: run {i + 1}/{runs} {times[-1]:.2f}s", file=sys.stderr, flush=True)
+    return summary(times, cpus)
+
+
+# ------------------------------------------------------------------------------------------ warm
+def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
+    """Runs in its own process: one Searcher, warm-up, then n distinct queries timed end to end."""
+    from retrieval.search import Searcher
+
+    if mode == "torch":
+        os.environ["RETRIEVAL_NO_FAST_TEXT"] = "1"
+    out: dict = {"mode": mode}
+    with Searcher.open(index, device="cpu") as s:
+        vi = s.index.vectors("images", mmap=True)
+        out["n_vectors"] = int(vi.ntotal)
+        out["index_kind"] = vi.kind
+        queries = warm_queries(n_queries)
+        if mode == "image":
+            from PIL import Image
+
+            base = Image.open(image).convert("RGB")
+            items = [base.rotate(i % 30, expand=False) for i in range(n_queries)]
+        else:
+            items = queries
+        for it in items[:5]:  # warm-up: model load, first page faults
+            s.search(image=it, k=K) if mode == "image" else s.search(it, k=K)
+        tot, enc, vec, cpu = [], [], [], []
+        qvecs = []
+        for it in items:
+            c0 = time.process_time()  # this process's CPU (all its threads)
+            t0 = time.perf_counter()
+            q = s.embed_query(image=it) if mode == "image" else s.embed_query(it)
+            t1 = time.perf_counter()
+            res = s.search_vector(q, k=K)
+            t2 = time.perf_counter()
+            cpu.append(time.process_time() - c0)
+            tot.append(t2 - t0)
+            enc.append(t1 - t0)
+            vec.append(t2 - t1)
+            qvecs.append(q)
+            assert len(res) == min(K, vi.ntotal)
+        ms = lambda a, p: float(np.percentile(np.array(a) * 1e3, p))  # noqa: E731
+        out.update({
+            "queries": len(items),
+            "total_p50_ms": ms(tot, 50), "total_p95_ms": ms(tot, 95),
+            "encode_p50_ms": ms(enc, 50), "encode_p95_ms": ms(enc, 95),
+            "search_join_p50_ms": ms(vec, 50), "search_join_p95_ms": ms(vec, 95), "cpu_p50_ms": ms(cpu, 50),
+        })
+        # ANN recall@10 of these queries against exact search over the same stored vectors
+        Q = np.ascontiguousarray(np.stack(qvecs), dtype=np.float32)
+        _, found = vi.search(Q, K)
+        X = vi._stored_vectors()
+        ids = vi.ids()
+        truth = []
+        for s0 in range(0, len(Q), 64):
+            sc = Q[s0 : s0 + 64] @ X.T
+            top = np.argpartition(-sc, K - 1, axis=1)[:, :K]
+            truth.append(ids[top])
+        truth = np.concatenate(truth)
+        out["recall_at_10"] = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found.tolist(), truth.tolist())]))
+    return out
+
+
+def run_warm(index: Path, mode: str, n_queries: int, image: Path, pycache: Path) -> dict:
+    print(f"[warm] {index.name}: {mode}", file=sys.stderr, flush=True)
+    env = child_env(pycache, torch_path=(mode == "torch"))
+    p = subprocess.run([sys.executable, __file__, "--_warm", str(index), mode, str(n_queries), str(image)],
+                       env=env, capture_output=True, text=True, cwd=str(ROOT))
+    if p.returncode != 0:
+        raise RuntimeError(f"warm worker failed: {p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ report
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def write_report(out: Path, res: dict, cmd: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cold_query.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# Query latency ({MACHINE})", "", f"`{cmd}`", "",
+             f"Load average at start / end: {res['load_start']} / {res['load_end']} (2 cores, shared with other work).",
+             "Cold = new process to printed results (`retrieval search ... --json -k 10`), interleaved runs. CPU = the",
+             "child's user+sys seconds (what the work costs, whatever the load); wall = what a user waits.", "",
+             "| index | query | before: torch, median [min-max] s | after: numpy text encoder, median [min-max] s | speedup | CPU s before / after | same top-10 | max score diff | torch imported on fast path |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in res["cold"]:
+        b, a = c["before_torch"], c["after_fast"]
+        lines.append(f"| {c['label']} | text | {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | "
+                     f"{a['median_s']:.2f} [{a['min_s']:.2f}-{a['max_s']:.2f}] | {c['speedup_median']:.1f}x | "
+                     f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | "
+                     f"{c['results']['same_top10']} | {c['results']['max_score_diff']:.1e} | "
+                     f"{'no' if not c['heavy_imports_on_fast_path'] else ', '.join(c['heavy_imports_on_fast_path'][:3])} |")
+    for c in res.get("cold_image", []):
+        lines.append(f"| {c['label']} | image | {c['median_s']:.2f} [{c['min_s']:.2f}-{c['max_s']:.2f}] | (needs torch) | | "
+                     f"{c['cpu_median_s']:.2f} / | | | |")
+    lines += ["", "Warm: one process, Searcher.search end to end (encode + FAISS + SQLite join), distinct queries;",
+              "CPU p50 = process CPU time per query (all threads).", "",
+              "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | FAISS+SQLite p50 ms | recall@10 vs exact |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in res["warm"]:
+        mode = {"fast": "text, numpy encoder", "torch": "text, torch encoder", "image": "image (torch)"}[w["mode"]]
+        lines.append(f"| {w['label']} | {w['n_vectors']:,} | {w['index_kind']} | {mode} | {w['queries']} | {w['total_p50_ms']:.1f} | "
+                     f"{w['total_p95_ms']:.1f} | {w['cpu_p50_ms']:.1f} | {w['encode_p50_ms']:.1f} | {w['search_join_p50_ms']:.2f} | {w['recall_at_10']:.3f} |")
+    lines.append("")
+    (out / "cold_query.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="images in the ViT-B-32 index (cold runs and warm)")
+    ap.add_argument("--runs", type=int, default=5, help="cold runs per path")
+    ap.add_argument("--image-runs", type=int, default=3, help="cold image-query runs")
+    ap.add_argument("--warm-queries", type=int, default=200)
+    ap.add_argument("--warm-n", default="", help="extra index sizes for warm queries only, e.g. 1000000")
+    ap.add_argument("--skip-starter", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrieval_cold_query"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.runs, args.image_runs, args.warm_queries = min(args.n, 5000), 2, 1, 30
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pycache = workdir / "pycache"
+    cmd = "python benchmarks/cold_query.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    res: dict = {"machine": MACHINE, "platform": platform.platform(), "python": platform.python_version(),
+                 "cpus": os.cpu_count(), "query": QUERY, "command": cmd, "load_start": load_average(),
+                 "cold": [], "cold_image": [], "warm": []}
+    image = query_image(workdir)
+
+    print(f"[build] {SPEC} x {args.n}", file=sys.stderr, flush=True)
+    vit = build_synthetic_index(workdir / f"vitb32-{args.n}", args.n)
+    starter = None if args.skip_starter else build_starter_index(workdir / "starter")
+
+    c = cold_pair(vit, [QUERY], args.runs, pycache, f"{SPEC}, {args.n:,} images")
+    c["label"] = f"{SPEC}, {args.n:,} images (synthetic vectors)"
+    res["cold"].append(c)
+    if starter is not None:
+        c = cold_pair(starter, ["a cat"], args.runs, pycache, "starter")
+        c["label"] = "starter, 18 sample photos"
+        res["cold"].append(c)
+    if args.image_runs:
+        c = cold_image(vit, image, args.image_runs, pycache)
+        c["label"] = f"{SPEC}, {args.n:,} images"
+        res["cold_image"].append(c)
+        if starter is not None:
+            c = cold_image(starter, image, args.image_runs, pycache)
+            c["label"] = "starter, 18 sample photos"
+            res["cold_image"].append(c)
+
+    warm_sets = [(vit, f"{SPEC}, {args.n:,}")]
+    for n in [int(x) for x in args.warm_n.split(",") if x.strip()]:
+        print(f"[build] {SPEC} x {n}", file=sys.stderr, flush=True)
+        warm_sets.append((build_synthetic_index(workdir / f"vitb32-{n}", n), f"{SPEC}, {n:,}"))
+    if starter is not None:
+        warm_sets.append((starter, "starter, 18"))
+    for index, label in warm_sets:
+        for mode in ("fast", "torch", "image"):
+            w = run_warm(index, mode, args.warm_queries if mode == "fast" else max(20, args.warm_queries // 4), image, pycache)
+            w["label"] = label
+            res["warm"].append(w)
+
+    res["load_end"] = load_average()
+    out = Path(args.out)
+    write_report(out, res, cmd)
+    print((out / "cold_query.md").read_text())
+    print(f"wrote {out / 'cold_query.json'} and {out / 'cold_query.md'}\nreproduce: {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_warm":
+        print(json.dumps(warm_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
+        sys.exit(0)
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""open_clip's SimpleTokenizer (the CLIP BPE tokenizer), reproduced without torch or open_clip.
+
+`open_clip.tokenizer` imports torch at module level, so the fast query path (retrieval/fast_text.py)
+cannot use it. This module gives the same token ids for every input: the same cleaning
+(ftfy.fix_text, html.unescape twice, whitespace collapse, lowercase), the same pre-tokenizer regex
+(through the `regex` package), the same byte-level BPE over the merges in open_clip's bundled
+`bpe_simple_vocab_16e6.txt.gz`, `<start_of_text>` / `<end_of_text>`, and the same truncation (cut to
+context_length, then the last token becomes `<end_of_text>`). tests/test_fast_text.py checks token
+equality against `open_clip.get_tokenizer(arch)` on a varied set of strings.
+
+Two load-time shortcuts, both exact:
+
+* Plain printable ASCII without `&` (most queries) is left unchanged by ftfy.fix_text and by
+  html.unescape, so for such text neither ftfy nor `regex` is imported (they cost ~0.1 s cold):
+  for ASCII the pattern's \\p{L} / \\p{N} are [a-z] / [0-9], and the stdlib `re` does the split.
+  Anything else goes through ftfy and `regex` exactly as open_clip does.
+* Merge ranks are keyed by the merge line itself ("a b"), which saves splitting 49k lines at load.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import re as _re
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_CONTEXT_LENGTH = 77
+SOT, EOT = "<start_of_text>", "<end_of_text>"
+_N_MERGES = 49152 - 256 - 2  # open_clip reads merges[1 : 49152-256-2+1]
+
+_SPECIAL = f"{SOT}|{EOT}"
+_PATTERN_UNICODE = _SPECIAL + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The same pattern restricted to ASCII input (after cleaning, the only whitespace left is ' ').
+_PATTERN_ASCII = _re.compile(_SPECIAL + r"""|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""", _re.IGNORECASE)
+# '&' may start an HTML entity; control characters, ESC and \r are things ftfy rewrites.
+_SAFE_ASCII = (frozenset(chr(c) for c in range(0x20, 0x7F)) | {"\t", "\n"}) - {"&"}
+
+
+def open_clip_vocab_path() -> Path | None:
+    """open_clip's bundled BPE vocabulary, located without importing open_clip (which imports torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(loc) / VOCAB_NAME
+        if p.is_file():
+            return p
+    return None
+
+
+@lru_cache()
+def bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def read_merges(path: str | os.PathLike | None = None) -> list[str]:
+    """The merge lines SimpleTokenizer uses, from open_clip's gzipped vocabulary (default) or a plain-text
+    copy of it (a header line, then merges). The ~213k unused lines after them are never split."""
+    if path is None:
+        path = open_clip_vocab_path()
+        if path is None:
+            raise FileNotFoundError(f"{VOCAB_NAME} not found (open_clip is not installed)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    merges = raw.decode("utf-8").split("\n", _N_MERGES + 1)[1 : _N_MERGES + 1]
+    if len(merges) != _N_MERGES:
+        raise ValueError(f"{path}: expected {_N_MERGES} BPE merges, found {len(merges)}")
+    return merges
+
+
+def _is_safe_ascii(text: str) -> bool:
+    """True when ftfy.fix_text and html.unescape provably leave text unchanged (see module doc)."""
+    return text.isascii() and _SAFE_ASCII.issuperset(text)
+
+
+def clean_lower(text: str) -> str:
+    """open_clip's default 'lower' clean: whitespace_clean(basic_clean(text)).lower()."""
+    if not _is_safe_ascii(text):
+        import html
+
+        import ftfy
+
+        text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text))
+    return " ".join(text.strip().split()).strip().lower()
+
+
+class ClipTokenizer:
+    """Drop-in for open_clip's SimpleTokenizer with clean='lower' (the default of every CLIP model)."""
+
+    def __init__(self, merges: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH,
+                 unique_merges: bool | None = None):
+        """merges: the BPE merge lines ("first second") in rank order, as open_clip uses them.
+
+        unique_merges: every merge makes a distinct token (true of CLIP's vocabulary; checked when
+        None). Then a merged token's id is 512 + its merge rank and no vocabulary dict is built.
+        """
+        merges = list(merges)
+        self.byte_encoder = bytes_to_unicode()
+        base = list(self.byte_encoder.values())
+        self._base_ids = dict(zip(base + [v + "</w>" for v in base], range(2 * len(base))))
+        self.bpe_ranks = dict(zip(merges, range(len(merges))))  # "first second" -> rank
+        if unique_merges is None:
+            joined = {m.replace(" ", "", 1) for m in merges}
+            unique_merges = len(joined) == len(merges) and not (joined & self._base_ids.keys())
+        self.unique_merges = bool(unique_merges)
+        n_base = len(self._base_ids)
+        self._vocab = None
+        if not self.unique_merges:  # open_clip's dict(zip(vocab, ids)): a later duplicate wins
+            vocab = list(self._base_ids) + [m.replace(" ", "", 1) for m in merges]
+            self._vocab = dict(zip(vocab, range(len(vocab))))
+        self.sot_token_id = n_base + len(merges)
+        self.eot_token_id = self.sot_token_id + 1
+        self.vocab_size = self.eot_token_id + 1
+        self.cache: dict[str, list[int]] = {SOT: [self.sot_token_id], EOT: [self.eot_token_id]}
+        self.context_length = int(context_length)
+        self._n_base = n_base
+        self._byte_table = [self.byte_encoder[b] for b in range(256)]
+        self._unicode_pat = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH,
+                  unique_merges: bool | None = None) -> "ClipTokenizer":
+        """Read a merges file: open_clip's gzipped vocabulary (default) or a plain-text copy of it
+        (header line, then merges). Only the merges open_clip uses are parsed."""
+        merges = read_merges(path)
+        return cls(merges, context_length, unique_merges)
+
+    # -- BPE ------------------------------------------------------------------------------------
+
+    def bpe_ids(self, token: str) -> list[int]:
+        """Token ids of one pre-tokenized, byte-encoded piece (open_clip's bpe() + encoder lookup)."""
+        cached = self.cache.get(token)
+        if cached is not None:
+            return cached
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        ids = [self._base_ids[c] for c in word]
+        ranks = self.bpe_ranks
+        inf = len(ranks) + 1
+        while len(word) > 1:
+            best, best_rank = None, inf
+            for a, b in zip(word, word[1:]):
+                r = ranks.get(f"{a} {b}", inf)
+                if r < best_rank:
+                    best, best_rank = (a, b), r
+            if best is None:
+                break
+            first, second = best
+            merged = first + second
+            merged_id = self._n_base + best_rank if self._vocab is None else self._vocab[merged]
+            new_word: list[str] = []
+            new_ids: list[int] = []
+            i, n = 0, len(word)
+            while i < n:
+                if i < n - 1 and word[i] == first and word[i + 1] == second:
+                    new_word.append(merged)
+                    new_ids.append(merged_id)
+                    i += 2
+                else:
+                    new_word.append(word[i])
+                    new_ids.append(ids[i])
+                    i += 1
+            word, ids = new_word, new_ids
+        if len(token) > 1:  # open_clip caches every piece but single characters
+            self.cache[token] = ids
+        return ids
+
+    def _pieces(self, text: str) -> list[str]:
+        if text.isascii():
+            return _PATTERN_ASCII.findall(text)
+        if self._unicode_pat is None:
+            import regex
+
+            self._unicode_pat = regex.compile(_PATTERN_UNICODE, regex.IGNORECASE)
+        return self._unicode_pat.findall(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without <start_of_text> / <end_of_text>."""
+        ids: list[int] = []
+        table = self._byte_table
+        for piece in self._pieces(clean_lower(text)):
+            ids.extend(self.bpe_ids("".join(table[b] for b in piece.encode("utf-8"))))
+        return ids
+
+    def tokens(self, text: str, context_length: int | None = None) -> list[int]:
+        """[SOT] + encode(text) + [EOT], truncated as open_clip does (the last kept token becomes EOT)."""
+        n = int(context_length or self.context_length)
+        toks = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+        if len(toks) > n:
+            toks = toks[:n]
+            toks[-1] = self.eot_token_id
+        return toks
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """[n, context_length] int64, zero padded: what open_clip's tokenizer returns, as numpy."""
+        if isinstance(texts, str):
+            texts = [texts]
+        n = int(context_length or self.context_length)
+        out = np.zeros((len(texts), n), dtype=np.int64)
+        for i, t in enumerate(texts):
+            toks = self.tokens(t, n)
+            out[i, : len(toks)] = toks
+        return out

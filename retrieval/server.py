@@ -1,0 +1,516 @@
+"""`retrieval serve`: a small web UI and JSON API over one index (FastAPI + uvicorn).
+
+    from retrieval.server import create_app
+    app = create_app("~/photos.idx")          # any ASGI server; `serve()` runs uvicorn
+
+Endpoints (the OpenAPI schema is at /openapi.json):
+
+    GET  /                      the page (retrieval/static/)
+    GET  /api/info              index info, the keys of `retrieval info --json`
+    GET  /api/search?q=&id=     text search, "more like this" by an indexed image id, or both (composite)
+    POST /api/search            multipart upload `image` (+ optional `q`, `weight`): image or composite search
+    GET  /thumb/{id}            JPEG thumbnail of an indexed image, made on demand, cached under <index>/thumbs/
+    GET  /file/{id}             the original file of an indexed image
+
+Safety: binds 127.0.0.1 by default; files and thumbnails are looked up by numeric id in the index, never by a
+client-supplied path; requests whose Host header is not a loopback name are refused unless the server was
+started on another interface (DNS-rebinding guard); uploads are capped (20 MB by default, 413 beyond) and
+decoded with the same guarded loader as indexing (a non-image is a 400).
+
+Threading: uvicorn runs the sync endpoints on a thread pool. One Searcher (one SQLite connection, opened with
+check_same_thread=False, FAISS indexes and the encoder) is shared and every use of it holds one lock, so
+queries are serialised; thumbnail decoding and file streaming happen outside the lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import logging
+import mimetypes
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+from .errors import (
+    EmptyIndexError,
+    ImageDecodeError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    OfflineWeightsError,
+    RetrievalError,
+)
+
+try:
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise RetrievalError(
+        f"the web server needs the [serve] extra ({e.name} is missing): pip install 'retrieval-engine[serve]'"
+    ) from None
+
+log = logging.getLogger("retrieval.server")
+
+STATIC_DIR = Path(__file__).with_name("static")
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries around the uploaded file
+THUMB_SIZE = 256
+MAX_K = 1000
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "testserver")
+_ID = re.compile(r"[0-9]{1,18}")
+_HEX = re.compile(r"[0-9a-f]{16,128}")
+
+
+class NotFound(RetrievalError):
+    """An id that is not in the index, or whose file has gone."""
+
+
+class TooLarge(RetrievalError):
+    """An upload over the size limit."""
+
+
+# RetrievalError subclass -> HTTP status; any other RetrievalError is the client's fault (400).
+STATUS = {
+    NotFound: 404,
+    IndexNotFoundError: 404,
+    TooLarge: 413,
+    EmptyIndexError: 409,
+    ModelMismatchError: 409,
+    IndexLockedError: 503,
+    OfflineWeightsError: 503,
+    ImageDecodeError: 400,
+}
+
+
+def status_for(exc: RetrievalError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The host part of a Host header: 'a.b:80' -> 'a.b', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _Guard:
+    """Pure ASGI middleware: Host allow-list (DNS rebinding) and a hard cap on request bodies.
+
+    The body cap is checked on Content-Length before anything is read, and again while the body streams in
+    (chunked uploads have no Content-Length), so an oversized upload is never spooled to disk whole.
+    """
+
+    def __init__(self, app, allowed_hosts: Optional[list[str]], max_body: int):
+        self.app = app
+        self.allowed = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower().strip("[]") for h in allowed_hosts}
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.allowed is not None and _host_name(headers.get("host", "")) not in self.allowed:
+            return await _error(400, "invalid Host header")(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await _error(400, "invalid Content-Length")(scope, receive, send)
+            if too_big:
+                return await _error(413, f"request body over the {self.max_body} byte limit")(scope, receive, send)
+        seen = 0
+        limit = self.max_body
+
+        async def capped_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # FastAPI re-raises HTTPException from body parsing, so this becomes a 413 JSON response
+                    raise StarletteHTTPException(413, f"request body over the {limit} byte limit")
+            return message
+
+        return await self.app(scope, capped_receive, send)
+
+
+class _Service:
+    """The Searcher plus the lock that serialises every use of it, and the thumbnail cache."""
+
+    def __init__(self, index_dir, device: str, thumbs_dir, thumb_size: int):
+        from .search import Searcher
+
+        self.searcher = Searcher.open(index_dir, device=device)
+        self.root = self.searcher.index.root
+        self.lock = threading.RLock()
+        self.thumb_size = thumb_size
+        self.thumbs = self._thumb_dir(Path(thumbs_dir) if thumbs_dir else self.root / "thumbs")
+
+    @staticmethod
+    def _thumb_dir(want: Path) -> Path:
+        try:
+            want.mkdir(parents=True, exist_ok=True)
+            if os.access(want, os.W_OK):
+                return want
+        except OSError:
+            pass
+        fallback = Path(tempfile.mkdtemp(prefix="retrieval-thumbs-"))
+        log.warning("thumbnail cache %s is not writable; using %s", want, fallback)
+        return fallback
+
+    def close(self):
+        with self.lock:
+            self.searcher.close()
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def image_row(self, image_id: str):
+        if not _ID.fullmatch(image_id or ""):
+            shown = image_id if len(image_id or "") <= 40 else image_id[:40] + "…"
+            raise NotFound(f"no image with id {shown!r} in the index")
+        with self.lock:
+            row = self.searcher.index.store.images_by_ids([int(image_id)]).get(int(image_id))
+        if row is None:
+            raise NotFound(f"no image with id {image_id} in the index")
+        return row
+
+    def existing_file(self, row) -> str:
+        path = row.path
+        if not os.path.isfile(path):
+            raise NotFound(f"the file of image {row.id} is no longer on disk")
+        return path
+
+    def thumb_path(self, row) -> Path:
+        key = row.hash if _HEX.fullmatch(row.hash or "") else f"id{int(row.id)}"
+        return self.thumbs / key[:2] / f"{key}-{self.thumb_size}.jpg"
+
+    def thumbnail(self, row) -> tuple[Path, bool]:
+        """(cached JPEG path, cache hit). Made on demand; remade when the original is newer than the cache."""
+        src = self.existing_file(row)
+        dest = self.thumb_path(row)
+        try:
+            if dest.stat().st_mtime_ns >= os.stat(src).st_mtime_ns:
+                return dest, True
+        except FileNotFoundError:
+            pass
+        from PIL import Image
+
+        from .images import load_image
+
+        try:
+            im = load_image(src, target_size=self.thumb_size)
+        except ImageDecodeError as e:
+            raise NotFound(f"cannot make a thumbnail of image {row.id}: {e}") from None
+        w, h = im.size
+        s = self.thumb_size
+        # shorter side s (fills a square grid cell), longer side at most 2s (panoramas), never upscaled
+        scale = min(s / min(w, h), 2 * s / max(w, h), 1.0)
+        if scale < 1.0:
+            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".thumb-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                im.save(f, "JPEG", quality=85, optimize=True)
+            os.replace(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return dest, False
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def stored_query(self, row, text: Optional[str], weight: float):
+        """Query vector for an indexed image (its stored raw embedding), optionally combined with text."""
+        import numpy as np
+
+        s = self.searcher
+        idx = s.index
+        try:
+            img = idx.store.get_embeddings("image", [row.hash], idx.dim)[0]
+        except KeyError:  # embedding gone (inconsistent index): encode the file instead
+            return s.embed_query(text, self.existing_file(row), weight)
+        fusion = idx.fusion()
+        if text is None:
+            return img if fusion is None else fusion.query_image(img[None])[0]
+        if not 0.0 <= weight <= 1.0:
+            raise RetrievalError(f"weight must be between 0 and 1, got {weight}")
+        text_vector = getattr(s, "_text_vector", None)  # the Searcher's torch-free text path, where it has one
+        txt = text_vector(text) if text_vector else s.encoder.encode_texts([text])[0]
+        if fusion is not None:
+            return fusion.query_composite(img[None], txt[None], weight)[0]
+        q = weight * img + (1.0 - weight) * txt
+        return (q / max(np.linalg.norm(q), 1e-12)).astype(np.float32)
+
+    def _require_vectors(self, to: str) -> None:
+        vectors = self.searcher.index.vectors(to, mmap=True)
+        if vectors is None or vectors.ntotal == 0:
+            raise EmptyIndexError(f"the index at {self.root} has no {to} to search")
+
+    def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
+               min_score=None, under=None, glob=None, exclude_self=False):
+        with self.lock:
+            s = self.searcher
+            if image_id is not None:
+                row = self.image_row(str(image_id))
+                self._require_vectors(to)
+                qvec = self.stored_query(row, text, weight)
+                exclude = row.hash if exclude_self else None
+            elif exclude_self and image_hash:
+                self._require_vectors(to)
+                qvec = s.embed_query(text, image, weight)
+                exclude = image_hash
+            else:
+                return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob)
+            return s.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
+                                   exclude_hash=exclude)
+
+    def info(self) -> dict:
+        with self.lock:
+            return self.searcher.index.info().to_dict()
+
+
+def _result_dict(r, base: str) -> dict:
+    d = r.to_dict()
+    image_id = d["id"] if d.get("kind") == "image" else d.get("image_id")
+    if image_id is not None:
+        h = d.get("hash")
+        d["thumb"] = f"{base}/thumb/{image_id}" + (f"?v={h[:12]}" if h else "")
+        d["file"] = f"{base}/file/{image_id}"
+    return d
+
+
+def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, device: str = "auto",
+               thumbs_dir=None, thumb_size: int = THUMB_SIZE, allowed_hosts: Optional[list[str]] = None) -> FastAPI:
+    """The ASGI app for the index at `index_dir` (default: $RETRIEVAL_INDEX, else the per-user index).
+
+    Opens the index at once (IndexNotFoundError if there is none) but loads no model: the encoder is loaded
+    by the first query that needs it. `allowed_hosts`: Host header names accepted (default: loopback names
+    only; ["*"] accepts any, for a server bound to another interface).
+    """
+    service = _Service(index_dir, device, thumbs_dir, thumb_size)
+    app = FastAPI(
+        title="retrieval",
+        description="Search an image index by sentence, by example image, or both.",
+        version=_version(),
+    )
+    app.state.service = service
+    app.state.max_upload_bytes = max_upload_bytes
+    app.add_middleware(_Guard, allowed_hosts=list(LOOPBACK_NAMES) if allowed_hosts is None else allowed_hosts,
+                       max_body=max_upload_bytes + MULTIPART_SLACK)
+
+    # -- errors as JSON ---------------------------------------------------------------------------
+
+    @app.exception_handler(RetrievalError)
+    async def _retrieval_error(request: Request, exc: RetrievalError):
+        return _error(status_for(exc), str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"not found: {request.url.path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        details = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "path"))
+            details.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
+        return _error(422, "; ".join(details) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    # -- page -------------------------------------------------------------------------------------
+
+    page_headers = {
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                                   "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                                   "frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=page_headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # -- API --------------------------------------------------------------------------------------
+
+    @app.get("/api/info", summary="Index info (the keys of `retrieval info --json`)")
+    def api_info():
+        return {**service.info(), "max_upload_bytes": max_upload_bytes}
+
+    @app.get("/api/search", summary="Search by text, by an indexed image id (more like this), or both")
+    def api_search(
+        request: Request,
+        q: Optional[str] = Query(None, max_length=2000, description="Query text"),
+        id: Optional[int] = Query(None, ge=0, le=2**62, description="Id of an indexed image: more like this"),
+        k: int = Query(10, ge=1, le=MAX_K),
+        to: Literal["images", "captions"] = Query("images"),
+        weight: float = Query(0.5, ge=0.0, le=1.0, description="Image share of a composite (id + q) query"),
+        min_score: Optional[float] = Query(None, ge=-1.0, le=1.0),
+        under: Optional[str] = Query(None, max_length=4096),
+        glob: Optional[str] = Query(None, max_length=1024),
+        exclude_self: bool = Query(False, description="With id: leave out that image and identical copies"),
+    ):
+        text = q if q and q.strip() else None
+        if text is None and id is None:
+            raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, or both")
+        t0 = time.perf_counter()
+        results = service.search(text=text, image_id=id, weight=weight, to=to, k=k, min_score=min_score,
+                                 under=under or None, glob=glob or None, exclude_self=exclude_self)
+        return _results(request, results, t0)
+
+    @app.post("/api/search", summary="Search by an uploaded image, optionally combined with text")
+    def api_search_upload(
+        request: Request,
+        image: UploadFile = File(..., description="Query image"),
+        q: Optional[str] = Form(None, max_length=2000),
+        k: int = Form(10, ge=1, le=MAX_K),
+        to: Literal["images", "captions"] = Form("images"),
+        weight: float = Form(0.5, ge=0.0, le=1.0, description="Image share of a composite query"),
+        min_score: Optional[float] = Form(None, ge=-1.0, le=1.0),
+        under: Optional[str] = Form(None, max_length=4096),
+        glob: Optional[str] = Form(None, max_length=1024),
+        exclude_self: bool = Form(False, description="Leave out indexed copies of the uploaded file"),
+    ):
+        from .images import load_image
+
+        data = image.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise TooLarge(f"upload over the {max_upload_bytes} byte limit")
+        if not data:
+            raise ImageDecodeError("the uploaded file is empty")
+        name = os.path.basename(image.filename or "upload")
+        buf = io.BytesIO(data)
+        buf.name = name
+        pil = load_image(buf)
+        text = q if q and q.strip() else None
+        t0 = time.perf_counter()
+        results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
+                                 under=under or None, glob=glob or None, exclude_self=exclude_self,
+                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None)
+        return _results(request, results, t0)
+
+    def _results(request: Request, results, t0: float) -> dict:
+        base = request.scope.get("root_path", "").rstrip("/")
+        return {"results": [_result_dict(r, base) for r in results],
+                "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    # -- files ------------------------------------------------------------------------------------
+
+    @app.get("/thumb/{image_id}", summary="JPEG thumbnail of an indexed image",
+             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "not in the index"}})
+    def thumb(image_id: str):
+        row = service.image_row(image_id)
+        path, hit = service.thumbnail(row)
+        return FileResponse(path, media_type="image/jpeg", headers={
+            "Cache-Control": "public, max-age=86400", "X-Thumb-Cache": "hit" if hit else "miss",
+            "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/file/{image_id}", summary="The original file of an indexed image",
+             responses={200: {"content": {"image/*": {}}}, 404: {"description": "not in the index"}})
+    def file(image_id: str):
+        row = service.image_row(image_id)
+        path = service.existing_file(row)
+        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if not media.startswith("image/"):
+            media = "application/octet-stream"
+        return FileResponse(path, media_type=media, headers={
+            "Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox"})
+
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("retrieval-engine")
+    except Exception:
+        return "0"
+
+
+def bind_socket(host: str, port: int):
+    """A listening socket on host:port (port 0: a free one), or a RetrievalError saying why not."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise RetrievalError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise RetrievalError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_for(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def serve(index_dir=None, host: str = "127.0.0.1", port: int = 8000, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+          device: str = "auto", log_level: str = "warning", on_ready=None) -> None:
+    """Run the server in this thread until Ctrl-C. `on_ready(url, app)` is called once it listens."""
+    import uvicorn
+
+    loopback = is_loopback(host)
+    app = create_app(index_dir, max_upload_bytes=max_upload_bytes, device=device,
+                     allowed_hosts=None if loopback else ["*"])
+    sock = bind_socket(host, port)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=log_level in ("info", "debug"))
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        on_ready(url_for(sock), app, loopback)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
