@@ -26,15 +26,16 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	rm -rf demo
-	$(PY) -m retrieval.samples demo/photos
-	$(PY) cli.py index demo/photos --index demo/index --model starter
+	$(PY) -m retrieval.samples demo/photos demo/captions.csv
+	$(PY) cli.py index demo/photos --captions demo/captions.csv --index demo/index --model starter
 	$(PY) cli.py info --index demo/index
 	$(PY) cli.py search "a cat" --index demo/index -k 3
-	$(PY) cli.py search "an astronaut in a space suit" --index demo/index -k 3
+	$(PY) cli.py search "an astronaut" --index demo/index -k 3
 	$(PY) cli.py search "a cup of coffee" --index demo/index -k 3
-	$(PY) cli.py search "a rocket on the launch pad" --index demo/index -k 3
-	$(PY) cli.py search --image demo/photos/chelsea_cat.jpg --exclude-self --index demo/index -k 3
-	$(PY) cli.py search --image demo/photos/chelsea_cat.jpg --to captions --index demo/index -k 3
+	$(PY) cli.py search "a rocket" --index demo/index -k 3
+	$(PY) cli.py search "a motorbike" --index demo/index -k 3
+	$(PY) cli.py search --image demo/photos/cat_chelsea.jpg --exclude-self --index demo/index -k 3
+	$(PY) cli.py search --image demo/photos/cat_chelsea.jpg --to captions --index demo/index -k 3
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py

@@ -111,6 +111,22 @@ def recall_rows(D: np.ndarray, Q: np.ndarray, q_img: np.ndarray, A: np.ndarray, 
     return out
 
 
+def signal_diagnostics(train, q_raw: np.ndarray, q_img: np.ndarray, img_raw: np.ndarray) -> dict:
+    """How much cross-modal signal the raw embeddings carry at all (explains a small gain):
+    - paraphrase_t2t_r1: a held-out query's nearest other query (raw text space) is a caption of the same image;
+    - linear_probe_t2i_r1: least-squares text->image map fitted on the train pairs, test t2i R@1 (raw images)."""
+    S = q_raw @ q_raw.T
+    np.fill_diagonal(S, -np.inf)
+    para = float(np.mean(q_img[S.argmax(1)] == q_img))
+    X = np.c_[train.text_vecs, np.ones(train.n_captions)]
+    W, *_ = np.linalg.lstsq(X, train.image_vecs[train.cap_image], rcond=None)
+    P = np.c_[q_raw, np.ones(len(q_raw))] @ W
+    P /= np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
+    probe = float(np.mean((P @ img_raw.T).argmax(1) == q_img))
+    return {"paraphrase_t2t_r1": round(para, 4), "linear_probe_t2i_r1": round(probe, 4),
+            "chance_t2i_r1": round(1.0 / len(img_raw), 4)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="starter")
@@ -179,6 +195,8 @@ def main(argv=None) -> int:
         f_c, h_c = train_fusion(train, val, cfg, idx.identity, progress=not a.quiet)
         train_seconds = time.perf_counter() - t0
 
+        diagnostics = signal_diagnostics(train, q_raw, q_img, img_raw)
+
         blend = Fusion.untrained(idx.dim, idx.identity)
         blend.params["gate.bias"][:] = 0.5
         blend.info = {"fixed_blend": 0.5}
@@ -232,6 +250,7 @@ def main(argv=None) -> int:
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "images_encoded": rep.encoded,
         "results": results,
+        "diagnostics": diagnostics,
         "t2i_r1_gain_points": {"b_vs_a": round(100 * gain_b, 1), "c_vs_a": round(100 * gain, 1)},
         "command": cmd,
     }
@@ -271,7 +290,10 @@ def markdown(o: dict) -> str:
         f"Held-out text->image R@1 gain over (a): (b) {g['b_vs_a']:+.1f} points, (c) {g['c_vs_a']:+.1f} points. "
         f"Trained gate bias {fc.get('gate_bias')}, gate weights {fc.get('gate_weight')}, default composite image weight "
         f"{fc.get('default_composite_image_weight')}, temperature {fc.get('temperature')}.",
-        f"Index build {o['index_seconds']} s, training (b)+(c) {o['train_seconds']} s, total {o['total_seconds']} s. "
+        f"Signal in the raw embeddings: paraphrase text->text R@1 {100 * o['diagnostics']['paraphrase_t2t_r1']:.1f}%, "
+        f"linear-probe text->image R@1 {100 * o['diagnostics']['linear_probe_t2i_r1']:.1f}% "
+        f"(chance {100 * o['diagnostics']['chance_t2i_r1']:.1f}%).",
+        f"Index build {o['index_seconds']} s ({o['images_encoded']} images encoded in this run), training (b)+(c) {o['train_seconds']} s, total {o['total_seconds']} s. "
         f"Searcher top-1 agreement with the matrix scores: " + ", ".join(f"({k}) {r['searcher_top1_agreement']}" for k, r in o["results"].items()) + ".",
         "",
         f"Reproduce: `{o['command']}`",

@@ -290,20 +290,21 @@ def task_rerun(t: dict) -> dict:
         "files": len(files), "model": t["model"], "first_index_s": round(first, 2),
         "rerun_unchanged_s": round(statistics.median(runs), 3), "rerun_runs_s": [round(x, 3) for x in runs],
         "scan_only_s": round(statistics.median(scans), 3), "model_load_s": round(load_s, 2),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def _identity(spec: str):
-    """The identity load_encoder would record; built directly for random-init specs (no torch import)."""
-    from retrieval.modelspec import ModelIdentity, parse_spec
-
-    ms = parse_spec(spec)
-    if ms.is_random:
-        return ModelIdentity(spec=str(ms), arch=ms.arch, pretrained="none", weights_sha256=None, dim=_dim(spec))
+def _identity_and_export(spec: str, root: Path):
+    """The model identity for the manifest, and the torch-free text export that run_index writes into every
+    index it builds (retrieval/fast_text.py), so that queries take the same path as on a real index."""
     from retrieval.encoders import load_encoder
 
-    return load_encoder(spec, device="cpu").identity
+    enc = load_encoder(spec, device="cpu")
+    try:
+        from retrieval.fast_text import ensure_text_export
+    except ImportError:  # an engine without the torch-free text path
+        return enc.identity, False
+    return enc.identity, bool(ensure_text_export(enc, root))
 
 
 def task_build(t: dict) -> dict:
@@ -318,7 +319,8 @@ def task_build(t: dict) -> dict:
     idx = Index.open_for_write(root)
     try:
         if t.get("create"):
-            ident = _identity(t["model"])
+            ident, export = _identity_and_export(t["model"], root)
+            res["text_export"] = export
             dim = ident.dim
             s = time.perf_counter()
             allx = SV.make_vectors(n + t["queries"], dim, seed=t["seed"] + n)
@@ -391,6 +393,18 @@ def task_query(t: dict) -> dict:
             st = time.perf_counter()
             out = s.search(image=p, k=K)
             img_ms.append((time.perf_counter() - st) * 1e3)
+        img1_ms = []
+        if images:  # the same with one torch thread: on a busy machine two OpenMP threads wait on each other
+            import torch
+
+            saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+            s.search(image=images[0], k=K)
+            for p in images:
+                st = time.perf_counter()
+                s.search(image=p, k=K)
+                img1_ms.append((time.perf_counter() - st) * 1e3)
+            torch.set_num_threads(saved)
         sj_ms, found = [], []
         for v in q:
             st = time.perf_counter()
@@ -404,12 +418,13 @@ def task_query(t: dict) -> dict:
         "size": n, "model": t["model"], "text_queries": len(text_ms), "image_queries": len(img_ms),
         "text_p50_ms": pct(text_ms, 50), "text_p95_ms": pct(text_ms, 95),
         "image_p50_ms": pct(img_ms, 50) if img_ms else None, "image_p95_ms": pct(img_ms, 95) if img_ms else None,
+        "image_p50_ms_1_torch_thread": pct(img1_ms, 50) if img1_ms else None,
         "encode_text_p50_ms": pct(enc_ms, 50),
         "search_join_p50_ms": pct(sj_ms, 50), "search_join_p95_ms": pct(sj_ms, 95),
         "recall_at_10": round(SV.recall_at_k(np.asarray(found), truth), 4), "synthetic_queries": len(q),
         "bytes_per_vector": round(vec_file.stat().st_size / n, 1),
         "sqlite_bytes_per_image": round((root / "meta.sqlite").stat().st_size / n, 1),
-        "query_peak_rss_mb": peak_rss_mb(),
+        "query_peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
     })
     return res
 

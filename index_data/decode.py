@@ -88,6 +88,10 @@ def _find_transforms(preprocess):
 
 
 def _recognise(preprocess) -> Plan:
+    declared = getattr(preprocess, "decode_plan", None)  # an encoder may state its plan (the starter does)
+    if declared:
+        pil_steps, finish = declared() if callable(declared) else declared
+        return Plan(tuple(pil_steps), finish)
     transforms = _find_transforms(preprocess)
     if not transforms:
         return Plan()

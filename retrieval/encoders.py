@@ -83,16 +83,13 @@ class OpenClipEncoder(Encoder):
 
     def __init__(self, model, preprocess, tokenizer, identity: ModelIdentity, device: str, precision: str):
         self.model = model
-        self._preprocess = preprocess
+        self.preprocess = preprocess  # an attribute, not a method: decode workers pickle it without the model
         self.tokenizer = tokenizer
         self.identity = identity
         self.device = device
         self.precision = precision
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-
-    def preprocess(self, image):
-        return self._preprocess(image)
 
     def _autocast(self):
         import torch

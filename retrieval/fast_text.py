@@ -555,7 +555,7 @@ def _export_clip(encoder) -> tuple[dict, dict[str, np.ndarray], dict]:
         "context_length": ctx, "eps": eps, "causal": causal, "pool": pool, "eos_id": None if eos_id is None else int(eos_id),
         "activation": acts.pop() if acts else "gelu", "layer_scale": has_ls, "projection": projection,
     }
-    tokenizer = {"kind": "clip-bpe", "context_length": int(tok.context_length), "unique_merges": True}
+    tokenizer = {"kind": "clip-bpe", "context_length": int(tok.context_length)}
     return tower, w, tokenizer
 
 
@@ -613,9 +613,10 @@ def export_text_encoder(encoder, root: str | os.PathLike) -> Path:
     _write_atomic(root / WEIGHTS_NAME, blob)
     files = {WEIGHTS_NAME: len(blob)}
     if kind == "clip":
-        from .clip_tokenizer import open_clip_vocab_path, read_merges
+        from .clip_tokenizer import ClipTokenizer, open_clip_vocab_path, read_merges
 
         lines = read_merges(open_clip_vocab_path())
+        tokenizer["unique_merges"] = ClipTokenizer(lines).unique_merges  # checked once here, trusted at query time
         data = ("#version: 0.2 (open_clip bpe_simple_vocab_16e6, merges used by SimpleTokenizer)\n" + "\n".join(lines)).encode("utf-8")
         _write_atomic(root / BPE_NAME, data)
         files[BPE_NAME] = len(data)

@@ -21,14 +21,17 @@ Objective, per step over a batch of B distinct images, each with one of its capt
 Caption dropout: for a random half of the batch the documents get no captions at all (they are their image
 vector), because a real index mixes items with and without captions in ONE ranking: a fusion that makes
 captioned items score higher for every sentence (text is closer to text than to images) would bury the
-uncaptioned ones, and only a mixed batch shows the loss that failure.
+uncaptioned ones, and only a mixed batch lets the loss see that failure.
 
 Validation score (used for early stopping and for the install decision): text->image recall@1 on the
 validation images in a MIXED index: a fixed (seeded) half of the validation images are indexed as documents
-with their captions, the rest by their image vector alone, all in one ranking. A query caption's own image, when it is a document,
-is fused from its OTHER captions only (leave-one-out); other documents keep all their captions. So the score
-is what a new sentence meets in an index where half the items have captions. Recall against all-fused and
-all-image-only indexes and image->text recall are reported beside it.
+with their captions, the rest by their image vector alone, all in one ranking. A query caption's own image,
+when it is a document, is fused from its OTHER captions only (leave-one-out); other documents keep all their
+captions. So the score is what a new sentence meets in an index where half the items have captions. Recall
+against all-fused and all-image-only indexes and image->text recall are reported beside it.
+
+Determinism: seeded split, seeded init, seeded batches and caption dropout, torch.manual_seed, and a single
+torch thread (CPU matmul, cross-entropy and AdamW are then bit-reproducible).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 

@@ -15,6 +15,8 @@ MAX_PIXELS = 178_956_970  # PIL's default
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+MAX_ASPECT = 100
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -52,6 +54,9 @@ def load_image_with_size(source, target_size: int | None = None) -> tuple[Image.
                 raise ImageDecodeError(f"{name}: invalid dimensions {w}x{h}")
             if w * h > MAX_PIXELS:
                 raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                # resizing the shorter side to the model's input would blow the longer one up to millions of pixels
+                raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
             if getattr(im, "is_animated", False):
                 im.seek(0)
             if target_size and im.format == "JPEG":

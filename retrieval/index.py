@@ -136,7 +136,7 @@ class Index:
         if not db.is_file():
             raise IndexNotFoundError(f"no index at {root} (create one with: retrieval index PHOTOS_DIR --index {root})")
         try:
-            store = Store(db, readonly=not os.access(db, os.W_OK) or not os.access(root, os.W_OK))
+            store = Store(db, readonly=True)  # readers never write: no schema check, no write lock, no sqlite_utils
             recorded = store.get_manifest("model") is not None
         except sqlite3.DatabaseError as e:  # not a database, or a damaged one
             raise RetrievalError(f"cannot read {db}: {e}") from None

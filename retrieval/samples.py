@@ -139,3 +139,31 @@ def write_sample_photos(dest_dir, quality: int = 95) -> list[Path]:
         im.save(p, format="JPEG", quality=quality)
         paths.append(p)
     return paths
+
+
+def write_sample_captions(csv_path, photos_dir) -> Path:
+    """The hand-written captions as a standard `image,caption` CSV (image paths relative to the CSV)."""
+    import csv
+    import os
+
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for name, caps in SAMPLE_CAPTIONS.items():
+            rel = os.path.relpath(Path(photos_dir) / name, csv_path.parent)
+            for c in caps:
+                w.writerow([rel, c])
+    return csv_path
+
+
+if __name__ == "__main__":  # python -m retrieval.samples DEST_DIR [CAPTIONS_CSV]
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m retrieval.samples DEST_DIR [CAPTIONS_CSV]")
+    written = write_sample_photos(sys.argv[1])
+    print(f"wrote {len(written)} sample photos to {sys.argv[1]}")
+    if len(sys.argv) == 3:
+        print(f"wrote captions to {write_sample_captions(sys.argv[2], sys.argv[1])}")

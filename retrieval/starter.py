@@ -26,7 +26,7 @@ by measurement with `python benchmarks/starter_quality.py` on the scikit-image c
 so the choice is made to be robust rather than to win it:
   1. top-T and temperature are picked by the mean score pooled over all 16 (template set x normalisation x
      crop) variants and smoothed over grid neighbours, so they must be good everywhere, not in one lucky
-     cell. The best region is T=10..20 with temperature 2..4 in 15 of the 16 variants. Inside it the cells
+     cell. The best plateau lies in T=10..20 x temperature 2..4 in 14 of the 16 variants. Inside it the cells
      are within ~0.5 points of each other and swap ranks between runs that differ by one pixel of
      preprocessing; T=20, temperature 2 was the optimum of the first full sweep and stays the default
      unless a re-run finds a cell more than 1 point better (the benchmark reports the margin).
@@ -35,8 +35,9 @@ so the choice is made to be robust rather than to win it:
      one "a photo of a" template and the 80 "openai" templates (which also cost 11x more to embed); the
      TF normalisation the weights were trained with, (x - 127) / 128, beats the torchvision ImageNet
      mean/std in all 8 comparisons; the whole shorter side (resize 224) edges out the 87.5% centre crop.
-Mean recall moves little inside the plateau (T 10..20 x temperature 2..4: 65 to 67%), so the defaults are
-not a knife-edge. Treat the figures as a smoke test of semantics, not as a benchmark of the model.
+Mean recall moves little inside the plateau (T 10..20 x temperature 2..4: 64.6 to 67.0% for the chosen
+templates and crop), so the defaults are not a knife-edge. Treat the figures as a smoke test of semantics,
+not as a benchmark of the model.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import sqlite_utils
 
 from .faults import checkpoint
 
@@ -56,9 +55,13 @@ class Store:
         else:
             conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         conn.execute("PRAGMA busy_timeout = 30000")
-        self.db = sqlite_utils.Database(conn, execute_plugins=False)  # no entry-point scan (~50 ms per open)
         self.readonly = readonly
-        if not readonly:
+        if readonly:
+            self.db = _ReadOnlyDatabase(conn)  # readers only execute(): no sqlite_utils import (~0.1 s cold)
+        else:
+            import sqlite_utils
+
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)  # no entry-point scan (~50 ms per open)
             self.db.conn.execute("PRAGMA journal_mode = WAL")
             self.db.conn.execute("PRAGMA synchronous = NORMAL")
             self._ensure_schema()
@@ -294,6 +297,19 @@ class Store:
 
     def errors(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM errors ORDER BY path"))
+
+
+class _ReadOnlyDatabase:
+    """The part of sqlite_utils.Database that readers use (execute, conn), for read-only stores."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def execute(self, sql: str, parameters=None) -> sqlite3.Cursor:
+        return self.conn.execute(sql) if parameters is None else self.conn.execute(sql, parameters)
+
+    def atomic(self):
+        raise sqlite3.OperationalError("attempt to write a readonly database (this store was opened for reading)")
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:

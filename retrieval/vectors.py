@@ -530,8 +530,10 @@ class VectorIndex:
         return flat.search(q, k, params=faiss.SearchParameters(sel=sel))
 
     def _search_ivf(self, q: np.ndarray, k: int, allowed: np.ndarray | None):
-        """IVF kinds: ids are native. A filter becomes a bitmap over ids (hash set when ids are sparse);
-        nprobe grows as the filter narrows, and rows still short are redone over every list."""
+        """IVF kinds: ids are native. A filter becomes a bitmap over ids (hash set when ids are sparse).
+        nprobe grows as 1/fraction allowed: the scanner tests the bitmap before scoring, so this keeps
+        the number of scored vectors about constant (10% filter at 10k: recall 0.93 with 1/sqrt
+        scaling). Rows still short of k are redone over every list."""
         nlist = int(self._index.nlist)
         nprobe = min(int(self.config.params.get("nprobe", 16)), nlist)
         if allowed is None:
@@ -553,7 +555,7 @@ class VectorIndex:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
         kk = min(k, count)
         frac = count / len(self._slot_ids)
-        probe = int(min(nlist, math.ceil(nprobe / max(frac, 1e-9) ** 0.5)))
+        probe = int(min(nlist, math.ceil(nprobe / max(frac, 1e-9))))
         D, I = self._index.search(q, kk, params=faiss.SearchParametersIVF(nprobe=probe, sel=sel))
         short = (I < 0).any(axis=1)
         if short.any() and probe < nlist:  # scan every list: then every allowed id is a candidate

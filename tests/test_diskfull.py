@@ -11,6 +11,7 @@ process touches a full disk.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import sqlite3
@@ -34,6 +35,7 @@ def golden(tmp_path_factory):
     root = tmp_path_factory.mktemp("diskfull")
     old = write_photos(root / "photos", 8)
     new = write_photos(root / "more", 6, start=40)
+    write_photos(root / "many", 40, start=100)  # for the real full disk: more data than the headroom
     build_index(root / "golden", [root / "photos"])
     return root, old, new
 
@@ -203,7 +205,7 @@ def _fill(mnt, headroom: int):
 
 @pytest.mark.parametrize("headroom_kib", [16, 48, 96])
 def test_real_full_tmpfs(tmpfs, golden, headroom_kib):
-    """8 images indexed on a 32 MiB tmpfs, the rest of it filled but `headroom_kib`, then 6 more images:
+    """8 images indexed on a 32 MiB tmpfs, the rest of it filled but `headroom_kib`, then 40 more images:
     depending on where the space runs out, SQLite cannot open, cannot commit the first batch, or
     commits batches but cannot publish their vectors. Each way: one line, exit 2, old generation
     intact; after freeing the space the same command finishes."""
@@ -214,18 +216,25 @@ def test_real_full_tmpfs(tmpfs, golden, headroom_kib):
     assert r.wait() == 0, r.stderr
     gen = gen_of(d)
     _fill(tmpfs, headroom_kib * 1024)
-    argv = fk.index_argv([root / "photos", root / "more"], d, batch_size=2, model=None)
+    argv = fk.index_argv([root / "photos", root / "many"], d, batch_size=2, model=None)
     r = z.start(argv, tmpfs.parent / "logs")
     assert r.wait() == 2, r.stderr
     line = error_line("\n".join(x for x in r.stderr.splitlines() if not x.startswith("WARNING:")))
     assert "disk is full" in line or "No space left on device" in line, line
     os.remove(tmpfs / "filler")
-    assert_old_generation_intact(d, gen, old)
+    after = assert_old_generation_intact(d, gen, old)
     r = z.start(argv, tmpfs.parent / "logs")
     assert r.wait() == 0, r.stderr
     snap = fk.snapshot(d)
-    assert snap["problems"] == [] and snap["rows"] == 14
-    print(f"\nheadroom {headroom_kib} KiB: {line}")
+    assert snap["problems"] == [] and snap["rows"] == 48
+    record = {"headroom_kib": headroom_kib, "exit_code": 2, "error": line.replace(str(d), "IDX"),
+              "rows_after_failure": after["rows"], "generation_after_failure": after["generation"],
+              "verify_after_failure": [p.split(" (")[0] for p in after["problems"]],
+              "resumed_rows": snap["rows"], "verify_after_resume": snap["problems"]}
+    print("\n" + json.dumps(record))
+    if os.environ.get("FAULTS_OUT"):
+        with open(os.path.join(os.environ["FAULTS_OUT"], "faults_diskfull.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def test_real_read_only_mount(golden, tmp_path):

@@ -75,10 +75,12 @@ def test_bad_files_are_recorded_and_nothing_is_lost(tmp_path):
     good = folder / "img_0000.jpg"
     (folder / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
     (folder / "dir.jpg").mkdir()
+    Image.new("RGB", (5000, 10)).save(folder / "sliver.png")
     r = build_index(tmp_path / "idx", [folder])
     reasons = dict(r.errors)
-    assert set(map(os.path.basename, reasons)) >= {"empty.jpg", "random.png", "truncated.jpg"}
+    assert set(map(os.path.basename, reasons)) >= {"empty.jpg", "random.png", "truncated.jpg", "sliver.png"}
     assert "empty" in reasons[str(folder / "empty.jpg")]
+    assert "aspect ratio" in reasons[str(folder / "sliver.png")]
     rows, info = _state(tmp_path / "idx")
     assert info.images == 4 and info.errors >= 3
     # fixing a file clears its error on the next run
