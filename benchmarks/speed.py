@@ -564,7 +564,7 @@ def main(argv=None) -> int:
                     help="comma list of torch intra-op thread counts to index with, e.g. default,1")
     ap.add_argument("--rerun-files", type=int, default=10_000)
     ap.add_argument("--sizes", default="10000,100000,1000000")
-    ap.add_argument("--kinds", default="flat,hnsw,ivfpq")
+    ap.add_argument("--kinds", default=None, help="index kinds (default: every kind retrieval.vectors knows)")
     ap.add_argument("--latency-model", default=LATENCY_MODEL)
     ap.add_argument("--queries", type=int, default=200, help="synthetic queries for search+join latency and recall")
     ap.add_argument("--text-repeats", type=int, default=2, help="passes over the 20 text queries")
@@ -655,8 +655,9 @@ def main(argv=None) -> int:
         write(out, doc)
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    from retrieval.vectors import choose_config
+    from retrieval.vectors import KINDS, choose_config
+
+    kinds = [k.strip() for k in (args.kinds or ",".join(KINDS)).split(",") if k.strip()]
 
     latency = [r for r in doc.get("latency", []) if not (r["size"] in sizes and r["kind"] in kinds)] if args.merge else []
     with tempfile.TemporaryDirectory(dir=args.tmpdir, prefix="speed_latency_") as td:

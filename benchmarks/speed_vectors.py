@@ -305,26 +305,33 @@ def plot(results: list[dict], out: Path) -> list[str]:
         return []
     written = []
     kinds = sorted({r["kind"] for r in results})
+    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    sizes = sorted({r["size"] for r in results})
+    markers = dict(zip(sizes, "osD^vP*X"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in kinds:
         rs = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["size"])
-        ax.plot([r["size"] for r in rs], [r["tuned"]["p50_ms"] for r in rs], "o-", label=kind)
+        ax.plot([r["size"] for r in rs], [r["tuned"]["p50_ms"] for r in rs], "-", color=colors[kind], label=kind)
+        for r in rs:  # hollow marker: target recall not reached, the best point is shown
+            ax.plot(r["size"], r["tuned"]["p50_ms"], "o", color=colors[kind],
+                    markerfacecolor=colors[kind] if r["tuned"]["reached"] else "white")
     ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xlabel("vectors"), ax.set_ylabel("single-query p50 ms (k=10)")
-    ax.set_title("Latency vs size (tuned for recall@10 ≥ target)")
+    ax.set_xlabel("vectors"), ax.set_ylabel("single-query p50 ms, wall (k=10)")
+    ax.set_title("Latency vs size (cheapest setting with recall@10 ≥ target;\nhollow: target not reached)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3), ax.legend()
     fig.tight_layout()
     fig.savefig(out / "speed_vectors_latency.png", dpi=120)
     written.append(str(out / "speed_vectors_latency.png"))
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in sorted(results, key=lambda r: (r["kind"], r["size"])):
         pts = r["sweep"]["text"]
-        ax.plot([p["p50_ms"] for p in pts], [p["recall_at_10"] for p in pts], "o-", label=f"{r['kind']} {r['size']:,}")
+        ax.plot([p["p50_ms"] for p in pts], [p["recall_at_10"] for p in pts], "-", marker=markers[r["size"]],
+                color=colors[r["kind"]], label=f"{r['kind']} {r['size']:,}", markersize=4)
     ax.set_xscale("log")
-    ax.set_xlabel("single-query p50 ms"), ax.set_ylabel("recall@10 vs exact (text-like queries)")
-    ax.set_title("Recall vs latency")
-    ax.grid(True, alpha=0.3), ax.legend(fontsize=7)
+    ax.set_xlabel("single-query p50 ms, wall"), ax.set_ylabel("recall@10 vs exact (text-like queries)")
+    ax.set_title("Recall vs latency (colour: kind, marker: size)")
+    ax.grid(True, alpha=0.3), ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "speed_vectors_recall.png", dpi=120)
     written.append(str(out / "speed_vectors_recall.png"))
@@ -353,6 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--merge", action="store_true", help="keep other (size, kind) results already in the JSON")
     ap.add_argument("--tmpdir", default=None, help="where data and index files go while running")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the Markdown and plots from the JSON")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -375,8 +383,16 @@ def main(argv=None) -> int:
     print(f"reproduce: {cmd}", flush=True)
     json_path = out / "speed_vectors.json"
     results: list[dict] = []
-    if args.merge and json_path.exists():
-        results = json.loads(json_path.read_text()).get("results", [])
+    commands: list[str] = []
+    if (args.merge or args.replot) and json_path.exists():
+        prev = json.loads(json_path.read_text())
+        results = prev.get("results", [])
+        commands = prev.get("commands", [prev["command"]] if "command" in prev else [])
+    if args.replot:
+        _write(out, json_path, results, commands, args, plots=True)
+        print(f"rewrote {out / 'speed_vectors.md'} and plots from {json_path}")
+        return 0
+    commands = [c for c in commands if c != cmd] + [cmd]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for n in parse_ints(args.sizes):
         with tempfile.TemporaryDirectory(dir=args.tmpdir, prefix="speed_vectors_") as td:
@@ -395,14 +411,14 @@ def main(argv=None) -> int:
                 print(f"  n={n:>9,} {kind:6s} build {r['build_s']:7.1f}s  p50 {tu['p50_ms']:7.2f} ms  "
                       f"recall@10 {tu['recall_at_10']:.3f}  filtered p50 {r['filtered']['p50_ms']:.2f} ms  "
                       f"{r['bytes_per_vector']:.0f} B/vec  ({time.perf_counter() - t:.0f}s)", flush=True)
-                _write(out, json_path, results, cmd, args)
-    _write(out, json_path, results, cmd, args, plots=True)
+                _write(out, json_path, results, commands, args)
+    _write(out, json_path, results, commands, args, plots=True)
     print(f"wrote {json_path} and {out / 'speed_vectors.md'}")
     print(f"reproduce: {cmd}")
     return 0
 
 
-def _write(out: Path, json_path: Path, results: list[dict], cmd: str, args, plots: bool = False) -> None:
+def _write(out: Path, json_path: Path, results: list[dict], commands: list[str], args, plots: bool = False) -> None:
     import faiss
 
     doc = {
@@ -411,7 +427,8 @@ def _write(out: Path, json_path: Path, results: list[dict], cmd: str, args, plot
         "cpu_count": os.cpu_count(),
         "faiss_version": faiss.__version__,
         "numpy_version": np.__version__,
-        "command": cmd,
+        "command": commands[-1] if commands else "",
+        "commands": commands,  # every run merged into these results
         "k": K,
         "queries": args.queries,
         "query_noise": args.query_noise,
@@ -423,7 +440,8 @@ def _write(out: Path, json_path: Path, results: list[dict], cmd: str, args, plot
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, json_path)
-    md = (f"# Vector index speed ({MACHINE})\n\n`{cmd}`\n\nfaiss {faiss.__version__}, k={K}, "
+    cmds = "\n".join(f"    {c}" for c in commands)
+    md = (f"# Vector index speed ({MACHINE})\n\nProduced by:\n\n{cmds}\n\nfaiss {faiss.__version__}, k={K}, "
           f"{args.queries} queries, single-query latency on 1 OpenMP thread unless noted; recall@10 vs exact. "
           "p50/p95 are wall times on a shared, often overloaded machine; CPU p50 is the calling thread's CPU "
           "time (what one idle core would take). Tuned = cheapest setting reaching the target recall on "

@@ -5,7 +5,8 @@ Layout:
     meta.sqlite                 metadata, raw embeddings, manifest (source of truth)
     images.g<N>.faiss           fused image vectors, keyed by images.id
     captions.g<N>.faiss         caption vectors, keyed by captions.id
-    fusion.g<N>.safetensors     trained fusion in force for generation N (optional)
+    fusion.<hash>.safetensors   trained fusion named by the manifest (optional; not generation-named,
+                                so pruning old generations never removes the one in force)
     lock                        flock'd by the one writer
 """
 

@@ -137,7 +137,7 @@ def _cases(hits: dict, walls: dict) -> list[dict]:
                 case["hit"] = rnd.randint(1, total)
                 case["of"] = total
             else:
-                case["delay_s"] = round(rnd.uniform(0.02, 0.8) * walls[start], 3)
+                case["delay_s"] = round(rnd.uniform(0.02, 0.7) * walls[start], 3)
             cases.append(case)
     return cases
 
@@ -248,6 +248,7 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_it(tmp_path):
     snap = fk.snapshot(d)
     assert snap["problems"] == [] and 0 < snap["rows"] < 48, (snap["problems"], snap["rows"])
     assert snap["rows"] % 8 == 0  # whole batches only
+    print(f"\nctrl-c: exit 130, {snap['rows']} of 48 images kept and published (generation {snap['generation']}), verify clean")
     rerun = fk.zygote().start(argv, tmp_path / "logs")
     assert rerun.wait() == 0, rerun.stderr
     snap2 = fk.snapshot(d)

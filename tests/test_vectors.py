@@ -240,6 +240,16 @@ def test_ivf_falls_back_to_flat_when_too_small(data, kind, params):
     assert vi.search(x[:1], 1)[1][0, 0] == ids[0]
 
 
+def test_ivf_needs_rebuild_after_growth(data):
+    ids, x = data
+    vi = VectorIndex.build(DIM, ids[:1000], x[:1000], VectorIndexConfig("ivfflat", {"nlist": 16, "nprobe": 4}))
+    assert vi.config.kind == "ivfflat" and not vi.needs_rebuild
+    vi.add(ids[1000:1200], x[1000:1200])  # a little more: 16 lists still fit
+    assert not vi.needs_rebuild
+    vi.add(ids[1200:], x[1200:])  # 3000 vectors would get 76 lists: the trained 16 are too few
+    assert vi.needs_rebuild
+
+
 def test_ivfflat_recall_vs_flat(built, data):
     queries = clustered(100, seed=9)
     exact = built["flat"].search(queries, 10)[1]
