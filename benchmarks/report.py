@@ -195,10 +195,10 @@ def render_generic(obj, level: int = 3, max_rows: int = 60) -> str:
 
 def render_speed(d: dict) -> str:
     parts = []
-    cmds = d.get("commands") or {}
-    if len(set(cmds.values())) > 1:
+    cmds = {k: [v] if isinstance(v, str) else list(v) for k, v in (d.get("commands") or {}).items()}
+    if len({c for v in cmds.values() for c in v}) > 1:
         parts.append("Reproduce (parts were run separately and merged):\n\n"
-                     + "".join(f"- {k}: `{v}`\n" for k, v in cmds.items()))
+                     + "".join(f"- {k}: " + "; ".join(f"`{c}`" for c in v) + "\n" for k, v in cmds.items()))
     elif d.get("command"):
         parts.append(f"Reproduce: `{d['command']}`\n")
     if d.get("machine"):
@@ -212,7 +212,10 @@ def render_speed(d: dict) -> str:
             f"(quality 90, photographic-looking; mean {_fmt(idx[0].get('jpeg_mean_kb'))} KB). End to end = scan + hash + "
             "decode (worker processes) + encode + SQLite + FAISS publish, wall clock, model load included; "
             "'excl. load' subtracts the model load measured in the same process. Model-only = "
-            "`encode_image_tensors` on preprocessed batches. Decode-only = `decode_stream` with the same workers.\n")
+            "`encode_image_tensors` on preprocessed batches. Decode-only = `decode_stream` with the same workers. "
+            "Torch threads: torch's default (2 here) or 1 (`--torch-threads`); which wins depends on what else runs: "
+            "with the machine to itself 2 threads win, while another process holds a core 2 threads lose badly "
+            "(see the load average per row in the JSON).\n")
         parts.append(table(idx, ["model", "device", "precision", "batch_size", "workers", "torch_threads", "images_per_s",
                                  "images_per_s_excl_load", "model_only_images_per_s", "decode_only_images_per_s",
                                  "model_load_s", "wall_s", "rerun_unchanged_s", "peak_rss_mb"],
@@ -251,6 +254,11 @@ def render_speed(d: dict) -> str:
                             "bytes_per_vector": "FAISS B/vec", "sqlite_bytes_per_image": "SQLite B/image",
                             "build_s": "build s", "build_peak_rss_mb": "build peak RSS MB", "text_export": "torch-free text",
                             "query_peak_rss_mb": "query peak RSS MB"}))
+        parts.append("Image queries run the torch image encoder with torch's default thread count (2 here) unless "
+                     "the column says 1 thread. On this shared machine, whenever another process holds a core, two "
+                     "OpenMP threads wait on each other at every op, and an image query takes 1-2 s instead of "
+                     "~0.1-0.15 s; the 1-thread column is the stable figure. Text queries use the index's "
+                     "torch-free text export (retrieval/fast_text.py) when 'torch-free text' says yes.\n")
     cold = d.get("cold_cli")
     if cold:
         parts.append("#### Cold CLI search\n")
@@ -293,6 +301,8 @@ def render_recall(d: dict) -> str:
         if isinstance(r.get("exact"), dict):
             for k in ks:
                 row[f"exact t2i R@{k}"] = _pct(r["exact"].get(f"image_retrieval_recall@{k}"))
+            for k in ks:
+                row[f"exact i2t R@{k}"] = _pct(r["exact"].get(f"text_retrieval_recall@{k}"))
         row["eval s"] = r.get("eval_seconds")
         rows.append(row)
     parts.append("Recall in % (t2i = `image_retrieval_recall@K`, text→image; i2t = `text_retrieval_recall@K`, "
@@ -406,7 +416,7 @@ def headline(out_dir: Path) -> str:
             d = json.loads(sp.read_text())
             for r in d.get("indexing") or []:
                 lines.append(f"- Indexing {r.get('n_images')} {r.get('image_size', '1600x1200')} JPEGs with `{r['model']}` "
-                             f"({r.get('device')}, {r.get('torch_threads')} torch threads): **{_fmt(r.get('images_per_s'))} images/s** end to end "
+                             f"({r.get('device')}, torch threads: {r.get('torch_threads')}): **{_fmt(r.get('images_per_s'))} images/s** end to end "
                              f"({_fmt(r.get('images_per_s_excl_load'))} excluding the model load); model only "
                              f"{_fmt(r.get('model_only_images_per_s'))} images/s; decode only "
                              f"{_fmt(r.get('decode_only_images_per_s'))} images/s.")

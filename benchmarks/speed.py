@@ -588,7 +588,7 @@ def main(argv=None) -> int:
         return 0
 
     if args.quick:
-        args.n_images, args.rerun_files, args.sizes, args.kinds = 100, 2000, "10000", "flat,hnsw"
+        args.n_images, args.rerun_files, args.sizes, args.kinds = 100, 2000, "10000", "flat,hnsw,ivfflat"
         args.cold_size, args.cold_runs, args.queries, args.model_repeats = 10000, 3, 100, 3
     if args.tiny:
         args.models, args.n_images, args.image_size, args.rerun_files = "tiny-clip:none", 6, "400x300", 40
@@ -612,9 +612,11 @@ def main(argv=None) -> int:
         doc = json.loads((out / "speed.json").read_text())
     doc.update({"title": "Speed: indexing, query latency, memory, cold CLI", "command": cmd, "machine": machine,
                 "k": K, "gpu_note": None if machine.get("gpu") else GPU_NOTE})
-    commands = doc.setdefault("commands", {})  # the command that last produced each part (parts merge)
+    commands = doc.setdefault("commands", {})  # the commands whose results each part holds (parts merge)
     for part in parts:
-        commands[part] = cmd
+        prev = commands.get(part) if args.merge else None
+        prev = [prev] if isinstance(prev, str) else list(prev or [])
+        commands[part] = [c for c in prev if c != cmd] + [cmd]
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if args.device.startswith("cuda") else "fp32"
@@ -673,13 +675,15 @@ def main(argv=None) -> int:
                 run_kinds = kinds if ("latency" in parts and n in sizes) else []
                 if "cold" in parts and n == args.cold_size:
                     run_kinds = [k for k in run_kinds if k != auto] + [auto]  # leave the auto kind published
-                first = True
+                first, export = True, None
                 for kind in run_kinds:
                     log(f"latency: {n:,} vectors, {kind} …")
                     b = run_worker({"task": "build", "index": str(root), "size": n, "kind": kind, "create": first,
                                     "model": args.latency_model, "queries": args.queries, "seed": args.seed,
                                     "query_noise": args.query_noise})
                     first = False
+                    export = b.pop("text_export", export)
+                    b["text_export"] = export
                     if "latency" in parts and n in sizes and kind in kinds:
                         qr = run_worker({"task": "query", "index": str(root), "model": args.latency_model,
                                          "device": args.device, "text_repeats": args.text_repeats,

@@ -630,6 +630,8 @@ def export_text_encoder(encoder, root: str | os.PathLike) -> Path:
     }
     _verify_export(encoder, root, cfg)
     _write_atomic(root / CONFIG_NAME, json.dumps(cfg, indent=1, sort_keys=True).encode())
+    from .vectors import _fsync_dir  # index time: faiss is loaded anyway
+
     _fsync_dir(root)
     return root / CONFIG_NAME
 
@@ -685,16 +687,3 @@ def ensure_text_export(encoder, root: str | os.PathLike) -> bool:
         except OSError:
             pass
         return False
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

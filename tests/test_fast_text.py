@@ -132,7 +132,7 @@ def tiny_index(tmp_path_factory):
     return root / "idx"
 
 
-def _torch_results(index, text, to="images", monkeypatch=None):
+def _torch_results(index, text, to="images"):
     os.environ[fast_text.ENV_DISABLE] = "1"
     try:
         with Searcher.open(index, device="cpu") as s:
