@@ -630,7 +630,7 @@ def export_text_encoder(encoder, root: str | os.PathLike) -> Path:
     }
     _verify_export(encoder, root, cfg)
     _write_atomic(root / CONFIG_NAME, json.dumps(cfg, indent=1, sort_keys=True).encode())
-    from .vectors import _fsync_dir  # index time: faiss is loaded anyway
+    from .atomic import fsync_dir as _fsync_dir
 
     _fsync_dir(root)
     return root / CONFIG_NAME

@@ -29,6 +29,8 @@ safetensors, the config, encoder identity and format version as JSON in the safe
 
 from __future__ import annotations
 
+from .atomic import fsync_dir as _fsync_dir
+
 import hashlib
 import json
 import os
@@ -358,16 +360,3 @@ def prune_fusion_files(root: str | os.PathLike, keep: set[str]) -> list[str]:
             except OSError:
                 pass
     return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -33,6 +33,8 @@ part starts at offset 0, ``load(mmap=True)`` can hand the path to faiss with IO_
 
 from __future__ import annotations
 
+from .atomic import fsync_dir as _fsync_dir
+
 import json
 import math
 import os
@@ -670,17 +672,3 @@ def _read_trailer(f, size: int, path: Path):
     slot_ids = np.frombuffer(ids_b, dtype="<i8").astype(np.int64)
     live = np.unpackbits(np.frombuffer(live_b, dtype=np.uint8), bitorder="little")[: len(slot_ids)].astype(bool)
     return meta, slot_ids, live
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable. Not possible on Windows, where opening a directory fails."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
