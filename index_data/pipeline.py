@@ -314,34 +314,42 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
 
 
 def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[str, list[str]], dirty: set[int]) -> int:
-    """Attach sidecar and corpus captions to indexed images, and embed texts not yet embedded."""
+    """Attach sidecar and corpus captions to indexed images. Each chunk's new texts are encoded first and
+    committed together with their caption rows, so a killed run never leaves a caption without its vector."""
+    from retrieval.store import text_hash
+
     store = idx.store
+    wanted: list[tuple[int, str, str]] = []  # (image id, text, source)
+    for f in files:
+        lines = read_sidecar(f.path)
+        if lines:
+            row = store.image_by_path(f.path)
+            if row is not None:
+                wanted += [(row.id, t, "sidecar") for t in lines]
+    for path, texts in corpus.items():
+        row = store.image_by_path(path)
+        if row is not None:  # else the image failed to index; its error is recorded
+            wanted += [(row.id, t, "corpus") for t in texts]
     added = 0
-    with store.transaction():
-        for f in files:
-            lines = read_sidecar(f.path)
-            row = None
-            if lines:
-                row = store.image_by_path(f.path)
-                if row is not None:
-                    new = store.add_captions(row.id, lines, "sidecar")
-                    if new:
-                        dirty.add(row.id)
-                        added += len(new)
-        for path, texts in corpus.items():
-            row = store.image_by_path(path)
-            if row is None:
-                continue  # the image failed to index; its error is recorded
-            new = store.add_captions(row.id, texts, "corpus")
-            if new:
-                dirty.add(row.id)
-                added += len(new)
+    step = 1024
+    for i in range(0, len(wanted), step):
+        chunk = wanted[i : i + step]
+        texts = {text_hash(t): t for _, t, _ in chunk}
+        have = store.has_embeddings("text", list(texts))
+        missing = [h for h in texts if h not in have]
+        vecs = encoder.encode_texts([texts[h] for h in missing]) if missing else None
+        with store.transaction():
+            if missing:
+                store.put_embeddings("text", missing, vecs)
+            for image_id, t, source in chunk:
+                if store.add_captions(image_id, [t], source):
+                    dirty.add(image_id)
+                    added += 1
+    # texts of an older index that were committed without a vector (repair, not the normal path)
     missing = store.texts_missing_embeddings()
-    if missing:
-        step = 1024
-        for i in range(0, len(missing), step):
-            chunk = missing[i : i + step]
-            vecs = encoder.encode_texts([t for _, t in chunk])
-            with store.transaction():
-                store.put_embeddings("text", [h for h, _ in chunk], vecs)
+    for i in range(0, len(missing), step):
+        chunk = missing[i : i + step]
+        vecs = encoder.encode_texts([t for _, t in chunk])
+        with store.transaction():
+            store.put_embeddings("text", [h for h, _ in chunk], vecs)
     return added

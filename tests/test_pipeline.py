@@ -133,6 +133,33 @@ def test_caption_corpus_and_sidecars(tmp_path):
     assert r.captions_added == 0
 
 
+def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path, monkeypatch):
+    """Captions and their text vectors commit together: a run that dies while encoding the texts leaves
+    the index as it was (verify clean), and the next run attaches them."""
+    from retrieval import encoders
+
+    folder = tmp_path / "p"
+    write_photos(folder, 3)
+    build_index(tmp_path / "idx", [folder])
+    (folder / "img_0001.jpg.txt").write_text("late caption one\nlate caption two\n")
+
+    def boom(self, texts, batch_size=256):
+        raise KeyboardInterrupt  # what a SIGINT in the middle of text encoding looks like
+
+    real = encoders.OpenClipEncoder.encode_texts
+    monkeypatch.setattr(encoders.OpenClipEncoder, "encode_texts", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tmp_path / "idx", [folder])
+    with Index.open(tmp_path / "idx") as idx:
+        assert idx.store.count("captions") == 0
+        assert idx.verify() == []
+    monkeypatch.setattr(encoders.OpenClipEncoder, "encode_texts", real)
+    r = build_index(tmp_path / "idx", [folder])
+    assert r.captions_added == 2
+    with Index.open(tmp_path / "idx") as idx:
+        assert idx.info().caption_vectors == 2 and idx.verify() == []
+
+
 def test_missing_path_is_a_user_error(tmp_path):
     from retrieval.errors import RetrievalError
 
