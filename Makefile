@@ -41,4 +41,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) demo benchmarks/out .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache
