@@ -123,6 +123,41 @@ def test_numpy_clip_tower_matches_torch_vit_b32(merges):
         np.testing.assert_allclose(short, full, atol=1e-6, rtol=0)
 
 
+def test_split_matmul_is_exact_and_never_waits_for_a_busy_helper(monkeypatch):
+    """Weight products are split by rows across QUERY_THREADS threads. The result must not depend on how
+    many threads there are or on who computed which block, and a helper pool that is busy elsewhere must
+    not stall a query: the calling thread then takes every block itself."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 2048), dtype=np.float32)
+    w = rng.standard_normal((2048, 512), dtype=np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    monkeypatch.setattr(fast_text, "QUERY_THREADS", 1)
+    one = fast_text._matmul(x, w)
+    monkeypatch.setattr(fast_text, "QUERY_THREADS", 2)
+    runs = [fast_text._matmul(x, w) for _ in range(20)]
+    np.testing.assert_allclose(one, ref, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(runs[0], one, rtol=0, atol=1e-3)
+    assert all(np.array_equal(r, runs[0]) for r in runs)  # bit-identical whoever took each block
+
+    release = threading.Event()
+    pool = fast_text._pool()
+    busy = [pool.submit(release.wait, 30) for _ in range(pool._max_workers)]  # every helper is occupied
+    try:
+        done = threading.Event()
+        result = {}
+        t = threading.Thread(target=lambda: (result.setdefault("v", fast_text._matmul(x, w)), done.set()))
+        t.start()
+        assert done.wait(10), "a query waited for a busy helper instead of doing the work itself"
+        assert np.array_equal(result["v"], runs[0])
+    finally:
+        release.set()
+        for b in busy:
+            b.result()
+    assert fast_text._matmul(x[0], w).shape == (512,)  # a single row is not split
+
+
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("fast")
