@@ -299,7 +299,7 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
         truth = np.concatenate(truth)
         recall = lambda f: float(np.mean([len(set(a) & set(b)) / K for a, b in zip(f.tolist(), truth.tolist())]))  # noqa: E731
         out["recall_at_10"] = recall(found)
-        if mode != "torch":
+        if mode not in ("torch", "fast1"):
             out["sweep"] = _sweep(s, vi, Q, recall, items, mode, ms)
     return out
 
@@ -340,6 +340,9 @@ def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
 def run_warm(index: Path, mode: str, n_queries: int, image: Path, pycache: Path) -> dict:
     print(f"[warm] {index.name}: {mode}", file=sys.stderr, flush=True)
     env = child_env(pycache, torch_path=(mode == "torch"))
+    env.pop("RETRIEVAL_QUERY_THREADS", None)
+    if mode == "fast1":  # the numpy encoder on the calling thread only (fast_text.QUERY_THREADS = 1)
+        env["RETRIEVAL_QUERY_THREADS"] = "1"
     p = subprocess.run([sys.executable, __file__, "--_warm", str(index), mode, str(n_queries), str(image)],
                        env=env, capture_output=True, text=True, cwd=str(ROOT))
     if p.returncode != 0:
@@ -379,7 +382,7 @@ def write_report(out: Path, res: dict, cmd: str) -> None:
               "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | FAISS+SQLite p50 ms | recall@10 vs exact |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in res["warm"]:
-        mode = {"fast": "text, numpy encoder", "torch": "text, torch encoder", "image": "image (torch)"}[w["mode"]]
+        mode = {"fast": "text, numpy encoder", "fast1": "text, numpy encoder, 1 thread", "torch": "text, torch encoder", "image": "image (torch)"}[w["mode"]]
         lines.append(f"| {w['label']} | {w['n_vectors']:,} | {w['index_kind']} | {mode} | {w['queries']} | {w['total_p50_ms']:.1f} | "
                      f"{w['total_p95_ms']:.1f} | {w['cpu_p50_ms']:.1f} | {w['encode_p50_ms']:.1f} | {w['search_join_p50_ms']:.2f} | {w['recall_at_10']:.3f} |")
     sweeps = [w for w in res["warm"] if w.get("sweep")]
@@ -450,8 +453,8 @@ def main(argv=None) -> int:
     if starter is not None and "warm" in parts:
         warm_sets.append((starter, "starter, 18"))
     for index, label in warm_sets:
-        for mode in ("fast", "torch", "image"):
-            w = run_warm(index, mode, args.warm_queries if mode == "fast" else max(20, args.warm_queries // 4), image, pycache)
+        for mode in ("fast", "fast1", "torch", "image"):
+            w = run_warm(index, mode, args.warm_queries if mode.startswith("fast") else max(20, args.warm_queries // 4), image, pycache)
             w["label"] = label
             res["warm"].append(w)
 

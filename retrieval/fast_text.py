@@ -152,7 +152,13 @@ class _blas_threads:
 # thread takes whatever no helper has started yet, so with no free core it costs about what one thread does.
 # The partial products are added in block order whoever computed them, so results do not depend on timing.
 
-QUERY_THREADS = int(os.environ.get("RETRIEVAL_QUERY_THREADS") or min(4, os.cpu_count() or 1))
+def _query_threads() -> int:
+    """RETRIEVAL_QUERY_THREADS, else the CPU count up to 4; a value that is not a number is ignored."""
+    value = os.environ.get("RETRIEVAL_QUERY_THREADS", "").strip()
+    return max(1, int(value)) if value.isdigit() else min(4, os.cpu_count() or 1)
+
+
+QUERY_THREADS = _query_threads()
 SPLIT_MIN_ROWS = 256  # smaller matrices are not worth a hand-off
 _POOL = None
 
