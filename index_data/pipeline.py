@@ -17,7 +17,7 @@ from typing import Sequence
 
 from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.fast_text import ensure_text_export
+from retrieval.fast_text import ensure_text_export, export_is_current
 from retrieval.faults import checkpoint
 from retrieval.index import Index, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
@@ -108,7 +108,8 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     idx = Index.open_for_write(index_dir)
     try:
         encoder = _prepare_model(idx, opts)
-        ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
+        if not export_is_current(idx.root, idx.identity):
+            ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
         corpus = _read_corpus(opts) if opts.captions_file else {}
         roots = list(opts.paths) + sorted(corpus)
         if not roots:
@@ -141,6 +142,24 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     return report
 
 
+class _LazyEncoder:
+    """The index's model, loaded on first use: a run that finds nothing new to encode (the usual cron
+    re-run over a photo folder) then never imports torch or reads the weights."""
+
+    def __init__(self, load):
+        self._load = load
+        self._encoder = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def __getattr__(self, name):
+        if self._encoder is None:
+            self._encoder = self._load()
+        return getattr(self._encoder, name)
+
+
 def _prepare_model(idx: Index, opts: IndexOptions):
     from retrieval.encoders import load_encoder
 
@@ -152,14 +171,17 @@ def _prepare_model(idx: Index, opts: IndexOptions):
                 f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with the new one"
             )
     spec = opts.model or (current.spec if current else DEFAULT_MODEL)
+    if current is not None and not opts.rebuild:
+        def load():
+            encoder = load_encoder(spec, device=opts.device)
+            idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
+            return encoder
+
+        return _LazyEncoder(load)
     encoder = load_encoder(spec, device=opts.device)
-    if current is not None and opts.rebuild:
+    if current is not None:  # --rebuild
         _reset_for_rebuild(idx)
-        current = None
-    if current is None:
-        idx.set_model(encoder.identity)
-    else:
-        idx.check_identity(encoder.identity)
+    idx.set_model(encoder.identity)
     return encoder
 
 

@@ -715,15 +715,25 @@ def remove_export(root: str | os.PathLike) -> None:
             pass
 
 
+def export_is_current(root: str | os.PathLike, identity) -> bool:
+    """A complete export for this model identity is in place (checked without loading any model)."""
+    root = Path(root)
+    cfg = read_export_config(root)
+    if cfg is None or not identity_matches(cfg.get("identity"), identity):
+        return False
+    try:
+        return all((root / n).is_file() and (root / n).stat().st_size == int(s) for n, s in cfg.get("files", {}).items())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
 def ensure_text_export(encoder, root: str | os.PathLike) -> bool:
     """Index-time hook: export the encoder's text tower unless a valid export for it already exists.
     Never raises for an unsupported model or an I/O problem (queries then use torch); returns whether a
     valid export is in place."""
     root = Path(root)
-    cfg = read_export_config(root)
-    if cfg is not None and identity_matches(cfg.get("identity"), encoder.identity):
-        if all((root / n).is_file() and (root / n).stat().st_size == int(s) for n, s in cfg.get("files", {}).items()):
-            return True
+    if export_is_current(root, encoder.identity):
+        return True
     try:
         export_text_encoder(encoder, root)
         return True

@@ -66,6 +66,31 @@ def test_unchanged_rerun_writes_no_generation(tmp_path):
     assert _state(tmp_path / "idx")[1].generation == g
 
 
+def test_model_is_loaded_only_when_something_needs_encoding(tmp_path, monkeypatch):
+    """A re-run that finds nothing new (moves and deletions included) never loads the model; a new photo or
+    a new caption does, and the index's model identity is still checked then."""
+    from retrieval import encoders
+
+    folder = tmp_path / "p"
+    photos = write_photos(folder, 4)
+    build_index(tmp_path / "idx", [folder])
+    real = encoders.load_encoder
+    loads = []
+    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
+    build_index(tmp_path / "idx", [folder], model=None)
+    os.rename(photos[0], folder / "renamed.jpg")
+    os.remove(photos[1])
+    r = build_index(tmp_path / "idx", [folder], model=None)
+    assert loads == [] and r.moved == 1 and r.removed == 1
+    (folder / "img_0002.jpg.txt").write_text("a caption added later\n")
+    r = build_index(tmp_path / "idx", [folder], model=None)
+    assert len(loads) == 1 and r.captions_added == 1
+    write_photos(folder, 1, start=50)
+    r = build_index(tmp_path / "idx", [folder], model=None)
+    assert len(loads) == 2 and r.encoded == 1
+    _state(tmp_path / "idx")
+
+
 def test_bad_files_are_recorded_and_nothing_is_lost(tmp_path):
     folder = tmp_path / "p"
     write_photos(folder, 4)
