@@ -16,6 +16,8 @@ import errno
 import fcntl
 import os
 import sqlite3
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,7 @@ class Index:
         self._encoder = None
         self._fusion_cache: tuple[int, object] | None = None
         self._fusion_override: tuple[dict | None] | None = None
+        self._pin = threading.local()  # this thread's (generation, fusion meta) while pinned()
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -219,7 +222,30 @@ class Index:
 
     @property
     def generation(self) -> int:
-        return int(self.store.get_manifest("generation", 0))
+        state = getattr(self._pin, "state", None)
+        return state[0] if state is not None else int(self.store.get_manifest("generation", 0))
+
+    def _snapshot(self) -> tuple[int, dict | None]:
+        """The generation and the fusion in force, from one SQLite statement (one read transaction), so
+        they always belong together: a writer switches both in one transaction."""
+        import json
+
+        rows = dict(self.store.db.execute("SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion')"))
+        gen = int(json.loads(rows["generation"])) if "generation" in rows else 0
+        return gen, (json.loads(rows["fusion"]) if "fusion" in rows else None)
+
+    @contextmanager
+    def pinned(self):
+        """Within the block, this thread sees one published state: the vectors of one generation and the
+        fusion that was published with them, even if a writer installs a new fusion meanwhile."""
+        if getattr(self._pin, "state", None) is not None:  # already pinned by an outer call
+            yield
+            return
+        self._pin.state = self._snapshot()
+        try:
+            yield
+        finally:
+            self._pin.state = None
 
     def set_model(self, identity: ModelIdentity) -> None:
         with self.store.transaction():
@@ -271,7 +297,11 @@ class Index:
 
     def fusion(self):
         """The trained fusion in force for this generation, or None (identity)."""
-        meta = self._fusion_override[0] if self._fusion_override else self.store.get_manifest("fusion")
+        state = getattr(self._pin, "state", None)
+        if self._fusion_override:
+            meta = self._fusion_override[0]
+        else:
+            meta = state[1] if state is not None else self.store.get_manifest("fusion")
         if not meta:
             return None
         key = hash(str(sorted(meta.items())))
@@ -300,6 +330,8 @@ class Index:
             if not path.exists():
                 if gen == 0 or int(self.store.get_manifest(f"vectors_{kind}", 0)) == 0:
                     return None
+                if getattr(self._pin, "state", None) is not None:
+                    self._pin.state = self._snapshot()  # two publishes since the pin: move to the newest
                 continue  # a writer moved on between our manifest read and the open: read again
             try:
                 vi = VectorIndex.load(path, mmap=mmap)

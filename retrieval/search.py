@@ -119,8 +119,11 @@ class Searcher:
             return self.embed_text(text)
         if text is None:
             return self.embed_image(image)
-        img = self.encoder.encode_images([image])[0]
-        txt = self._text_vector(text)
+        return self.combine(self.encoder.encode_images([image])[0], self._text_vector(text), weight)
+
+    def combine(self, img: np.ndarray, txt: np.ndarray, weight: float) -> np.ndarray:
+        """A composite query from raw image and text vectors: the trained query fusion when the index has
+        one, else weight·img + (1−weight)·txt, renormalised."""
         fusion = self.index.fusion()
         if fusion is not None:
             return fusion.query_composite(img[None], txt[None], weight)[0]
@@ -136,14 +139,15 @@ class Searcher:
             raise RetrievalError("-k must be at least 1")
         if to not in ("images", "captions"):
             raise RetrievalError(f"--to must be 'images' or 'captions', not {to!r}")
-        vectors = self.index.vectors(to, mmap=True)
-        if vectors is None or vectors.ntotal == 0:
-            what = "images" if to == "images" else "captions"
-            raise EmptyIndexError(f"the index at {self.index.root} has no {what} to search")
-        qvec = self.embed_query(text, image, weight)
-        self_hash = _query_hash(image) if (exclude_self and image is not None) else None
-        return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                  exclude_hash=self_hash, dedupe=dedupe)
+        with self.index.pinned():  # the query's fusion and the vectors it meets come from one generation
+            vectors = self.index.vectors(to, mmap=True)
+            if vectors is None or vectors.ntotal == 0:
+                what = "images" if to == "images" else "captions"
+                raise EmptyIndexError(f"the index at {self.index.root} has no {what} to search")
+            qvec = self.embed_query(text, image, weight)
+            self_hash = _query_hash(image) if (exclude_self and image is not None) else None
+            return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
+                                      exclude_hash=self_hash, dedupe=dedupe)
 
     def search_vector(self, qvec: np.ndarray, *, to: str = "images", k: int = 10, min_score: float | None = None,
                       under: str | None = None, glob: str | None = None, exclude_hash: str | None = None,

@@ -253,25 +253,18 @@ class _Service:
 
     def stored_query(self, row, text: Optional[str], weight: float):
         """Query vector for an indexed image (its stored raw embedding), optionally combined with text."""
-        import numpy as np
-
         s = self.searcher
         idx = s.index
         try:
             img = idx.store.get_embeddings("image", [row.hash], idx.dim)[0]
         except KeyError:  # embedding gone (inconsistent index): encode the file instead
             return s.embed_query(text, self.existing_file(row), weight)
-        fusion = idx.fusion()
         if text is None:
+            fusion = idx.fusion()
             return img if fusion is None else fusion.query_image(img[None])[0]
         if not 0.0 <= weight <= 1.0:
             raise RetrievalError(f"weight must be between 0 and 1, got {weight}")
-        text_vector = getattr(s, "_text_vector", None)  # the Searcher's torch-free text path, where it has one
-        txt = text_vector(text) if text_vector else s.encoder.encode_texts([text])[0]
-        if fusion is not None:
-            return fusion.query_composite(img[None], txt[None], weight)[0]
-        q = weight * img + (1.0 - weight) * txt
-        return (q / max(np.linalg.norm(q), 1e-12)).astype(np.float32)
+        return s.combine(img, s._text_vector(text), weight)
 
     def _require_vectors(self, to: str) -> None:
         vectors = self.searcher.index.vectors(to, mmap=True)
@@ -280,7 +273,7 @@ class _Service:
 
     def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
                min_score=None, under=None, glob=None, exclude_self=False):
-        with self.lock:
+        with self.lock, self.searcher.index.pinned():
             s = self.searcher
             if image_id is not None:
                 row = self.image_row(str(image_id))

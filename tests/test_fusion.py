@@ -205,6 +205,34 @@ def test_untrained_fusion_changes_no_search_result(index_dir):
     _assert_same(before, _searches(index_dir))
 
 
+def test_a_query_racing_a_fusion_install_sees_one_generation(index_dir):
+    """A fusion installed while a query is between reading the vectors and embedding the query must not
+    mix the two: that query is answered wholly by the old generation (old vectors, old query fusion), the
+    next one wholly by the new."""
+    with Index.open_for_write(index_dir, create=False) as idx:
+        install_fusion(idx, perturbed(Fusion.untrained(idx.dim, idx.identity), seed=1))
+    with Searcher.open(index_dir, device="cpu") as s:
+        old = [(r.id, r.score) for r in s.search("picture 3", k=8, dedupe=False)]
+        real = s._text_vector
+        calls = []
+
+        def install_then_encode(text):
+            if not calls:
+                with Index.open_for_write(index_dir, create=False) as w:
+                    install_fusion(w, perturbed(Fusion.untrained(w.dim, w.identity), seed=7, scale=0.8, gate=0.8))
+            calls.append(text)
+            return real(text)
+
+        s._text_vector = install_then_encode
+        raced = [(r.id, r.score) for r in s.search("picture 3", k=8, dedupe=False)]
+        after = [(r.id, r.score) for r in s.search("picture 3", k=8, dedupe=False)]
+    with Searcher.open(index_dir, device="cpu") as fresh:
+        new = [(r.id, r.score) for r in fresh.search("picture 3", k=8, dedupe=False)]
+    _assert_same([raced], [old])
+    _assert_same([after], [new])
+    assert [sc for _, sc in old] != pytest.approx([sc for _, sc in new], abs=1e-4)  # the fusions do differ
+
+
 def test_mismatched_fusion_is_refused(index_dir):
     other = ModelIdentity("ViT-B-32:none", "ViT-B-32", "none", None, 64)
     with Index.open_for_write(index_dir, create=False) as idx:
