@@ -358,9 +358,9 @@ def load_average() -> list[float]:
         return []
 
 
-def write_report(out: Path, res: dict, cmd: str) -> None:
+def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cold_query.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Query latency ({MACHINE})", "", f"`{cmd}`", "",
              f"Load average at start / end: {res['load_start']} / {res['load_end']} (2 cores, shared with other work).",
              "Cold = new process to printed results (`retrieval search ... --json -k 10`), interleaved runs. CPU = the",
@@ -397,7 +397,7 @@ def write_report(out: Path, res: dict, cmd: str) -> None:
                 lines.append(f"| {w['label']} | {w['mode']} | {knob}={r[knob]} | {r['recall_at_10']:.3f} | "
                              f"{r['search_join_p50_ms']:.2f} / {r['search_join_p95_ms']:.2f} | {e2e} |")
     lines.append("")
-    (out / "cold_query.md").write_text("\n".join(lines))
+    (out / f"{name}.md").write_text("\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -412,6 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrieval_cold_query"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--name", default="cold_query", help="output files: NAME.json and NAME.md")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.runs, args.image_runs, args.warm_queries = min(args.n, 5000), 2, 1, 30
@@ -460,9 +461,9 @@ def main(argv=None) -> int:
 
     res["load_end"] = load_average()
     out = Path(args.out)
-    write_report(out, res, cmd)
-    print((out / "cold_query.md").read_text())
-    print(f"wrote {out / 'cold_query.json'} and {out / 'cold_query.md'}\nreproduce: {cmd}")
+    write_report(out, res, cmd, args.name)
+    print((out / f"{args.name}.md").read_text())
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}\nreproduce: {cmd}")
     return 0
 
 

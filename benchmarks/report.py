@@ -375,6 +375,10 @@ RENDERERS = [
 ]
 
 
+FAULTS_REPRODUCE = ("FAULTS_OUT=benchmarks/out python -m pytest -q tests/test_kill.py tests/test_concurrency.py "
+                    "tests/test_diskfull.py")
+
+
 def render_file(path: Path) -> str:
     try:
         d = json.loads(path.read_text())
@@ -387,7 +391,12 @@ def render_file(path: Path) -> str:
         except Exception as e:  # a file that looks known but is not: fall back to the generic view
             return (f"## {_title(path, d)}\n\n_Source: `benchmarks/out/{path.name}` (rendered generically: {e})_\n\n"
                     + render_generic(d))
-    return f"## {_title(path, d)}\n\n_Source: `benchmarks/out/{path.name}`_\n\n" + render_generic(d)
+    how = ""
+    if path.name.startswith("faults_"):
+        how = f"Reproduce: `{FAULTS_REPRODUCE}` (or `python benchmarks/run_all.py --only faults,report`)\n\n"
+    elif path.name.startswith("malformed_"):
+        how = "Reproduce: `python benchmarks/malformed_report.py`\n\n"
+    return f"## {_title(path, d)}\n\n_Source: `benchmarks/out/{path.name}`_\n\n" + how + render_generic(d)
 
 
 def _title(path: Path, d) -> str:
