@@ -23,7 +23,7 @@ from retrieval.index import Index, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
 from .decode import decode_stream
-from .scan import ScannedFile, hash_file, scan
+from .scan import ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 
@@ -106,15 +106,21 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     t0 = time.perf_counter()
     report = IndexReport()
     idx = Index.open_for_write(index_dir)
+    dirty: set[int] = set()
     try:
-        encoder = _prepare_model(idx, opts)
-        if not export_is_current(idx.root, idx.identity):
-            ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
+        # inputs first: a typo'd PATH or an unreadable caption file must not leave a new index tied to a model
         corpus = _read_corpus(opts) if opts.captions_file else {}
         roots = list(opts.paths) + sorted(corpus)
         if not roots:
             raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
-        files, problems = scan(roots, exclude=opts.exclude, include_hidden=opts.include_hidden)
+        # an image the caption file lists but that is not on disk is recorded, not fatal (a partial download)
+        missing = [p for p in sorted(corpus) if not os.path.lexists(p)]
+        files, problems = scan([r for r in roots if r not in set(missing)], exclude=opts.exclude,
+                               include_hidden=opts.include_hidden)
+        problems += [ScanProblem(p, f"listed in {os.path.basename(opts.captions_file)} but not found") for p in missing]
+        encoder = _prepare_model(idx, opts)
+        if not export_is_current(idx.root, idx.identity):
+            ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
         for p in problems:
             report.errors.append((p.path, p.reason))
         with idx.store.transaction():
@@ -131,6 +137,15 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
         report.generation = idx.generation
         report.images_total = idx.store.count("images")
+    except KeyboardInterrupt:
+        # Ctrl-C outside the encode loop (scan, captions, publishing): what SQLite already holds is
+        # published before stopping, so searches see it; a second Ctrl-C skips this (the next run does it)
+        if idx.identity is not None:
+            try:
+                idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
+            except Exception:  # noqa: BLE001 - best effort; verify/the next run repair it
+                pass
+        raise
     except Exception as e:  # a full or read-only disk is the user's to fix: one line, not a traceback
         err = storage_error(e, idx.root)
         if err is None:
@@ -291,7 +306,11 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
         nonlocal batch
         if not batch:
             return
-        fresh = [r for r in batch if r.key.hash not in seen_hashes]
+        fresh, hashes = [], set()  # one encode per new content, also for copies within the batch
+        for r in batch:
+            if r.key.hash not in seen_hashes and r.key.hash not in hashes:
+                hashes.add(r.key.hash)
+                fresh.append(r)
         vecs = encoder.encode_image_tensors(torch.stack([r.tensor for r in fresh])) if fresh else None
         checkpoint("encode")
         with store.transaction():
@@ -305,7 +324,8 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
                 store.upsert_image(w.file.path, w.file.size, w.file.mtime_ns, w.hash, r.width, r.height)
                 seen_hashes[w.hash] = 1
             store.clear_errors([r.key.file.path for r in batch])
-        report.encoded += len(batch)
+        report.encoded += len(fresh)
+        report.reused += len(batch) - len(fresh)
         bar.update(len(batch))
         batch = []
 

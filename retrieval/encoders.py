@@ -27,6 +27,8 @@ def pick_device(device: str = "auto") -> str:
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelSpecError(f"--device {device} requested but CUDA is not available")
+        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelSpecError("--device mps requested but Apple's MPS backend is not available on this machine")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -188,10 +190,19 @@ def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "
             spec.arch, pretrained=weights, device=device, precision="fp32",
             pretrained_text=False, pretrained_image=False,
         )
-    except RuntimeError as e:
-        if weights:
-            raise ModelSpecError(f"weights {weights} do not fit architecture {spec.arch}: {str(e).splitlines()[0]}") from None
-        raise
+    except Exception as e:  # a truncated or foreign file raises SafetensorError, UnpicklingError, ...
+        if not weights:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "Weights only load failed" in first:  # torch's advice there (weights_only=False) is not for users
+            first = "not a readable PyTorch checkpoint"
+        misfit = ("size mismatch", "state_dict", "Missing key", "Unexpected key", "changed")
+        if isinstance(e, (RuntimeError, AssertionError, KeyError)) and any(m in str(e) for m in misfit):
+            raise ModelSpecError(f"weights {weights} do not fit architecture {spec.arch}: {first}") from None
+        raise ModelSpecError(
+            f"cannot load weights {weights} ({type(e).__name__}: {first}); is it a complete .safetensors, .pt or .bin "
+            f"file for {spec.arch}?"
+        ) from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.arch)
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None and hasattr(model.text_projection, "shape") else None

@@ -112,6 +112,40 @@ def test_bad_specs(spec, fragment):
         load_encoder(spec, device="cpu")
 
 
+@pytest.mark.parametrize("suffix, content", [
+    (".safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": trunc"),  # a cut-off download
+    (".pt", b"not a pickle at all"),
+    (".bin", b""),
+])
+def test_corrupt_weights_file_is_a_one_line_error(tmp_path, suffix, content):
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ModelSpecError, match="cannot load weights") as e:
+        load_encoder(f"tiny-clip:{path}", device="cpu")
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_weights_of_another_architecture_do_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    other = load_encoder("tiny-clip-b:none", device="cpu").model
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(ModelSpecError, match="do not fit architecture tiny-clip"):
+        load_encoder(f"tiny-clip:{path}", device="cpu")
+
+
+def test_unavailable_device_is_a_user_error():
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelSpecError, match="CUDA is not available"):
+            load_encoder("tiny-clip:none", device="cuda")
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        with pytest.raises(ModelSpecError, match="MPS backend is not available"):
+            load_encoder("tiny-clip:none", device="mps")
+
+
 def test_spec_parsing_and_identity_matching():
     assert str(parse_spec("ViT-B-32")) == "ViT-B-32:laion2b_s34b_b79k"
     assert parse_spec("starter").is_starter

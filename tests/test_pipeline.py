@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, build_index, draw_scene, write_photos
-from retrieval.errors import ModelMismatchError
+from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.index import Index
 from retrieval.search import Searcher
 
@@ -183,6 +183,62 @@ def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path
     assert r.captions_added == 2
     with Index.open(tmp_path / "idx") as idx:
         assert idx.info().caption_vectors == 2 and idx.verify() == []
+
+
+def test_ctrl_c_after_encoding_still_publishes_what_was_committed(tmp_path, monkeypatch):
+    """Ctrl-C while captions are being encoded: the photos this run already committed are published to
+    FAISS before the run stops, so they are searchable and verify is clean."""
+    from retrieval import encoders
+
+    folder = tmp_path / "p"
+    write_photos(folder, 5)
+    (folder / "img_0002.jpg.txt").write_text("a caption\n")
+
+    real = encoders.OpenClipEncoder.encode_texts
+
+    def interrupted(self, texts, batch_size=256):
+        if "a caption" in list(texts):  # the caption phase (not the text-export check)
+            raise KeyboardInterrupt
+        return real(self, texts, batch_size)
+
+    monkeypatch.setattr(encoders.OpenClipEncoder, "encode_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tmp_path / "idx", [folder])
+    with Index.open(tmp_path / "idx") as idx:
+        assert idx.info().vectors == 5 and idx.store.count("captions") == 0
+        assert idx.verify() == []
+
+
+def test_images_missing_from_a_caption_file_are_recorded_not_fatal(tmp_path):
+    folder = tmp_path / "p"
+    write_photos(folder, 2)
+    corpus = tmp_path / "caps.csv"
+    corpus.write_text("image,caption\np/img_0000.jpg,first\np/not_downloaded.jpg,gone\np/img_0001.jpg,second\n")
+    r = build_index(tmp_path / "idx", [], captions_file=str(corpus))
+    assert r.images_total == 2 and r.captions_added == 2
+    assert [(os.path.basename(p), why) for p, why in r.errors] == [("not_downloaded.jpg", "listed in caps.csv but not found")]
+    with Index.open(tmp_path / "idx") as idx:
+        assert [os.path.basename(p) for p, _ in idx.store.errors()] == ["not_downloaded.jpg"]
+
+
+def test_a_typo_in_path_leaves_a_new_index_free_to_choose_its_model(tmp_path):
+    with pytest.raises(RetrievalError, match="no such file"):
+        build_index(tmp_path / "idx", [tmp_path / "no_such_folder"])
+    write_photos(tmp_path / "p", 2)
+    r = build_index(tmp_path / "idx", [tmp_path / "p"], model="tiny-clip-b:none")
+    assert r.images_total == 2
+    with Index.open(tmp_path / "idx") as idx:
+        assert idx.identity.arch == "tiny-clip-b"
+
+
+def test_identical_new_files_in_one_batch_are_encoded_once(tmp_path):
+    folder = tmp_path / "p"
+    (src,) = write_photos(folder, 1)
+    for i in range(3):
+        shutil.copy(src, folder / f"copy_{i}.jpg")
+    r = build_index(tmp_path / "idx", [folder])
+    assert (r.encoded, r.reused, r.images_total) == (1, 3, 4)
+    _state(tmp_path / "idx")
 
 
 def test_missing_path_is_a_user_error(tmp_path):
