@@ -103,7 +103,14 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
 def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, device, as_json, as_paths):
     """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
+    from retrieval.errors import RetrievalError
     from retrieval.search import Searcher
+
+    if as_json and as_paths:
+        raise RetrievalError("--json and --paths cannot be combined: pick one output format")
+    explicit = click.get_current_context().get_parameter_source("weight") == click.core.ParameterSource.COMMANDLINE
+    if explicit and (text is None or image is None):
+        raise RetrievalError("--weight only applies to a composite query: give both TEXT and --image")
 
     with Searcher.open(index_dir, device=device) as s:
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,

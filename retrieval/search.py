@@ -1,6 +1,6 @@
 """The read path: encode a query with the index's own model, search FAISS, join SQLite metadata.
 
-    from retrieval import Searcher
+    from retrieval.search import Searcher
     s = Searcher.open("~/photos.idx")
     for r in s.search("a dog on a beach", k=5):
         print(r.rank, r.score, r.path)

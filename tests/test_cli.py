@@ -102,3 +102,54 @@ def test_python_cli_and_console_script_subprocess(indexed):
     exe = Path(sys.executable).parent / "retrieval"  # the console script `make test` installs
     out = subprocess.run([str(exe), "info", "--index", str(root / "idx"), "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout)["images"] == 8
+
+
+def test_conflicting_search_options_are_one_line_errors(indexed):
+    root, photos = indexed
+    idx = str(root / "idx")
+    for args, fragment in (
+        (("search", "x", "--json", "--paths"), "cannot be combined"),
+        (("search", "x", "--weight", "0.3"), "only applies to a composite query"),
+        (("search", "--image", str(photos[0]), "--weight", "0.3"), "only applies to a composite query"),
+    ):
+        r = run(*args, "--index", idx)
+        assert r.exit_code == 2 and fragment in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert run("search", "x", "--image", str(photos[0]), "--weight", "0.3", "--index", idx).exit_code == 0
+
+
+def test_searching_an_index_with_no_images_is_one_line(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    r = run("index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", TINY, "--workers", "0", "-q",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = run("search", "anything", "--index", str(tmp_path / "idx"))
+    assert r.exit_code == 2 and "has no images to search" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_weights_replaced_after_indexing_are_refused_at_query_time(tmp_path):
+    """The index records the sha256 of its weights. If the file at that path is later replaced, an image query
+    (which must load the model) stops with a one-line mismatch; text queries keep using the index's own
+    exported text tower, which still matches the stored vectors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from retrieval.encoders import load_encoder
+
+    model = load_encoder(TINY, device="cpu").model
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    photos = write_photos(tmp_path / "p", 3)
+    r = run("index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", f"tiny-clip:{weights}",
+            "--workers", "0", "-q", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    r = run("search", "--image", str(photos[0]), "--index", str(tmp_path / "idx"), "--device", "cpu")
+    assert r.exit_code == 2 and "model mismatch" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert run("search", "a photo", "--index", str(tmp_path / "idx"), "--paths").exit_code == 0
