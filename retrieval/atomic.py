@@ -1,4 +1,4 @@
-"""Durable renames: the one helper every atomic write (vectors, fusion, text export) shares."""
+"""Durable writes: a temp file, fsync and rename, and the directory fsync that makes a rename durable."""
 
 from __future__ import annotations
 
@@ -18,3 +18,23 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once: temp file in the same directory, fsync, os.replace. A crash
+    or a full disk leaves the old file or the new one, never a half-written one. (Call fsync_dir after.)"""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

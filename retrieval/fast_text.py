@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .atomic import write_atomic as _write_atomic
+
 FORMAT = "retrieval-text-encoder"
 FORMAT_VERSION = 1
 CONFIG_NAME = "text_encoder.json"
@@ -624,19 +626,6 @@ def _export_bert(encoder) -> tuple[dict, dict[str, np.ndarray], dict]:
         "eps": float(m.ln.eps), "pooling": "mean", "normalize": True,
     }
     return tower, w, {"kind": "wordpiece"}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk must not keep a half-written copy
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_text_encoder(encoder, root: str | os.PathLike) -> Path:

@@ -30,12 +30,12 @@ safetensors, the config, encoder identity and format version as JSON in the safe
 from __future__ import annotations
 
 from .atomic import fsync_dir as _fsync_dir
+from .atomic import write_atomic as _write_atomic
 
 import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ FILE_PREFIX = "fusion."
 FILE_SUFFIX = ".safetensors"
 # fusion.<hex>.safetensors. Deliberately not `*.g<N>.*`: Index._prune_generations deletes those.
 FILE_RE = re.compile(r"^fusion\.([0-9a-f]{8,64})\.safetensors$")
+CONFIG_RE = re.compile(r"^fusion\.([0-9a-f]{8,64})\.json$")
 ACTIVATIONS = ("none", "gelu_tanh")
 _UNIT_TOL = 1e-6  # rows whose norm is within this of 1 are left bit-identical by _normalize
 
@@ -284,32 +285,35 @@ def fusion_file_name(fusion: Fusion) -> str:
     return f"{FILE_PREFIX}{h.hexdigest()[:16]}{FILE_SUFFIX}"
 
 
+def config_path(weights_path: str | os.PathLike) -> Path:
+    """The JSON config that accompanies a fusion's weights: fusion.<hex>.safetensors -> fusion.<hex>.json."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def config_json(fusion: Fusion, weights_name: str) -> str:
+    """The readable half of a saved fusion: format version, config, encoder identity and training info.
+    The same fields are also in the safetensors header, so neither file can be read against the wrong one."""
+    return json.dumps({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": weights_name,
+        "config": fusion.config.to_dict(), "identity": fusion.identity.to_dict() if fusion.identity else None,
+        "info": fusion.info,
+    }, indent=1, sort_keys=True, default=str) + "\n"
+
+
 def save_fusion(fusion: Fusion, path: str | os.PathLike) -> Path:
-    """Write atomically: temp file in the same directory, fsync, os.replace, fsync the directory.
+    """Write the weights (safetensors) and their JSON config, each atomically (temp file, fsync, os.replace),
+    then fsync the directory. The index manifest names the weights file only after both are in place.
 
     `path` may be a file path, or an existing directory, in which case the content-addressed name
-    (`fusion.<hex>.safetensors`) is used. Returns the path written.
+    (`fusion.<hex>.safetensors`, config `fusion.<hex>.json`) is used. Returns the weights path.
     """
     path = Path(path)
     if path.is_dir():
         path = path / fusion_file_name(fusion)
-    data = fusion_bytes(fusion)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(config_path(path), config_json(fusion, path.name).encode())
+    _write_atomic(path, fusion_bytes(fusion))
+    _fsync_dir(path.parent)
     return path
 
 
@@ -339,9 +343,18 @@ def load_fusion(path: str | os.PathLike) -> Fusion:
         config = FusionConfig.from_dict(json.loads(meta["config"]))
         ident = json.loads(meta.get("identity", "null"))
         info = json.loads(meta.get("info", "{}"))
-        return Fusion(config, params, ModelIdentity.from_dict(ident) if ident else None, info)
     except (KeyError, ValueError, TypeError) as e:
         raise RetrievalError(f"{path}: invalid fusion file: {e}") from None
+    cpath = config_path(path)
+    if cpath.is_file():  # absent only for fusions saved before the JSON config existed
+        try:
+            side = json.loads(cpath.read_text())
+        except (OSError, ValueError) as e:
+            raise RetrievalError(f"cannot read fusion config {cpath}: {e}") from None
+        if (side.get("format_version") != FORMAT_VERSION or side.get("config") != config.to_dict()
+                or side.get("identity") != ident):
+            raise RetrievalError(f"{cpath.name} does not describe {path.name}; retrain with: retrieval train-fusion")
+    return Fusion(config, params, ModelIdentity.from_dict(ident) if ident else None, info)
 
 
 def fusion_files(root: str | os.PathLike) -> list[Path]:
@@ -353,7 +366,8 @@ def prune_fusion_files(root: str | os.PathLike, keep: set[str]) -> list[str]:
     removed = []
     for p in Path(root).iterdir():
         stale_tmp = p.name.startswith(f".{FILE_PREFIX}") and p.name.endswith(".tmp")
-        if (FILE_RE.match(p.name) and p.name not in keep) or stale_tmp:
+        stale_cfg = CONFIG_RE.match(p.name) and p.with_suffix(FILE_SUFFIX).name not in keep
+        if (FILE_RE.match(p.name) and p.name not in keep) or stale_tmp or stale_cfg:
             try:
                 p.unlink()
                 removed.append(p.name)

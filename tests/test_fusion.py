@@ -102,7 +102,11 @@ def test_save_load_round_trip(tmp_path):
     f.info = {"seed": 3}
     path = save_fusion(f, tmp_path)
     assert FILE_RE.match(path.name) and ".g" not in path.name
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    # the weights and their JSON config, no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.with_suffix(".json").name, path.name]
+    cfg = json.loads(path.with_suffix(".json").read_text())
+    assert cfg["format_version"] == 1 and cfg["weights"] == path.name and cfg["config"] == f.config.to_dict()
+    assert cfg["identity"]["spec"] == "tiny-clip:none" and cfg["info"] == {"seed": 3}
     g = load_fusion(path)
     assert g.identity == ident and g.config == f.config and g.info == {"seed": 3}
     for k in f.params:
@@ -115,6 +119,11 @@ def test_save_load_round_trip(tmp_path):
         load_fusion(tmp_path / "fusion.deadbeef00.safetensors")
     with pytest.raises(RetrievalError, match="missing"):
         load_fusion(tmp_path / "fusion.0123456789.safetensors")
+    # a config that does not describe these weights is refused
+    cfg["config"]["rank"] = 4
+    path.with_suffix(".json").write_text(json.dumps(cfg))
+    with pytest.raises(RetrievalError, match="does not describe"):
+        load_fusion(path)
 
 
 def test_training_improves_heldout_recall_and_is_deterministic():

