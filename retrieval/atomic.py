@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,17 +21,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` all at once: temp file in the same directory, fsync, os.replace. A crash
-    or a full disk leaves the old file or the new one, never a half-written one. (Call fsync_dir after.)"""
+@contextmanager
+def replacing(path: Path):
+    """Yields a temp file name in `path`'s directory for the caller to fill (and fsync); on a clean exit it
+    replaces `path` in one rename, on any error it is removed. A crash or a full disk leaves the old file
+    or the new one, never a half-written one. (Call fsync_dir after, to make the rename durable.)"""
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,3 +39,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -34,12 +34,12 @@ part starts at offset 0, ``load(mmap=True)`` can hand the path to faiss with IO_
 from __future__ import annotations
 
 from .atomic import fsync_dir as _fsync_dir
+from .atomic import replacing
 
 import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -600,9 +600,7 @@ class VectorIndex:
         ids_bytes = self._slot_ids.astype("<i8").tobytes()
         live_bytes = np.packbits(self._live, bitorder="little").tobytes()
         crc = zlib.crc32(live_bytes, zlib.crc32(ids_bytes, zlib.crc32(meta)))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
+        with replacing(path) as tmp:
             faiss.write_index(self._index, tmp)
             checkpoint("faiss_write")
             faiss_len = os.path.getsize(tmp)
@@ -613,13 +611,6 @@ class VectorIndex:
                 f.write(_FOOTER.pack(_MAGIC, faiss_len, len(meta), len(ids_bytes), len(live_bytes), crc))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         _fsync_dir(directory)
 
     @classmethod
