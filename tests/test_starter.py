@@ -185,6 +185,25 @@ def test_resized_recompressed_copy_finds_original(starter, samples, sample_embed
     assert nearest.tolist() == picks
 
 
+def test_resized_copy_finds_the_indexed_original_through_search(samples, tmp_path):
+    """The same through the product: index the photos with --model starter, then search by a re-saved,
+    resized copy; the original is in the top 3 (first, in fact, for every photo measured)."""
+    from PIL import Image
+
+    from conftest import build_index
+    from retrieval.search import Searcher
+
+    build_index(tmp_path / "idx", [samples[0].parent], model="starter")
+    with Searcher.open(tmp_path / "idx", device="cpu") as s:
+        for original in samples:
+            with Image.open(original) as im:
+                small = im.resize((round(im.width * 0.6), round(im.height * 0.6)), Image.BILINEAR).convert("RGB")
+            copy = tmp_path / f"copy_{original.stem}.jpg"
+            small.save(copy, quality=70)
+            top = [r.path for r in s.search(image=str(copy), k=3)]
+            assert str(original) in top, (original.name, top)
+
+
 def test_class_embedding_cache(starter, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     classes = S.imagenet_classnames()[:10]  # a slice keeps the test fast; the mechanism is the same
