@@ -76,7 +76,7 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
         f"{r.updated} updated, {r.removed} removed, {r.unchanged} unchanged, {r.captions_added} captions added "
         f"in {r.seconds:.1f}s", err=True)
     if r.errors:
-        click.echo(f"{len(r.errors)} files skipped:", err=True)
+        click.echo(f"{len(r.errors)} file{'' if len(r.errors) == 1 else 's'} skipped:", err=True)
         for path, reason in r.errors[:20]:
             click.echo(f"  {os.fsencode(path).decode('utf-8', 'replace')}: {reason}", err=True)
         if len(r.errors) > 20:
