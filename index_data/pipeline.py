@@ -115,7 +115,8 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
         # an image the caption file lists but that is not on disk is recorded, not fatal (a partial download)
         missing = [p for p in sorted(corpus) if not os.path.lexists(p)]
-        files, problems = scan([r for r in roots if r not in set(missing)], exclude=opts.exclude,
+        absent = set(missing)
+        files, problems = scan([r for r in roots if r not in absent], exclude=opts.exclude,
                                include_hidden=opts.include_hidden)
         problems += [ScanProblem(p, f"listed in {os.path.basename(opts.captions_file)} but not found") for p in missing]
         encoder = _prepare_model(idx, opts)
@@ -164,10 +165,6 @@ class _LazyEncoder:
     def __init__(self, load):
         self._load = load
         self._encoder = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._encoder is not None
 
     def __getattr__(self, name):
         if self._encoder is None:
