@@ -57,7 +57,7 @@ def main(ctx, debug):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--workers", default=None, type=click.IntRange(0, 64), help="Decode processes (0 = in-process). Default: cores - 1.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto: exact flat up to ~50k vectors at dim 512, IVF-Flat above; or the index's setting).")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto: exact flat up to ~50k vectors at dim 512, IVF over float16 vectors (ivfsq) above; or the index's setting).")
 @click.option("--exclude", multiple=True, help="Glob of paths or names to skip (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
 @click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")

@@ -77,12 +77,18 @@ def _meta_ok(root: Path, want: dict) -> bool:
 
 def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "auto") -> Path:
     """A ViT-B-32:none index of n synthetic image vectors, plus the real exported text encoder."""
+    from retrieval.fast_text import FORMAT_VERSION, read_export_config
     from retrieval.vectors import choose_config
 
     # the vector layer's current defaults are part of the key: an index built under older ones is rebuilt
     want = {"spec": SPEC, "n": n, "seed": seed, "index_type": index_type, "version": 1,
             "vectors": choose_config(n, 512, index_type).to_dict()}
     if _meta_ok(root, want) and (root / "text_encoder.json").is_file():
+        if (read_export_config(root) or {}).get("version") != FORMAT_VERSION:  # an older export layout
+            from retrieval.encoders import load_encoder
+            from retrieval.fast_text import ensure_text_export
+
+            ensure_text_export(load_encoder(SPEC, device="cpu"), root)
         return root
     import shutil
 
@@ -249,6 +255,8 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
         os.environ["RETRIEVAL_NO_FAST_TEXT"] = "1"
     out: dict = {"mode": mode}
     with Searcher.open(index, device="cpu") as s:
+        if mode == "fast-plain":
+            _unblock_text_weights(s)
         vi = s.index.vectors("images", mmap=True)
         out["n_vectors"] = int(vi.ntotal)
         out["index_kind"] = vi.kind
@@ -299,15 +307,28 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
         truth = np.concatenate(truth)
         recall = lambda f: float(np.mean([len(set(a) & set(b)) / K for a, b in zip(f.tolist(), truth.tolist())]))  # noqa: E731
         out["recall_at_10"] = recall(found)
-        if mode not in ("torch", "fast1"):
+        if mode in ("fast", "image"):
             out["sweep"] = _sweep(s, vi, Q, recall, items, mode, ms)
     return out
+
+
+def _unblock_text_weights(s) -> None:
+    """The numpy encoder as it ran before column-blocked weights (export format 1): plain [K, N] weights,
+    each product split by rows across the query threads. Same numbers, older layout: the "before" row."""
+    from retrieval import fast_text
+
+    s.embed_query("warm-up")
+    enc = s._fast_text[1]
+    assert enc is not None, "no numpy text encoder in this index"
+    tower = enc.tower
+    tower.w = {k: fast_text.from_blocked(v) for k, v in tower.w.items()}
+    assert all(v.ndim <= 2 for v in tower.w.values()) and fast_text.QUERY_THREADS >= 1
 
 
 def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
     """The search-time knob (IVF nprobe / HNSW efSearch) raised until recall@10 >= 0.98 on these queries;
     at that setting the end-to-end pass is timed again."""
-    key = {"ivfflat": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(vi.kind)
+    key = {"ivfflat": "nprobe", "ivfsq": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(vi.kind)
     if key is None:
         return []
     params = vi.config.params
@@ -341,8 +362,8 @@ def run_warm(index: Path, mode: str, n_queries: int, image: Path, pycache: Path)
     print(f"[warm] {index.name}: {mode}", file=sys.stderr, flush=True)
     env = child_env(pycache, torch_path=(mode == "torch"))
     env.pop("RETRIEVAL_QUERY_THREADS", None)
-    if mode == "fast1":  # the numpy encoder on the calling thread only (fast_text.QUERY_THREADS = 1)
-        env["RETRIEVAL_QUERY_THREADS"] = "1"
+    if mode == "fast2":  # blocked products split across two threads (not the default; see fast_text)
+        env["RETRIEVAL_QUERY_THREADS"] = "2"
     p = subprocess.run([sys.executable, __file__, "--_warm", str(index), mode, str(n_queries), str(image)],
                        env=env, capture_output=True, text=True, cwd=str(ROOT))
     if p.returncode != 0:
@@ -382,7 +403,9 @@ def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> No
               "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | FAISS+SQLite p50 ms | recall@10 vs exact |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in res["warm"]:
-        mode = {"fast": "text, numpy encoder", "fast1": "text, numpy encoder, 1 thread", "torch": "text, torch encoder", "image": "image (torch)"}[w["mode"]]
+        mode = {"fast": "text, numpy encoder", "fast2": "text, numpy encoder, blocks split over 2 threads",
+                "fast-plain": "text, numpy encoder, before: plain weights split by rows",
+                "torch": "text, torch encoder", "image": "image (torch)"}[w["mode"]]
         lines.append(f"| {w['label']} | {w['n_vectors']:,} | {w['index_kind']} | {mode} | {w['queries']} | {w['total_p50_ms']:.1f} | "
                      f"{w['total_p95_ms']:.1f} | {w['cpu_p50_ms']:.1f} | {w['encode_p50_ms']:.1f} | {w['search_join_p50_ms']:.2f} | {w['recall_at_10']:.3f} |")
     sweeps = [w for w in res["warm"] if w.get("sweep")]
@@ -407,6 +430,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-runs", type=int, default=3, help="cold image-query runs")
     ap.add_argument("--warm-queries", type=int, default=200)
     ap.add_argument("--warm-n", default="", help="extra index sizes for warm queries only, e.g. 1000000")
+    ap.add_argument("--warm-index-types", default="auto", help="vector index kinds for the --warm-n indexes, e.g. auto,ivfflat")
+    ap.add_argument("--modes", default="fast,fast-plain,fast2,torch,image", help="warm query modes")
     ap.add_argument("--skip-starter", action="store_true")
     ap.add_argument("--parts", default="cold,image,warm", help="comma-separated subset of cold,image,warm")
     ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
@@ -449,12 +474,14 @@ def main(argv=None) -> int:
 
     warm_sets = [(vit, f"{SPEC}, {args.n:,}")] if "warm" in parts else []
     for n in [int(x) for x in args.warm_n.split(",") if x.strip() and "warm" in parts]:
-        print(f"[build] {SPEC} x {n}", file=sys.stderr, flush=True)
-        warm_sets.append((build_synthetic_index(workdir / f"vitb32-{n}", n), f"{SPEC}, {n:,}"))
+        for kind in args.warm_index_types.split(","):
+            print(f"[build] {SPEC} x {n} ({kind})", file=sys.stderr, flush=True)
+            root = workdir / (f"vitb32-{n}" if kind == "auto" else f"vitb32-{n}-{kind}")
+            warm_sets.append((build_synthetic_index(root, n, index_type=kind), f"{SPEC}, {n:,}"))
     if starter is not None and "warm" in parts:
         warm_sets.append((starter, "starter, 18"))
     for index, label in warm_sets:
-        for mode in ("fast", "fast1", "torch", "image"):
+        for mode in args.modes.split(","):
             w = run_warm(index, mode, args.warm_queries if mode.startswith("fast") else max(20, args.warm_queries // 4), image, pycache)
             w["label"] = label
             res["warm"].append(w)

@@ -443,6 +443,17 @@ def headline(out_dir: Path) -> str:
                                  f"{_fmt(r.get('recall_at_10'))}).")
         except Exception:
             pass
+    for p in sorted(out_dir.glob("cold_query*.json")):
+        try:
+            d = json.loads(p.read_text())
+            for w in d.get("warm") or []:
+                if w.get("mode") == "fast" and w.get("n_vectors", 0) >= 100_000:
+                    lines.append(f"- Warm text query, numpy text encoder ({p.stem}), {_fmt(w['n_vectors'])} vectors, "
+                                 f"{w.get('index_kind')}: **p50 {_fmt(w.get('total_p50_ms'))} ms** end to end (encode "
+                                 f"{_fmt(w.get('encode_p50_ms'))} ms, FAISS + SQLite {_fmt(w.get('search_join_p50_ms'))} ms), "
+                                 f"recall@10 vs exact {_fmt(w.get('recall_at_10'))}.")
+        except Exception:
+            pass
     for p in sorted(out_dir.glob("recall*.json")):
         try:
             d = json.loads(p.read_text())

@@ -82,6 +82,7 @@ def steps(args) -> list[Step]:
                                   "test", "--models", "starter", "--exact", "--name", "synth_test", "--out", out]),
         ]
         s.append(Step("cold_query_1m", [f"{B}/cold_query.py", "--parts", "warm", "--warm-n", "1000000", "--skip-starter",
+                                        "--warm-index-types", "auto,ivfflat",
                                         "--name", "cold_query_1m", "--out", out]))
     s.append(Step("report", [f"{B}/report.py", "--out-dir", out, "--results", args.results]))
     return s

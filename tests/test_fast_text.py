@@ -108,7 +108,11 @@ def test_numpy_clip_tower_matches_torch_vit_b32(merges):
     tower_cfg, weights, tok_cfg = fast_text._export_clip(enc)
     assert tower_cfg["activation"] == "gelu" and tower_cfg["causal"] and tower_cfg["pool"] == "argmax"
     assert tower_cfg["layers"] == 12 and tower_cfg["width"] == 512 and tok_cfg["context_length"] == 77
-    tower = fast_text.ClipTextTower(tower_cfg, weights)
+    blocked = fast_text.blocked_weights(weights)  # the layout an export writes
+    assert blocked["layers.0.mlp.c_proj.weight"].shape == (16, 2048, 32)
+    assert blocked["layers.0.attn.in_proj_weight"].shape == (24, 512, 64)
+    assert blocked["token_embedding"].shape == weights["token_embedding"].shape
+    tower = fast_text.ClipTextTower(tower_cfg, blocked)
     tok = ClipTokenizer(merges, tok_cfg["context_length"])
     texts = ["a photo of a cat", "hello <end_of_text> world", "Ünïcödé ñ 東京 🐶 &amp;", "word " * 100]  # ~23 GFLOP in torch
     got = np.stack([fast_text._normalize(tower.encode_tokens(tok.tokens(t))) for t in texts])
@@ -123,19 +127,26 @@ def test_numpy_clip_tower_matches_torch_vit_b32(merges):
         np.testing.assert_allclose(short, full, atol=1e-6, rtol=0)
 
 
-def test_split_matmul_is_exact_and_never_waits_for_a_busy_helper(monkeypatch):
-    """Weight products are split by rows across QUERY_THREADS threads. The result must not depend on how
-    many threads there are or on who computed which block, and a helper pool that is busy elsewhere must
-    not stall a query: the calling thread then takes every block itself."""
+@pytest.mark.parametrize("layout", ["rows", "blocked"])
+def test_split_matmul_is_exact_and_never_waits_for_a_busy_helper(monkeypatch, layout):
+    """Weight products are split across QUERY_THREADS threads (by input rows for a plain [K, N] weight, by
+    column blocks for an export's blocked one). The result must not depend on how many threads there are
+    or on who computed which block, and a helper pool that is busy elsewhere must not stall a query: the
+    calling thread then takes every block itself."""
     import threading
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((12, 2048), dtype=np.float32)
     w = rng.standard_normal((2048, 512), dtype=np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64)
-    monkeypatch.setattr(fast_text, "QUERY_THREADS", 1)
+    if layout == "blocked":
+        plain, w = w, fast_text.to_blocked(w)
+        assert w.shape == (16, 2048, 32) and fast_text.logical_shape(w) == (2048, 512)
+        assert np.array_equal(fast_text.from_blocked(w), plain)
+    knob = "BLOCKED_THREADS" if layout == "blocked" else "QUERY_THREADS"
+    monkeypatch.setattr(fast_text, knob, 1)
     one = fast_text._matmul(x, w)
-    monkeypatch.setattr(fast_text, "QUERY_THREADS", 2)
+    monkeypatch.setattr(fast_text, knob, 2)
     runs = [fast_text._matmul(x, w) for _ in range(20)]
     np.testing.assert_allclose(one, ref, rtol=0, atol=1e-3)
     np.testing.assert_allclose(runs[0], one, rtol=0, atol=1e-3)
@@ -155,7 +166,7 @@ def test_split_matmul_is_exact_and_never_waits_for_a_busy_helper(monkeypatch):
         release.set()
         for b in busy:
             b.result()
-    assert fast_text._matmul(x[0], w).shape == (512,)  # a single row is not split
+    np.testing.assert_allclose(fast_text._matmul(x[0], w), ref[0], rtol=0, atol=1e-3)  # a single row
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +295,37 @@ def test_fast_path_applies_the_index_fusion(tiny_index, monkeypatch):
         assert s._fast_text[1] is not None
         monkeypatch.setattr(s.index, "fusion", lambda: Shift())
         np.testing.assert_allclose(s.embed_text("a red circle"), Shift().query_text(plain[None])[0], atol=1e-6)
+
+
+def test_format_1_export_is_read_and_the_next_index_run_rewrites_it(tmp_path):
+    """Exports written before column-blocked weights (format 1: plain [K, N] weights) still answer queries,
+    with the same vectors, until the next `index` run replaces them with the current format."""
+    from safetensors.numpy import save
+
+    photos = write_photos(tmp_path / "p", 3)
+    build_index(tmp_path / "idx", photos)
+    root = tmp_path / "idx"
+    cfg = json.loads((root / fast_text.CONFIG_NAME).read_text())
+    assert cfg["version"] == fast_text.FORMAT_VERSION == 2
+    weights, _meta, mm = fast_text._read_safetensors(root / fast_text.WEIGHTS_NAME)
+    assert any(v.ndim == 3 for v in weights.values())
+    plain = {k: np.array(fast_text.from_blocked(v)) for k, v in weights.items()}
+    del weights, _meta
+    mm.close()
+    with Searcher.open(root, device="cpu") as s:
+        want = s.embed_text("a red circle")
+    blob = save(plain, metadata={"export_id": cfg["export_id"], "format": fast_text.FORMAT})
+    (root / fast_text.WEIGHTS_NAME).write_bytes(blob)
+    cfg.update(version=1, files={**cfg["files"], fast_text.WEIGHTS_NAME: len(blob)})
+    (root / fast_text.CONFIG_NAME).write_text(json.dumps(cfg))
+
+    with Searcher.open(root, device="cpu") as s:
+        got = s.embed_text("a red circle")
+        assert s._fast_text[1] is not None  # the old export is used, not torch
+        assert all(v.ndim <= 2 for v in s._fast_text[1].tower.w.values())
+        ident = s.index.identity
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert not fast_text.export_is_current(root, ident)
+    build_index(root, photos)  # nothing new to index; the export is brought up to date
+    assert json.loads((root / fast_text.CONFIG_NAME).read_text())["version"] == 2
+    assert fast_text.export_is_current(root, ident)

@@ -248,7 +248,7 @@ def test_missing_path_is_a_user_error(tmp_path):
         build_index(tmp_path / "idx", [tmp_path / "nope"])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivfflat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"])
 def test_index_type_override_recorded(tmp_path, kind):
     write_photos(tmp_path / "p", 6)
     build_index(tmp_path / "idx", [tmp_path / "p"], index_type=kind)

@@ -193,3 +193,19 @@ def test_user_errors_exit_2_and_create_nothing(tmp_path, idx):
     with Index.open_for_write(d):  # a writer is running
         code, _, err = verify(d)
     assert code == 2 and "another process is writing" in err
+
+
+def test_float16_vectors_verify_clean(golden, tmp_path):
+    """ivfsq stores float16: its rounding (~1e-4) must not read as corruption in the sampled check, while a
+    vector that really differs still does."""
+    root, photos = golden
+    d = tmp_path / "sq"
+    build_index(d, [root / "photos"], index_type="ivfsq")
+    with Index.open(d) as i:
+        assert i.vectors("images").kind == "ivfsq"
+    code, out, _ = verify(d)
+    assert code == 0, out
+    sql(d, "UPDATE embeddings SET vector = (SELECT vector FROM embeddings WHERE kind = 'image' ORDER BY rowid DESC LIMIT 1) "
+           "WHERE rowid = (SELECT MIN(rowid) FROM embeddings WHERE kind = 'image')")
+    code, out, _ = verify(d)
+    assert code == 1 and "differ" in out, out
