@@ -98,10 +98,14 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @click.option("--glob", default=None, help="Only results whose path or file name matches this glob.")
 @click.option("--exclude-self", is_flag=True, help="Leave out the query image itself (and identical copies).")
 @click.option("--no-dedupe", is_flag=True, help="Keep results with identical content.")
+@click.option("--probes", type=click.IntRange(1), default=None,
+              help="ANN effort for this query: IVF lists probed (nprobe) or HNSW efSearch. Higher finds more of the "
+                   "exact top k, slower. Default: the index's setting (`info`); exact (flat) indexes ignore it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
 @click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
-def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, device, as_json, as_paths):
+def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, device, as_json,
+           as_paths):
     """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
     from retrieval.errors import RetrievalError
     from retrieval.search import Searcher
@@ -114,7 +118,7 @@ def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclud
 
     with Searcher.open(index_dir, device=device) as s:
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                           exclude_self=exclude_self, dedupe=not no_dedupe)
+                           exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes)
     _print_results(results, as_json, as_paths)
     sys.exit(0 if results else 1)
 

@@ -49,6 +49,7 @@ class IndexInfo:
     model: str
     dim: int
     index_type: str
+    index_params: dict  # the vector index's parameters (nlist, nprobe, efSearch, ...): what --probes overrides
     generation: int
     fusion: str | None
     vectors: int
@@ -274,6 +275,7 @@ class Index:
             model=ident.spec if ident else "",
             dim=self.dim,
             index_type=cfg.get("kind", "none"),
+            index_params=dict(cfg.get("params") or {}),
             generation=gen,
             fusion=(fusion or {}).get("version") if fusion else None,
             vectors=int(self.store.get_manifest("vectors_images", 0)),

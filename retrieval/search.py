@@ -134,7 +134,8 @@ class Searcher:
 
     def search(self, text: str | None = None, image=None, *, weight: float = 0.5, to: str = "images", k: int = 10,
                min_score: float | None = None, under: str | None = None, glob: str | None = None,
-               exclude_self: bool = False, dedupe: bool = True) -> list[Result]:
+               exclude_self: bool = False, dedupe: bool = True, probes: int | None = None) -> list[Result]:
+        """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own."""
         if k < 1:
             raise RetrievalError("-k must be at least 1")
         if to not in ("images", "captions"):
@@ -147,11 +148,13 @@ class Searcher:
             qvec = self.embed_query(text, image, weight)
             self_hash = _query_hash(image) if (exclude_self and image is not None) else None
             return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                      exclude_hash=self_hash, dedupe=dedupe)
+                                      exclude_hash=self_hash, dedupe=dedupe, probes=probes)
 
     def search_vector(self, qvec: np.ndarray, *, to: str = "images", k: int = 10, min_score: float | None = None,
                       under: str | None = None, glob: str | None = None, exclude_hash: str | None = None,
-                      dedupe: bool = True) -> list[Result]:
+                      dedupe: bool = True, probes: int | None = None) -> list[Result]:
+        if probes is not None and probes < 1:
+            raise RetrievalError(f"--probes must be at least 1, got {probes}")
         vectors = self.index.vectors(to, mmap=True)
         if vectors is None or vectors.ntotal == 0:
             return []
@@ -162,7 +165,7 @@ class Searcher:
         fetch = min(total, max(k * 2, k + 16))
         q = np.ascontiguousarray(qvec, dtype=np.float32).reshape(1, -1)
         for _ in range(MAX_OVERFETCH_ROUNDS):
-            scores, ids = vectors.search(q, fetch, allowed_ids=allowed)
+            scores, ids = vectors.search(q, fetch, allowed_ids=allowed, probes=probes)
             results = self._materialise(to, scores[0], ids[0], k, min_score, exclude_hash, dedupe)
             exhausted = fetch >= total
             below = min_score is not None and len(scores[0]) and scores[0][-1] < min_score

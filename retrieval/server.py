@@ -65,6 +65,7 @@ DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries around the uploaded file
 THUMB_SIZE = 256
 MAX_K = 1000
+PROBES_HELP = "ANN effort for this query: IVF lists probed or HNSW efSearch (default: the index's setting)"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "testserver")
 _ID = re.compile(r"[0-9]{1,18}")
 _HEX = re.compile(r"[0-9a-f]{16,128}")
@@ -272,7 +273,7 @@ class _Service:
             raise EmptyIndexError(f"the index at {self.root} has no {to} to search")
 
     def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
-               min_score=None, under=None, glob=None, exclude_self=False):
+               min_score=None, under=None, glob=None, exclude_self=False, probes=None):
         with self.lock, self.searcher.index.pinned():
             s = self.searcher
             if image_id is not None:
@@ -285,9 +286,10 @@ class _Service:
                 qvec = s.embed_query(text, image, weight)
                 exclude = image_hash
             else:
-                return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob)
+                return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
+                                probes=probes)
             return s.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                   exclude_hash=exclude)
+                                   exclude_hash=exclude, probes=probes)
 
     def info(self) -> dict:
         with self.lock:
@@ -383,13 +385,14 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         under: Optional[str] = Query(None, max_length=4096),
         glob: Optional[str] = Query(None, max_length=1024),
         exclude_self: bool = Query(False, description="With id: leave out that image and identical copies"),
+        probes: Optional[int] = Query(None, ge=1, le=65536, description=PROBES_HELP),
     ):
         text = q if q and q.strip() else None
         if text is None and id is None:
             raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, or both")
         t0 = time.perf_counter()
         results = service.search(text=text, image_id=id, weight=weight, to=to, k=k, min_score=min_score,
-                                 under=under or None, glob=glob or None, exclude_self=exclude_self)
+                                 under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes)
         return _results(request, results, t0)
 
     @app.post("/api/search", summary="Search by an uploaded image, optionally combined with text")
@@ -404,6 +407,7 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         under: Optional[str] = Form(None, max_length=4096),
         glob: Optional[str] = Form(None, max_length=1024),
         exclude_self: bool = Form(False, description="Leave out indexed copies of the uploaded file"),
+        probes: Optional[int] = Form(None, ge=1, le=65536, description=PROBES_HELP),
     ):
         from .images import load_image
 
@@ -420,7 +424,7 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         t0 = time.perf_counter()
         results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
                                  under=under or None, glob=glob or None, exclude_self=exclude_self,
-                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None)
+                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes)
         return _results(request, results, t0)
 
     def _results(request: Request, results, t0: float) -> dict:

@@ -153,3 +153,27 @@ def test_weights_replaced_after_indexing_are_refused_at_query_time(tmp_path):
     assert r.exit_code == 2 and "model mismatch" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert run("search", "a photo", "--index", str(tmp_path / "idx"), "--paths").exit_code == 0
+
+
+def test_search_probes_reaches_the_vector_index(indexed, monkeypatch):
+    from retrieval.vectors import VectorIndex
+
+    root, photos = indexed
+    seen = []
+    real = VectorIndex.search
+
+    def spy(self, queries, k, allowed_ids=None, probes=None):
+        seen.append(probes)
+        return real(self, queries, k, allowed_ids=allowed_ids, probes=probes)
+
+    monkeypatch.setattr(VectorIndex, "search", spy)
+    args = ["search", "--image", str(photos[0]), "--index", str(root / "idx"), "-k", "3", "--json"]
+    plain = run(*args)
+    probed = run(*args, "--probes", "64")
+    assert plain.exit_code == probed.exit_code == 0
+    assert plain.output == probed.output  # flat is exact: the effort changes nothing
+    assert seen == [None, 64]
+    bad = run(*args, "--probes", "0")
+    assert bad.exit_code == 2 and "--probes" in bad.output and "Traceback" not in bad.output
+    info = json.loads(run("info", "--index", str(root / "idx"), "--json").output)
+    assert info["index_params"] == {}  # flat has no knobs; IVF shows nlist/nprobe here

@@ -119,6 +119,9 @@ def test_text_search_returns_k_with_urls(client):
         assert x["kind"] == "image" and x["path"].endswith(".jpg")
         assert x["thumb"].split("?")[0] == f"/thumb/{x['id']}" and x["file"] == f"/file/{x['id']}"
         assert {"rank", "score", "id", "path", "hash", "width", "height", "captions"} <= set(x)
+    probed = client.get("/api/search", params={"q": "a red circle", "k": 5, "probes": 32})
+    assert probed.status_code == 200 and [x["id"] for x in probed.json()["results"]] == [x["id"] for x in res]
+    assert client.get("/api/search", params={"q": "a red circle", "probes": 0}).status_code == 422
     t = client.get(res[0]["thumb"])
     assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
     f = client.get(res[0]["file"])

@@ -296,3 +296,27 @@ def test_bad_input(data):
     vi = VectorIndex.build(DIM, ids[:5], x[:5], VectorIndexConfig("flat"))
     with pytest.raises(ValueError):
         vi.search(np.ones((1, DIM + 1), np.float32), 3)
+
+
+@pytest.mark.parametrize("kind", ["ivfflat", "ivfsq", "hnsw", "flat"])
+def test_probes_overrides_the_search_effort_for_one_call(data, kind):
+    """`search --probes N`: more IVF lists (or a wider HNSW beam) for this query only; exact kinds ignore it."""
+    ids, x = data
+    params = {"nlist": 64, "nprobe": 1} if kind.startswith("ivf") else ({"efSearch": 10} if kind == "hnsw" else {})
+    vi = VectorIndex.build(DIM, ids, x, VectorIndexConfig(kind, params))
+    exact = VectorIndex.build(DIM, ids, x, VectorIndexConfig("flat"))
+    queries = clustered(50, seed=5)
+    truth = exact.search(queries, 10)[1]
+
+    def recall(found):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+
+    low = recall(vi.search(queries, 10)[1])
+    high = recall(vi.search(queries, 10, probes=64 if kind != "hnsw" else 512)[1])
+    if kind == "flat":
+        assert low == high == 1.0
+    else:
+        assert high >= 0.99 and high > low, (low, high)
+    assert recall(vi.search(queries, 10)[1]) == low  # the override did not stick
+    with pytest.raises(ValueError, match="probes"):
+        vi.search(queries, 10, probes=0)
