@@ -128,6 +128,56 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
     return root
 
 
+def build_checkpoint_index(root: Path) -> Path:
+    """The 18 sample photos indexed with ViT-B-32 loaded from a local checkpoint file (ARCH:/path), as a user
+    with downloaded weights has it: loading then skips random init (retrieval/encoders.py). The checkpoint
+    is the seeded random init saved to safetensors under --workdir (600 MB, never committed)."""
+    want = {"spec": "ViT-B-32:checkpoint", "version": 1}
+    ckpt = root / "vitb32.safetensors"
+    if _meta_ok(root, want) and ckpt.is_file() and (root / "index" / "meta.sqlite").is_file():
+        return root / "index"
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from index_data.pipeline import IndexOptions, run_index
+    from retrieval.encoders import load_encoder
+    from retrieval.samples import write_sample_photos
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    model = load_encoder(SPEC, device="cpu").model
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    del model
+    write_sample_photos(root / "photos")
+    run_index(root / "index", IndexOptions(paths=[str(root / "photos")], model=f"ViT-B-32:{ckpt}", workers=0,
+                                           progress=False, device="cpu"))
+    (root / "bench_meta.json").write_text(json.dumps(want))
+    return root / "index"
+
+
+def cold_image_checkpoint(index: Path, image: Path, runs: int, pycache: Path) -> dict:
+    """Cold image queries on a checkpoint-loaded model, interleaved: random init then load (before) against
+    building without init (after, the default)."""
+    base = ["--image", str(image), "--index", str(index), "--json", "-k", str(K)]
+    before_env = {**child_env(pycache, False), "RETRIEVAL_INIT_BEFORE_LOAD": "1"}
+    after_env = child_env(pycache, False)
+    after_env.pop("RETRIEVAL_INIT_BEFORE_LOAD", None)
+    run_cli(base, after_env)  # warm-up
+    t = {"before": ([], []), "after": ([], [])}
+    rows = {}
+    for i in range(runs):
+        for name, env in (("before", before_env), ("after", after_env)):
+            wall, res, _, cpu = run_cli(base, env)
+            t[name][0].append(wall)
+            t[name][1].append(cpu)
+            rows[name] = res
+        print(f"[cold] image checkpoint: run {i + 1}/{runs} {t['before'][0][-1]:.2f}s / {t['after'][0][-1]:.2f}s",
+              file=sys.stderr, flush=True)
+    return {"before_init": summary(*t["before"]), "after_no_init": summary(*t["after"]),
+            "results": compare(rows["before"], rows["after"])}
+
+
 def build_starter_index(root: Path) -> Path:
     want = {"spec": "starter", "version": 1}
     if _meta_ok(root, want) and (root / "index" / "text_encoder.json").is_file():
@@ -395,6 +445,16 @@ def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> No
     for c in res.get("cold_image", []):
         lines.append(f"| {c['label']} | image | {c['median_s']:.2f} [{c['min_s']:.2f}-{c['max_s']:.2f}] | (needs torch) | | "
                      f"{c['cpu_median_s']:.2f} / | | | |")
+    ck = res.get("cold_image_checkpoint")
+    if ck:
+        b, a = ck["before_init"], ck["after_no_init"]
+        lines += ["", f"Cold image query, {ck['label']}: random init then load (before) vs building without init "
+                  "(after), interleaved:", "",
+                  "| before, median [min-max] s | after, median [min-max] s | CPU s before / after | same top-10 | max score diff |",
+                  "|---|---|---|---|---|",
+                  f"| {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | {a['median_s']:.2f} [{a['min_s']:.2f}-{a['max_s']:.2f}] | "
+                  f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | {ck['results']['same_top10']} | "
+                  f"{ck['results']['max_score_diff']:.1e} |"]
     lines += ["", "Warm: one process, Searcher.search end to end (encode + FAISS + SQLite join), distinct queries;",
               "CPU p50 = process CPU time per query (all threads).", "",
               "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | FAISS+SQLite p50 ms | recall@10 vs exact |",
@@ -430,7 +490,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-index-types", default="auto", help="vector index kinds for the --warm-n indexes, e.g. auto,ivfflat")
     ap.add_argument("--modes", default="fast,fast-plain,fast2,torch,image", help="warm query modes")
     ap.add_argument("--skip-starter", action="store_true")
-    ap.add_argument("--parts", default="cold,image,warm", help="comma-separated subset of cold,image,warm")
+    ap.add_argument("--parts", default="cold,image,image-checkpoint,warm",
+                    help="comma-separated subset of cold,image,image-checkpoint,warm")
     ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrieval_cold_query"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
@@ -460,6 +521,12 @@ def main(argv=None) -> int:
             c = cold_pair(starter, ["a cat"], args.runs, pycache, "starter")
             c["label"] = "starter, 18 sample photos"
             res["cold"].append(c)
+    if args.image_runs and "image-checkpoint" in parts:
+        print("[build] ViT-B-32 from a local checkpoint, 18 photos", file=sys.stderr, flush=True)
+        ck = build_checkpoint_index(workdir / "vitb32-checkpoint")
+        c = cold_image_checkpoint(ck, image, args.runs, pycache)
+        c["label"] = "ViT-B-32 from a local .safetensors checkpoint, 18 sample photos"
+        res["cold_image_checkpoint"] = c
     if args.image_runs and "image" in parts:
         c = cold_image(vit, image, args.image_runs, pycache)
         c["label"] = f"{SPEC}, {args.n:,} images"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -165,6 +166,36 @@ def _resolve_weights(spec: ModelSpec, cache_dir: str | None) -> str | None:
     return path
 
 
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _skip_param_init():
+    """Make torch.nn.init's in-place initialisers no-ops while a model is built only to receive a checkpoint.
+
+    open_clip builds the model (random init of every parameter) and then loads the weights with
+    strict=True, so every parameter is overwritten and the init is wasted: 0.9 of the 1.2 s that
+    ViT-B-32 took to load from a local file on the 2-core sandbox, paid by every cold image query and every
+    `index` run. The same trick as transformers' no_init_weights. The patch is process-wide, so loads are
+    serialised by a lock (two overlapping patches could otherwise restore the no-ops for good).
+    RETRIEVAL_INIT_BEFORE_LOAD=1 turns it off (a diagnostic, and the "before" of benchmarks/cold_query.py)."""
+    import torch.nn.init as init
+
+    if os.environ.get("RETRIEVAL_INIT_BEFORE_LOAD", "").strip() not in ("", "0"):
+        yield
+        return
+    with _INIT_LOCK:
+        names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+        saved = {n: getattr(init, n) for n in names}
+        try:
+            for n in names:
+                setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
+
+
 def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None) -> Encoder:
     """Build the encoder a spec names: `ARCH:TAG`, `ARCH:/path/to/weights`, `ARCH:none`, or `starter`."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
@@ -186,10 +217,11 @@ def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "
     if weights is None:
         torch.manual_seed(RANDOM_INIT_SEED)  # random init is deterministic, so an index can be reopened
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=weights, device=device, precision="fp32",
-            pretrained_text=False, pretrained_image=False,
-        )
+        with _skip_param_init() if weights else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=weights, device=device, precision="fp32",
+                pretrained_text=False, pretrained_image=False,
+            )
     except Exception as e:  # a truncated or foreign file raises SafetensorError, UnpicklingError, ...
         if not weights:
             raise

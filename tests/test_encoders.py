@@ -79,6 +79,24 @@ def test_local_checkpoint_round_trip(tmp_path, suffix):
     assert loaded.identity.pretrained == path.name
     # different weights, different identity: a mismatch is detectable
     assert not loaded.identity.matches(load_encoder("tiny-clip:none", device="cpu").identity)
+    # the model was built without random init (the checkpoint overwrites it); torch's init is back afterwards
+    t = torch.zeros(10_000)
+    torch.nn.init.normal_(t)
+    assert float(t.std()) > 0.5
+
+
+def test_checkpoint_missing_a_parameter_is_refused(tmp_path):
+    """Building for a checkpoint skips random init, so a parameter the file lacks must never be left as
+    uninitialised memory: strict loading refuses the file instead."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in load_encoder("tiny-clip:none", device="cpu").model.state_dict().items()}
+    state.pop(next(k for k in state if k.startswith("visual.")))
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelSpecError, match="do not fit") as e:
+        load_encoder(f"tiny-clip:{path}", device="cpu")
+    assert "\n" not in str(e.value)
 
 
 def test_vit_b32_random_init_dim_512():
