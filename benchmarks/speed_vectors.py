@@ -12,7 +12,7 @@ Two query sets:
 
 Each (size, kind) runs in its own subprocess so that peak RSS (getrusage) belongs to that kind.
 Usage:
-  python benchmarks/speed_vectors.py --sizes 10000,100000,1000000 --dim 512 --kinds flat,hnsw,ivfflat,ivfpq \
+  python benchmarks/speed_vectors.py --sizes 10000,100000,1000000 --dim 512 --kinds flat,hnsw,ivfflat,ivfsq,ivfpq \
       --queries 200 --out benchmarks/out
   python benchmarks/speed_vectors.py --tiny --out /tmp/x      # seconds; the smoke test runs this
 """
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--kinds", default="flat,hnsw,ivfflat,ivfpq")
+    ap.add_argument("--kinds", default="flat,hnsw,ivfflat,ivfsq,ivfpq")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--tiny", action="store_true", help="sizes 2000, dim 32, 20 queries: a smoke test")

@@ -22,7 +22,7 @@ def test_speed_vectors_tiny(tmp_path):
     doc = json.loads((tmp_path / "speed_vectors.json").read_text())
     for key in ("machine", "faiss_version", "command", "k", "queries", "target_recall", "results"):
         assert key in doc
-    assert {r["kind"] for r in doc["results"]} == {"flat", "hnsw", "ivfflat", "ivfpq"}
+    assert {r["kind"] for r in doc["results"]} == {"flat", "hnsw", "ivfflat", "ivfsq", "ivfpq"}
     for r in doc["results"]:
         for key in ("size", "kind", "built_kind", "params", "build_s", "bytes_per_vector", "file_bytes",
                     "load_ms", "load_mmap_ms", "peak_rss_mb", "index_rss_mb", "sweep", "tuned",
