@@ -77,25 +77,23 @@ def _meta_ok(root: Path, want: dict) -> bool:
 
 def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "auto") -> Path:
     """A ViT-B-32:none index of n synthetic image vectors, plus the real exported text encoder."""
-    from retrieval.fast_text import FORMAT_VERSION, read_export_config
+    from retrieval.encoders import load_encoder
+    from retrieval.fast_text import ensure_text_export, export_is_current
+    from retrieval.index import Index
     from retrieval.vectors import choose_config
 
     # the vector layer's current defaults are part of the key: an index built under older ones is rebuilt
     want = {"spec": SPEC, "n": n, "seed": seed, "index_type": index_type, "version": 1,
             "vectors": choose_config(n, 512, index_type).to_dict()}
     if _meta_ok(root, want) and (root / "text_encoder.json").is_file():
-        if (read_export_config(root) or {}).get("version") != FORMAT_VERSION:  # an older export layout
-            from retrieval.encoders import load_encoder
-            from retrieval.fast_text import ensure_text_export
-
+        with Index.open(root) as idx:
+            ident = idx.identity
+        if not export_is_current(root, ident):  # an export in an older layout: rewrite it
             ensure_text_export(load_encoder(SPEC, device="cpu"), root)
         return root
     import shutil
 
     from benchmarks.speed_vectors import make_vectors
-    from retrieval.encoders import load_encoder
-    from retrieval.fast_text import ensure_text_export
-    from retrieval.index import Index
 
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
@@ -372,13 +370,14 @@ def _unblock_text_weights(s) -> None:
     assert enc is not None, "no numpy text encoder in this index"
     tower = enc.tower
     tower.w = {k: fast_text.from_blocked(v) for k, v in tower.w.items()}
-    assert all(v.ndim <= 2 for v in tower.w.values()) and fast_text.QUERY_THREADS >= 1
 
 
 def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
     """The search-time knob (IVF nprobe / HNSW efSearch, as `search --probes`) raised until recall@10 >= 0.98
     on these queries; at that setting the end-to-end pass is timed again."""
-    key = {"ivfflat": "nprobe", "ivfsq": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(vi.kind)
+    from retrieval.vectors import probes_param
+
+    key = probes_param(vi.kind)
     if key is None:
         return []
     start = int(vi.config.params.get(key, 16))

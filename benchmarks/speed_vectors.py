@@ -192,7 +192,7 @@ def run_worker(cache: Path, n: int, kind: str, args) -> dict:
         del mm
 
     # Sweep the speed/recall knob; the tuned point is the cheapest that reaches the target recall.
-    knob = {"hnsw": "efSearch", "ivfflat": "nprobe", "ivfsq": "nprobe", "ivfpq": "nprobe"}.get(real_kind)
+    knob = V.probes_param(real_kind)
     values = {"efSearch": args.ef_sweep, "nprobe": args.nprobe_sweep}.get(knob, [None])
     if knob == "nprobe":
         values = [v for v in values if v <= vi.config.params["nlist"]] or [vi.config.params["nlist"]]

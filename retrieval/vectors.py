@@ -172,6 +172,12 @@ def default_params(kind: str, n: int, dim: int) -> dict:
     raise ValueError(f"unknown vector index kind {kind!r}")
 
 
+def probes_param(kind: str) -> str | None:
+    """The config parameter that `search(..., probes=N)` overrides for a kind: nprobe (IVF), efSearch
+    (hnsw), or None (exact kinds)."""
+    return "nprobe" if kind in IVF_KINDS else "efSearch" if kind == "hnsw" else None
+
+
 def choose_config(n: int, dim: int, requested: str = "auto") -> VectorIndexConfig:
     """Pick the index kind and parameters for n vectors of size dim.
 
