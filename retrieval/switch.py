@@ -59,11 +59,40 @@ def _text_export_files(root: Path) -> list[str]:
     return [*sorted(cfg.get("files", {})), CONFIG_NAME]  # the config last: it names the others
 
 
+def keep_ids(main: Index, staging: Path) -> int:
+    """Give each image of the staging index the id its path has in `main` (new paths get ids above both),
+    so /file/ID links and a reader's in-flight results keep naming the same files across the switch.
+    Re-keys the staging vectors (rebuilt from its raw embeddings, no encoding). Returns how many rows
+    moved. A kill halfway leaves rows ahead of the vectors, which the resumed run publishes."""
+    old = {bytes(raw): i for i, raw in main.store.db.execute("SELECT id, path_raw FROM images")}
+    with Index.open_for_write(staging, create=False) as st:
+        db = st.store.db
+        rows = [(i, bytes(raw)) for i, raw in db.execute("SELECT id, path_raw FROM images")]
+        top = max([0, *old.values(), *(i for i, _ in rows)]) + 1
+        want = {}
+        for i, raw in rows:
+            if raw in old:
+                want[i] = old[raw]
+            else:
+                want[i], top = top, top + 1
+        moves = [(new, i) for i, new in want.items() if new != i]
+        if not moves:
+            return 0
+        shift = top  # above every id in use: the two-step renumbering never collides
+        with st.store.transaction():
+            for table, col in (("images", "id"), ("captions", "image_id")):
+                db.conn.executemany(f"UPDATE {table} SET {col} = ? WHERE {col} = ?", [(i + shift, i) for _, i in moves])
+                db.conn.executemany(f"UPDATE {table} SET {col} = ? WHERE {col} = ?", [(n, i + shift) for n, i in moves])
+        st.sync_vectors(force_rebuild=True)
+    return len(moves)
+
+
 def switch_in(main: Index, staging: Path) -> int:
     """Make the finished index at `staging` the content of `main` (opened for write, its lock held),
     under a new generation of `main`. Returns that generation. Raises RetrievalError if the staging
     index is not complete (verify finds a problem); then nothing changes."""
     assert main.writable
+    keep_ids(main, staging)
     with Index.open(staging) as st:
         problems = st.verify()
         if problems:

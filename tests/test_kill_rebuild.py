@@ -9,6 +9,7 @@ left. With FAULTS_OUT=DIR the table is written to DIR/faults_kill_rebuild.json.
 from __future__ import annotations
 
 import json
+import time
 import os
 import shutil
 import signal
@@ -142,3 +143,47 @@ def test_rebuild_with_another_model_switches_a_running_searcher(world, tmp_path)
         assert r.wait() == 0, r.stderr
         assert len(s.search("a red square", k=3)) == 3
         assert s.index.identity.spec == OTHER and s.index.dim == 32
+
+
+def test_a_reader_searching_through_a_rebuild_never_fails(world, tmp_path):
+    """A reader process searches in a loop (re-opening now and then) while a rebuild with another model
+    runs and switches in: no search fails, every id it gets has a row, and it sees both models."""
+    d = tmp_path / "idx"
+    shutil.copytree(world["base"], d)
+    proc, out, stop = fk.start_reader(d, tmp_path / "reader")
+    try:
+        r = fk.zygote().start(fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER), tmp_path / "logs",
+                              env=fk.child_env(RETRIEVAL_FAULT="encode:1:sleep=0.2"))  # a rebuild that takes a while
+        assert r.wait() == 0, r.stderr
+        deadline = time.monotonic() + 60
+        while not any('"dim": 32' in x for x in out.read_text().splitlines()) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.touch()
+        proc.wait(60)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    summary = lines[-1]
+    assert proc.returncode == 0 and summary["errors"] == 0, summary["first_error"]
+    assert summary["missing_rows"] == 0
+    assert {x["dim"] for x in lines if "dim" in x} == {64, 32}
+
+
+def test_rebuild_keeps_the_ids_of_paths(tmp_path):
+    """/file/ID links stay valid across a rebuild: a path keeps its id; a new path gets an unused one."""
+    from conftest import build_index
+
+    photos = write_photos(tmp_path / "p", 6)
+    build_index(tmp_path / "idx", [tmp_path / "p"], batch_size=2)
+    with Index.open(tmp_path / "idx") as idx:
+        before = {r.path: r.id for r in idx.store.iter_images()}
+    photos[0].unlink()
+    write_photos(tmp_path / "p", 2, start=50)
+    r = build_index(tmp_path / "idx", [tmp_path / "p"], model=OTHER, rebuild=True, batch_size=2)
+    assert r.images_total == 7
+    with Index.open(tmp_path / "idx") as idx:
+        after = {r.path: r.id for r in idx.store.iter_images()}
+        assert idx.verify() == [] and idx.identity.spec == OTHER
+    assert all(after[p] == before[p] for p in before if p in after)
+    new = [after[p] for p in after if p not in before]
+    assert len(new) == 2 and not set(new) & set(before.values())
