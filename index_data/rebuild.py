@@ -14,19 +14,28 @@ import os
 import shutil
 from dataclasses import replace
 
-from retrieval.index import Index
+from retrieval.errors import ModelMismatchError
+from retrieval.index import Index, storage_error
 from retrieval.modelspec import parse_spec
-from retrieval.switch import staging_dir, switch_in
+from retrieval.switch import STAGING_KEY, staging_dir, switch_in
 
 
-def _resumable(path, spec: str) -> bool:
-    """Whether the staging index at `path` was started for this model (then the rebuild resumes it)."""
+def _what(opts, spec: str) -> dict:
+    """The inputs that decide a rebuild's result: a staging index started for other ones is not resumed
+    (it could hold images of PATHs that this rebuild does not index)."""
+    absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else None  # noqa: E731
+    return {"model": spec, "paths": sorted(absolute(p) for p in opts.paths), "captions": absolute(opts.captions_file),
+            "fmt": opts.fmt, "split": opts.split, "images": absolute(opts.images_dir),
+            "exclude": sorted(opts.exclude), "include_hidden": bool(opts.include_hidden)}
+
+
+def _resumable(path, what: dict) -> bool:
+    """Whether the staging index at `path` was started by this same rebuild (then it is resumed)."""
     try:
         with Index.open(path) as st:
-            ident = st.identity
+            return st.store.get_manifest(STAGING_KEY) == what and st.identity is not None
     except Exception:  # noqa: BLE001 - no model recorded yet, or damaged: start it again
         return False
-    return ident is not None and ident.spec == spec
 
 
 def run_rebuild(index_dir, opts, run_index):
@@ -41,13 +50,29 @@ def run_rebuild(index_dir, opts, run_index):
             return run_index(index_dir, replace(opts, rebuild=False))
         spec = str(parse_spec(opts.model)) if opts.model else main.identity.spec
         stage = staging_dir(main.root)
-        if os.path.lexists(stage) and not _resumable(stage, spec):
+        what = _what(opts, spec)
+        if os.path.lexists(stage) and not _resumable(stage, what):
             shutil.rmtree(stage) if stage.is_dir() and not stage.is_symlink() else os.unlink(stage)
+        with Index.open_for_write(stage) as st, st.store.transaction():
+            st.store.set_manifest(STAGING_KEY, what)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
-        report = run_index(stage, replace(opts, rebuild=False, model=spec, index_type=index_type))
+        staged = replace(opts, rebuild=False, model=spec, index_type=index_type)
+        try:
+            report = run_index(stage, staged)
+        except ModelMismatchError:  # same spec, other weights (the file changed): start the staging afresh
+            shutil.rmtree(stage)
+            with Index.open_for_write(stage) as st, st.store.transaction():
+                st.store.set_manifest(STAGING_KEY, what)
+            report = run_index(stage, staged)
         if report.interrupted:  # Ctrl-C: the old index stays in force; the same command resumes
             return report
-        report.generation = switch_in(main, stage)
+        try:
+            report.generation = switch_in(main, stage)
+        except Exception as e:  # a full or read-only disk: one line; the old index is still in force
+            err = storage_error(e, main.root)
+            if err is None:
+                raise
+            raise err from None
         report.images_total = main.store.count("images")
         return report
     finally:

@@ -467,6 +467,10 @@ class Index:
         cut may roll back the last commits), but a manifest switch must not be rolled back once the
         older generations' files are pruned, or the manifest would name files that are gone."""
         db = self.store.db
+        if db.conn.in_transaction:  # SQLite cannot change the safety level inside one: the outer commit decides
+            with self.store.transaction():
+                yield
+            return
         db.execute("PRAGMA synchronous = FULL")
         try:
             with self.store.transaction():

@@ -37,6 +37,12 @@ class CheckedFile:
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self):  # a response that was never started (client gone) must not leak the descriptor
+        try:
+            self.close()
+        except OSError:
+            pass
+
     def chunks(self, size: int = 256 * 1024):
         """The file's bytes from the checked descriptor (closed at the end or when the client goes)."""
         try:

@@ -21,6 +21,7 @@ from .index import Index, _vec_file
 from .store import DB_NAME
 
 STAGING_DIR = "rebuild"
+STAGING_KEY = "rebuild_of"  # the staging manifest's record of what the rebuild indexes; not switched in
 _TABLES = ("images", "captions", "embeddings", "errors")
 
 
@@ -119,7 +120,7 @@ def switch_in(main: Index, staging: Path) -> int:
                 db.execute(f"INSERT INTO main.[{table}] ({names}) SELECT {names} FROM staging.[{table}]")
             db.execute("DELETE FROM main.manifest WHERE key NOT IN ('schema_version')")
             db.execute("INSERT INTO main.manifest(key, value) SELECT key, value FROM staging.manifest "
-                       "WHERE key NOT IN ('schema_version', 'generation')")
+                       "WHERE key NOT IN ('schema_version', 'generation', ?)", [STAGING_KEY])
             main.store.set_manifest("generation", next_gen)
     finally:
         db.execute("DETACH DATABASE staging")

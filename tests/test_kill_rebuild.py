@@ -187,3 +187,33 @@ def test_rebuild_keeps_the_ids_of_paths(tmp_path):
     assert all(after[p] == before[p] for p in before if p in after)
     new = [after[p] for p in after if p not in before]
     assert len(new) == 2 and not set(new) & set(before.values())
+
+
+def test_ctrl_c_during_rebuild_keeps_the_old_index(world, tmp_path):
+    """A Ctrl-C (SIGINT) mid-rebuild: exit 130 with the resume hint, the old index in force; rerun finishes."""
+    d = tmp_path / "idx"
+    shutil.copytree(world["base"], d)
+    argv = fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER)
+    r = fk.zygote().start(argv, tmp_path / "logs", env=fk.child_env(RETRIEVAL_FAULT="encode:1:int"))
+    assert r.wait() == 130 and "Run the same command to resume" in r.stderr and "Traceback" not in r.stderr
+    snap = fk.snapshot(d)
+    assert snap["problems"] == [] and snap["images"] == world["ref"]["images"] and _model(d) == fk.TINY
+    assert (d / "rebuild").is_dir()
+    r = fk.zygote().start(argv, tmp_path / "logs")
+    assert r.wait() == 0, r.stderr
+    assert _model(d) == OTHER and fk.invariant_failures(fk.snapshot(d), world["ref"]) == []
+
+
+def test_a_staging_index_of_other_paths_is_not_resumed(world, tmp_path):
+    """A killed `--rebuild EXTRA PHOTOS` followed by `--rebuild PHOTOS`: the result holds PHOTOS only."""
+    d = tmp_path / "idx"
+    shutil.copytree(world["base"], d)
+    extra = write_photos(tmp_path / "extra", 4, start=300)
+    argv = fk.index_argv([tmp_path / "extra", world["folder"]], d, "--rebuild", model=OTHER)
+    r = fk.zygote().start(argv, tmp_path / "logs", env=fk.child_env(RETRIEVAL_FAULT="publish:1"))
+    assert r.wait() == -signal.SIGKILL  # everything encoded into the staging index, not yet switched
+    with Index.open(d / "rebuild") as st:
+        assert any(row.path == str(extra[0]) for row in st.store.iter_images())  # the staging holds EXTRA
+    r = fk.zygote().start(fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER), tmp_path / "logs")
+    assert r.wait() == 0, r.stderr
+    assert fk.invariant_failures(fk.snapshot(d), world["ref"]) == []
