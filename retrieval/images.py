@@ -145,9 +145,14 @@ def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_
                 turn = _ORIENT.get(im.getexif().get(0x0112))
             except Exception:  # garbage EXIF must not lose the image
                 turn = None
-            factor = max(1, min(im.size) // side)
-            small = im.reduce(factor) if factor > 1 and im.mode not in ("P", "1") else im
-            small = _to_rgb(small)
+            if im.mode.startswith("I;16"):  # Image.reduce cannot average these: widen to 32-bit first
+                full = im.convert("I")
+            elif im.mode in ("P", "PA", "1"):  # palette indices must not be averaged: to colours first
+                full = _to_rgb(im)
+            else:
+                full = im
+            factor = max(1, min(full.size) // side)
+            small = _to_rgb(full.reduce(factor) if factor > 1 else full)
             return small.transpose(turn) if turn is not None else small
     except ImageDecodeError:
         raise

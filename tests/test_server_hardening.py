@@ -193,3 +193,57 @@ def test_huge_png_upload_is_refused_before_decoding(served, tmp_path):
     bomb = make_bomb_png(tmp_path / "huge.png", 13000, 13000)  # under PIL's limit, 169 MP
     r = c.post("/api/search", files={"image": ("huge.png", Path(bomb).read_bytes(), "image/png")})
     assert r.status_code == 400 and "too large for a query image" in r.json()["error"]
+
+
+def test_serve_removes_its_temporary_thumbnail_dir_on_ctrl_c(tmp_path):
+    """The real `retrieval serve`: with <index>/thumbs unusable (a file is in the way) thumbnails go to a
+    temporary folder, which is gone once Ctrl-C has stopped the server."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    write_photos(tmp_path / "p", 1)
+    build_index(tmp_path / "idx", [tmp_path / "p"])
+    (tmp_path / "idx" / "thumbs").write_text("in the way")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, str(root / "cli.py"), "serve", "--index", str(tmp_path / "idx"),
+                             "--port", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"at (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "the server did not start"
+        with urllib.request.urlopen(url + "thumb/1", timeout=30) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
+        made = list((tmp_path / "tmp").glob("retrieval-thumbs-*"))
+        assert len(made) == 1 and any(made[0].rglob("*.jpg"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert list((tmp_path / "tmp").glob("retrieval-thumbs-*")) == []
+
+
+@pytest.mark.parametrize("mode", ["P", "PA", "I;16", "LA", "CMYK", "1"])
+def test_uploads_of_every_mode_are_reduced_to_rgb(mode):
+    if mode in ("P", "PA"):
+        im = Image.new("RGB", (1800, 1200), (220, 20, 20)).convert("P", dither=Image.Dither.NONE)
+        if mode == "PA":
+            im = im.convert("PA")
+    elif mode == "I;16":
+        im = Image.new("I;16", (1800, 1200), 40000)
+    else:
+        im = Image.new(mode, (1800, 1200), {"LA": (200, 255), "CMYK": (0, 200, 200, 0), "1": 1}[mode])
+    buf = io.BytesIO()
+    im.save(buf, "JPEG" if mode == "CMYK" else ("TIFF" if mode in ("1", "PA") else "PNG"))
+    buf.seek(0)
+    out = load_upload(buf)
+    assert out.mode == "RGB" and 512 <= min(out.size) < 1024, (mode, out.mode, out.size)
+    if mode in ("P", "PA"):
+        assert out.getpixel((10, 10)) == im.convert("RGB").getpixel((10, 10))  # a colour, not an averaged index
