@@ -13,9 +13,12 @@ Endpoints (the OpenAPI schema is at /openapi.json):
     GET  /file/{id}             the original file of an indexed image
 
 Safety: binds 127.0.0.1 by default; files and thumbnails are looked up by numeric id in the index, never by a
-client-supplied path; requests whose Host header is not a loopback name are refused unless the server was
+client-supplied path, and only while the file at that path is still the one indexed (retrieval/served_files.py:
+no symlink swapped in, nothing inside the index directory, same size and mtime or same hash), read from the
+descriptor that was checked; requests whose Host header is not a loopback name are refused unless the server was
 started on another interface (DNS-rebinding guard); uploads are capped (20 MB by default, 413 beyond) and
-decoded with the same guarded loader as indexing (a non-image is a 400).
+decoded reduced under a pixel cap, two at a time (retrieval/images.py load_upload; a non-image is a 400).
+HEAD is answered like GET, without the body.
 
 Threading: uvicorn runs the sync endpoints on a thread pool. One Searcher (one SQLite connection, opened with
 check_same_thread=False, FAISS indexes and the encoder) is shared and every use of it holds one lock, so
@@ -511,7 +514,10 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         media = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
         if not media.startswith("image/"):
             media = "application/octet-stream"
-        headers = {"Content-Length": str(checked.size), "Cache-Control": "private, max-age=3600",
+        from email.utils import formatdate
+
+        headers = {"Content-Length": str(checked.size), "ETag": f'"{row.hash[:32]}"',
+                   "Last-Modified": formatdate(checked.mtime_ns / 1e9, usegmt=True), "Cache-Control": "private, max-age=3600",
                    "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
         if request.scope.get("retrieval.head"):
             checked.close()

@@ -71,6 +71,9 @@ def test_same_size_and_mtime_but_other_bytes_is_refused_and_a_touch_is_not(serve
     os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same bytes: still the indexed file
     r = c.get(f"/file/{i}")
     assert r.status_code == 200 and r.content == good
+    import hashlib
+
+    assert r.headers["etag"] == f'"{hashlib.sha256(good).hexdigest()[:32]}"' and r.headers["last-modified"]
     st = p.stat()
     data = bytearray(good)
     data[len(data) // 2] ^= 0xFF
