@@ -38,6 +38,20 @@ def _resumable(path, what: dict) -> bool:
         return False
 
 
+def _index_dir_excludes(root, paths) -> list[str]:
+    """Exclude globs for the index directory under any of the PATHs (its thumbnails are no photos). The
+    staging run's own index is `<index>/rebuild/`, so it would not know the directory above it."""
+    import glob
+
+    root = os.path.abspath(root)
+    out = []
+    for p in paths:
+        p = os.path.abspath(os.fsdecode(p))
+        if root.startswith(p.rstrip(os.sep) + os.sep):
+            out.append(f"/{glob.escape(os.path.relpath(root, p))}/")  # that folder only, not its namesakes
+    return out
+
+
 def run_rebuild(index_dir, opts, run_index):
     """Rebuild the index at `index_dir` with `opts` (opts.rebuild set); `run_index` is the pipeline's
     entry point, called on the staging directory. Returns the staging run's report, with the
@@ -56,7 +70,8 @@ def run_rebuild(index_dir, opts, run_index):
         with Index.open_for_write(stage) as st, st.store.transaction():
             st.store.set_manifest(STAGING_KEY, what)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
-        staged = replace(opts, rebuild=False, model=spec, index_type=index_type)
+        staged = replace(opts, rebuild=False, model=spec, index_type=index_type,
+                         exclude=[*opts.exclude, *_index_dir_excludes(main.root, opts.paths)])
         try:
             report = run_index(stage, staged)
         except ModelMismatchError:  # same spec, other weights (the file changed): start the staging afresh

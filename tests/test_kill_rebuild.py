@@ -217,3 +217,20 @@ def test_a_staging_index_of_other_paths_is_not_resumed(world, tmp_path):
     r = fk.zygote().start(fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER), tmp_path / "logs")
     assert r.wait() == 0, r.stderr
     assert fk.invariant_failures(fk.snapshot(d), world["ref"]) == []
+
+
+def test_rebuild_of_a_folder_holding_the_index_skips_the_index(tmp_path):
+    """The index inside the photo folder: a rebuild does not index its thumbnails (nor a photo folder
+    that merely has the same name elsewhere is skipped)."""
+    from conftest import build_index
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 3)
+    write_photos(photos / "deeper" / "idx", 1, start=40)  # a photo folder named like the index
+    build_index(photos / "idx", [photos])
+    write_photos(photos / "idx" / "thumbs" / "ab", 2, start=60)  # what the web UI caches there
+    r = build_index(photos / "idx", [photos], model=OTHER, rebuild=True)
+    with Index.open(photos / "idx") as idx:
+        paths = [row.path for row in idx.store.iter_images()]
+    assert r.images_total == 4 and not any("/idx/thumbs/" in p for p in paths), paths
+    assert str(photos / "deeper" / "idx" / "img_0040.jpg") in paths
