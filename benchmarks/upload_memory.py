@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MACHINE = "2-core AMD EPYC CPU sandbox (no GPU), 24 GB RAM"
 
 
-def flat_png(path: Path, width: int, height: int) -> None:
+def flat_png(path: Path, width: int, height: int, alpha: bool = False) -> None:
     """A valid 8-bit RGB PNG of width x height (a gradient per row, so it compresses to a few hundred KB)
     written row by row: making it needs no full-size buffer."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -35,10 +35,11 @@ def flat_png(path: Path, width: int, height: int) -> None:
 
     comp = zlib.compressobj(6)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+        colour_type = 6 if alpha else 2  # RGBA or RGB, 8 bits per channel
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)))
         parts = []
         for y in range(height):
-            row = b"\x00" + bytes((y * 255 // max(1, height - 1), 90, 160)) * width
+            row = b"\x00" + bytes((y * 255 // max(1, height - 1), 90, 160, 200)[: 4 if alpha else 3]) * width
             parts.append(comp.compress(row))
             if sum(map(len, parts)) > 1 << 20:
                 f.write(chunk(b"IDAT", b"".join(parts)))
@@ -103,6 +104,7 @@ def _child(index_dir: str, upload: str, concurrent: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--only", default=None, help="only the uploads whose label contains this text")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
@@ -115,12 +117,15 @@ def main() -> None:
     uploads = {
         "PNG 13000x13000 (169 MP)": (work / "png13k.png", lambda p: flat_png(p, 13000, 13000)),
         "PNG 6500x4900 (32 MP)": (work / "png32m.png", lambda p: flat_png(p, 6500, 4900)),
+        "PNG RGBA 6500x4900 (32 MP)": (work / "png32m_rgba.png", lambda p: flat_png(p, 6500, 4900, alpha=True)),
         "JPEG 8000x6000 (48 MP)": (work / "jpg48m.jpg", lambda p: big_jpeg(p, 8000, 6000)),
     }
     rows = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for label, (path, make) in uploads.items():
+        if args.only and args.only not in label:
+            continue
         make(path)
         for concurrent in (1, 2):
             out = subprocess.run([sys.executable, __file__, "--child", str(work / "idx"), str(path), str(concurrent)],

@@ -108,13 +108,24 @@ def is_image_name(path: str | os.PathLike) -> bool:
 
 
 # Query uploads are decoded for one embedding only, so far fewer pixels are needed than for indexing.
-UPLOAD_MAX_PIXELS = 32_000_000  # pixels actually decoded (after JPEG draft); RGBA at 32 MP is 128 MB
+UPLOAD_MAX_PIXELS = 32_000_000  # pixels actually decoded (after JPEG draft); keeps a request under ~300 MB
 UPLOAD_SIDE = 512  # decoded images are reduced to about this shorter side (any model's input is smaller)
 
 
 _ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
+
+
+def _reduce_in_strips(im: Image.Image, factor: int, rows: int = 64) -> Image.Image:
+    """im.reduce(factor), a strip at a time: reduce() premultiplies RGBA/LA into a full-size copy first,
+    which would double the memory of a large upload."""
+    w, h = im.size
+    out = Image.new(im.mode, (-(-w // factor), -(-h // factor)))
+    step = rows * factor
+    for y in range(0, h, step):
+        out.paste(im.crop((0, y, w, min(h, y + step))).reduce(factor), (0, y // factor))
+    return out
 
 
 def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_SIDE) -> Image.Image:
@@ -152,7 +163,7 @@ def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_
             else:
                 full = im
             factor = max(1, min(full.size) // side)
-            small = _to_rgb(full.reduce(factor) if factor > 1 else full)
+            small = _to_rgb(_reduce_in_strips(full, factor) if factor > 1 else full)
             return small.transpose(turn) if turn is not None else small
     except ImageDecodeError:
         raise

@@ -250,3 +250,21 @@ def test_uploads_of_every_mode_are_reduced_to_rgb(mode):
     assert out.mode == "RGB" and 512 <= min(out.size) < 1024, (mode, out.mode, out.size)
     if mode in ("P", "PA"):
         assert out.getpixel((10, 10)) == im.convert("RGB").getpixel((10, 10))  # a colour, not an averaged index
+
+
+@pytest.mark.parametrize("mode,factor", [("RGBA", 3), ("RGB", 4), ("LA", 7), ("I", 2)])
+def test_reducing_in_strips_equals_one_reduce(mode, factor):
+    import numpy as np
+
+    from retrieval.images import _reduce_in_strips
+
+    rng = np.random.default_rng(factor)
+    bands = {"RGBA": 4, "RGB": 3, "LA": 2, "I": 1}[mode]
+    if mode == "I":
+        im = Image.fromarray(rng.integers(0, 60000, (1001, 777), dtype=np.int32), "I")
+    elif mode == "LA":
+        im = Image.fromarray(rng.integers(0, 256, (1001, 777, 4), dtype=np.uint8), "RGBA").convert("LA")
+    else:
+        im = Image.fromarray(rng.integers(0, 256, (1001, 777, bands), dtype=np.uint8), mode)
+    a, b = im.reduce(factor), _reduce_in_strips(im, factor)
+    assert a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
