@@ -23,7 +23,9 @@ from retrieval.switch import STAGING_KEY, staging_dir, switch_in
 def _what(opts, spec: str) -> dict:
     """The inputs that decide a rebuild's result: a staging index started for other ones is not resumed
     (it could hold images of PATHs that this rebuild does not index)."""
-    absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else None  # noqa: E731
+    def absolute(p):
+        return os.path.abspath(os.path.expanduser(p)) if p else None
+
     return {"model": spec, "paths": sorted(absolute(p) for p in opts.paths), "captions": absolute(opts.captions_file),
             "fmt": opts.fmt, "split": opts.split, "images": absolute(opts.images_dir),
             "exclude": sorted(opts.exclude), "include_hidden": bool(opts.include_hidden)}
@@ -34,7 +36,7 @@ def _resumable(path, what: dict) -> bool:
     try:
         with Index.open(path) as st:
             return st.store.get_manifest(STAGING_KEY) == what and st.identity is not None
-    except Exception:  # noqa: BLE001 - no model recorded yet, or damaged: start it again
+    except Exception:  # no model recorded yet, or damaged: start it again
         return False
 
 

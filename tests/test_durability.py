@@ -5,6 +5,7 @@ generations' files are pruned, the switch that made them unneeded is already on 
 from __future__ import annotations
 
 from conftest import build_index, write_photos
+
 from retrieval.index import Index
 from retrieval.switch import switch_in
 

@@ -9,17 +9,17 @@ left. With FAULTS_OUT=DIR the table is written to DIR/faults_kill_rebuild.json.
 from __future__ import annotations
 
 import json
-import time
 import os
 import shutil
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 import faultkit as fk
+import pytest
 from conftest import write_photos
+
 from retrieval.index import Index
 
 OTHER = "tiny-clip-b:none"  # dim 32, vs tiny-clip's 64

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import build_index, write_photos
+from corpus import make_bomb_png
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import build_index, write_photos
-from corpus import make_bomb_png
 from retrieval.errors import ImageDecodeError
 from retrieval.images import load_upload
 from retrieval.served_files import FileChanged, open_indexed
