@@ -339,6 +339,10 @@ class Index:
                 vi = VectorIndex.load(path, mmap=mmap)
             except FileNotFoundError:
                 continue
+            except (ValueError, RuntimeError) as e:  # truncated or damaged (faiss raises RuntimeError)
+                detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RetrievalError(f"vector file {path.name} is damaged ({detail}); "
+                                     f"run: retrieval verify --repair --index {self.root}") from None
             self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
             return vi
         raise RetrievalError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
