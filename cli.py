@@ -266,6 +266,9 @@ def benchmark_recall(captions_file, images_dir, fmt, split, index_dir, model, ks
     if r.missing_images or r.missing_captions:
         click.echo(f"warning: counted as misses: {r.missing_images} images not in the index, "
                    f"{r.missing_captions} captions without a caption row", err=True)
+    if r.extra.get("captions_encoded"):
+        click.echo(f"note: the index holds no caption row for {r.extra['captions_encoded']} of the file's captions; "
+                   "image→text ranks the file's captions, encoded for this evaluation (the index is unchanged)", err=True)
     click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else format_recall(r))
 
 
