@@ -315,7 +315,7 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
     positives_i2t_present = [frozenset(positives_i2t[i]) for i in present]
     weight = {c: n for c, n in multiplicity.items() if n > 1} or None
     if file_captions is not None:
-        cap_index, cand = file_captions
+        cand = file_captions[1]
         caption_ids = np.arange(len(cand), dtype=np.int64)
         owner = {}
         for j, c in enumerate(cand):

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY, build_index, draw_scene, write_photos
 
 from cli import main
-from conftest import TINY, build_index, draw_scene, write_photos
 from retrieval.errors import RetrievalError
 from retrieval.index import Index
 from retrieval.search import Searcher
@@ -318,7 +318,7 @@ def test_paths_output_names_files_that_exist(odd_names):
     r = _search_out(root, "--paths")
     lines = r.stdout_bytes.splitlines()
     assert len(lines) == 4
-    newline = [n for n in names if b"\n" in n][0]
+    newline = next(n for n in names if b"\n" in n)
     for line in lines:
         if line.startswith(b"$'"):
             assert line == b"$'" + newline.replace(b"\n", b"\\n") + b"'"
