@@ -209,13 +209,15 @@ class Searcher:
             prefix = os.fsencode(os.path.abspath(os.path.expanduser(under))).rstrip(b"/")
             where = " WHERE (i.path_raw >= ? AND i.path_raw < ?) OR i.path_raw = ?"
             params = [prefix + b"/", prefix + b"0", prefix or b"/"]
-        if to == "images":
-            rows = store.db.execute("SELECT i.id, i.path_raw FROM images i" + where, params)
-        else:
-            rows = store.db.execute(
-                "SELECT c.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id" + where, params)
+        cols = "i.id, i.path_raw" if to == "images" else "c.id, i.path_raw"
         if not glob:
-            return np.array([i for i, _ in rows], dtype=np.int64)
+            cols = cols.split(",")[0]
+        if to == "images":
+            rows = store.db.execute(f"SELECT {cols} FROM images i" + where, params)
+        else:
+            rows = store.db.execute(f"SELECT {cols} FROM captions c JOIN images i ON i.id = c.image_id" + where, params)
+        if not glob:
+            return np.fromiter((r[0] for r in rows), dtype=np.int64)
         keep = []
         for i, raw in rows:
             p = path_from_db(raw)
