@@ -340,7 +340,7 @@ class Index:
             except FileNotFoundError:
                 continue
             except (ValueError, RuntimeError) as e:  # truncated or damaged (faiss raises RuntimeError)
-                detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+                detail = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{path}: ", "")
                 raise RetrievalError(f"vector file {path.name} is damaged ({detail}); "
                                      f"run: retrieval verify --repair --index {self.root}") from None
             self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
