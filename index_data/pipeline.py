@@ -19,6 +19,7 @@ from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.fast_text import ensure_text_export, export_is_current
 from retrieval.faults import checkpoint
+from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
 from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
@@ -26,7 +27,6 @@ from .decode import DecodeWorkerError, decode_stream
 from .scan import ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
-PENDING_KEY = "pending_dirty_images"  # ids re-encoded in place but not yet published (survives a kill)
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
 
 

@@ -170,7 +170,8 @@ def test_edited_photo_keeps_its_id_and_corpus_captions(tmp_path):
     assert not Index.open(tmp_path / "idx").verify()
 
 
-def test_edited_photo_vector_is_republished_after_a_kill(tmp_path, monkeypatch):
+@pytest.mark.parametrize("repair", [False, True])
+def test_edited_photo_vector_is_republished_after_a_kill(tmp_path, monkeypatch, repair):
     """SQLite took the new content but the run died before publishing: the next run still refreshes it."""
     from index_data import pipeline
 
@@ -182,11 +183,19 @@ def test_edited_photo_vector_is_republished_after_a_kill(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_index(tmp_path / "idx", [tmp_path / "p"])
     monkeypatch.setattr(pipeline, "_publish", real)
+    with Index.open(tmp_path / "idx") as idx:
+        problems = idx.verify()
+    assert len(problems) == 1 and "changed in place have no new vector yet" in problems[0], problems
+    if repair:
+        with Index.open_for_write(tmp_path / "idx", create=False) as idx:
+            idx.repair()
+            assert idx.verify() == []
     r = build_index(tmp_path / "idx", [tmp_path / "p"])
     assert r.unchanged == 3
     with Searcher.open(tmp_path / "idx", device="cpu") as s:
         top = s.search(image=str(photos[0]), k=1)[0]
         assert top.path == str(photos[0]) and top.score == pytest.approx(1.0, abs=1e-4)
+        assert s.index.verify() == [] and s.index.store.get_manifest("pending_dirty_images") is None
 
 
 # -- 10: remembered failures ------------------------------------------------------------------------------------
