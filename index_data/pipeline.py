@@ -274,7 +274,8 @@ def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, r
     the same size and mtime as then is skipped again without reading it (unless retry_errors)."""
     store = idx.store
     existing = store.image_stats()
-    failures = {} if retry_errors else store.remembered_failures()
+    remembered = store.remembered_failures()
+    failures = {} if retry_errors else remembered
     abs_roots = [os.path.abspath(r) for r in roots]
     seen = {f.path for f in files}
     gone = {p: v for p, v in existing.items() if p not in seen and _under(p, abs_roots)}
@@ -329,6 +330,8 @@ def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, r
             store.delete_images([v[0] for v in gone.values()])
             store.clear_errors(gone)
             report.removed += len(gone)
+        # a bad file that was since deleted is no longer skipped: forget it
+        store.clear_errors([p for p in remembered if p not in seen and _under(p, abs_roots) and not os.path.lexists(p)])
     return work, dirty
 
 

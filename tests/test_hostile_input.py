@@ -224,6 +224,13 @@ def test_unchanged_bad_file_is_not_decoded_again_and_the_model_not_loaded(tmp_pa
     assert r.errors == [] and r.encoded == 1
     with Index.open(tmp_path / "idx") as idx:
         assert idx.store.errors() == []
+    # a bad file that is deleted is forgotten
+    (tmp_path / "p" / "also_broken.jpg").write_bytes(b"\xff\xd8 nope")
+    assert len(build_index(tmp_path / "idx", [tmp_path / "p"], model=None).errors) == 1
+    os.remove(tmp_path / "p" / "also_broken.jpg")
+    assert build_index(tmp_path / "idx", [tmp_path / "p"], model=None).errors == []
+    with Index.open(tmp_path / "idx") as idx:
+        assert idx.store.errors() == []
 
 
 def test_cli_retry_errors_and_still_skipped_report(tmp_path):
