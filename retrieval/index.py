@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmptyIndexError, IndexLockedError, IndexNotFoundError, ModelMismatchError, RetrievalError
+from .errors import (
+    EmptyIndexError,
+    IndexDamagedError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    RetrievalError,
+)
 from .faults import checkpoint
 from .modelspec import ModelIdentity
 from .store import DB_NAME, Store
@@ -346,11 +353,11 @@ class Index:
                 continue
             except (ValueError, RuntimeError) as e:  # truncated or damaged (faiss raises RuntimeError)
                 detail = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{path}: ", "")
-                raise RetrievalError(f"vector file {path.name} is damaged ({detail}); "
+                raise IndexDamagedError(f"vector file {path.name} is damaged ({detail}); "
                                      f"run: retrieval verify --repair --index {self.root}") from None
             self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
             return vi
-        raise RetrievalError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
+        raise IndexDamagedError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
 
     def image_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:
         """Vectors to index for images (id, hash): raw image embedding, blended with captions by the fusion."""

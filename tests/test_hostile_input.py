@@ -54,6 +54,13 @@ def test_damaged_vector_file_names_verify_repair(tmp_path, damage):
                      "garble": data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]}[damage])
     out = one_line_error(run("search", "a photo", "--index", tmp_path / "idx"))
     assert "verify --repair" in out and vec.name in out
+    from fastapi.testclient import TestClient
+
+    from retrieval.server import create_app
+
+    with TestClient(create_app(tmp_path / "idx", device="cpu")) as c:
+        res = c.get("/api/search", params={"q": "a photo"})
+        assert res.status_code == 503 and "verify --repair" in res.json()["error"]
     r = run("verify", "--repair", "--index", tmp_path / "idx")
     assert r.exit_code == 0, r.output
     assert run("search", "a photo", "--index", tmp_path / "idx").exit_code == 0
