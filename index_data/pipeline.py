@@ -107,6 +107,10 @@ def default_workers() -> int:
 
 
 def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexReport:
+    if opts.rebuild:  # built aside and switched in at the end (index_data/rebuild.py)
+        from .rebuild import run_rebuild
+
+        return run_rebuild(index_dir, opts, run_index)
     t0 = time.perf_counter()
     report = IndexReport()
     root = Path(index_dir).expanduser() if index_dir else default_index_dir()

@@ -20,6 +20,7 @@ Checkpoints in the code base:
     sqlite_commit   retrieval/store.py      every Store.transaction(), after its writes, before COMMIT
     faiss_write     retrieval/vectors.py    VectorIndex.save: faiss data in the temp file, no trailer yet
     publish         retrieval/index.py      new generation's files renamed into place, manifest not switched
+    switch          retrieval/switch.py     a finished rebuild's files copied into the index, not switched in
 """
 
 from __future__ import annotations

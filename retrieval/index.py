@@ -226,31 +226,34 @@ class Index:
 
     @property
     def identity(self) -> ModelIdentity | None:
-        d = self.store.get_manifest("model")
+        state = getattr(self._pin, "state", None)
+        d = state[2] if state is not None else self.store.get_manifest("model")
         return ModelIdentity.from_dict(d) if d else None
 
     @property
     def dim(self) -> int:
-        return int(self.store.get_manifest("dim", 0))
+        state = getattr(self._pin, "state", None)
+        return int(state[3] or 0) if state is not None else int(self.store.get_manifest("dim", 0))
 
     @property
     def generation(self) -> int:
         state = getattr(self._pin, "state", None)
         return state[0] if state is not None else int(self.store.get_manifest("generation", 0))
 
-    def _snapshot(self) -> tuple[int, dict | None]:
-        """The generation and the fusion in force, from one SQLite statement (one read transaction), so
-        they always belong together: a writer switches both in one transaction."""
+    def _snapshot(self) -> tuple[int, dict | None, dict | None, int]:
+        """The generation, fusion, model and dimension in force, from one SQLite statement (one read
+        transaction), so they always belong together: a writer switches them in one transaction (a
+        rebuild with another model changes all four at once)."""
         import json
 
-        rows = dict(self.store.db.execute("SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion')"))
-        gen = int(json.loads(rows["generation"])) if "generation" in rows else 0
-        return gen, (json.loads(rows["fusion"]) if "fusion" in rows else None)
+        rows = {k: json.loads(v) for k, v in self.store.db.execute(
+            "SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion', 'model', 'dim')")}
+        return int(rows.get("generation") or 0), rows.get("fusion"), rows.get("model"), int(rows.get("dim") or 0)
 
     @contextmanager
     def pinned(self):
         """Within the block, this thread sees one published state: the vectors of one generation and the
-        fusion that was published with them, even if a writer installs a new fusion meanwhile."""
+        fusion and model that were published with them, even if a writer switches them meanwhile."""
         if getattr(self._pin, "state", None) is not None:  # already pinned by an outer call
             yield
             return
@@ -298,10 +301,11 @@ class Index:
 
     def encoder(self, device: str = "auto"):
         """The query encoder always comes from the manifest; its identity must still match."""
-        if self._encoder is None:
+        ident = self.identity
+        # a rebuild with another model may have switched in since the encoder was loaded: load the new one
+        if self._encoder is None or ident is None or not self._encoder.identity.matches(ident):
             from .encoders import load_encoder
 
-            ident = self.identity
             if ident is None:
                 raise EmptyIndexError(f"the index at {self.root} has no model recorded")
             enc = load_encoder(ident.spec, device=device)
@@ -449,7 +453,7 @@ class Index:
             for kind, vi in new.items():
                 vi.save(_vec_file(self.root, kind, next_gen))
             checkpoint("publish")
-            with store.transaction():
+            with self.durable_transaction():
                 store.set_manifest("generation", next_gen)
                 store.set_manifest("index_type", new["images"].config.to_dict())
                 store.set_manifest("index_type_requested", requested_type)
@@ -472,6 +476,23 @@ class Index:
         self._vectors = {(k, next_gen): v for k, v in new.items()}
         self._prune_generations(next_gen)
         return True
+
+    @contextmanager
+    def durable_transaction(self):
+        """A transaction that is on disk when it returns: the WAL runs with synchronous=NORMAL (a power
+        cut may roll back the last commits), but a manifest switch must not be rolled back once the
+        older generations' files are pruned, or the manifest would name files that are gone."""
+        db = self.store.db
+        if db.conn.in_transaction:  # SQLite cannot change the safety level inside one: the outer commit decides
+            with self.store.transaction():
+                yield
+            return
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            with self.store.transaction():
+                yield
+        finally:
+            db.execute("PRAGMA synchronous = NORMAL")
 
     def _prune_generations(self, current: int) -> None:
         keep = {current - i for i in range(KEEP_GENERATIONS)}
