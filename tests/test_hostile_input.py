@@ -58,7 +58,7 @@ def test_damaged_vector_file_names_verify_repair(tmp_path, damage):
 
     from retrieval.server import create_app
 
-    with TestClient(create_app(tmp_path / "idx", device="cpu")) as c:
+    with TestClient(create_app(tmp_path / "idx", device="cpu", for_tests=True)) as c:
         res = c.get("/api/search", params={"q": "a photo"})
         assert res.status_code == 503 and "verify --repair" in res.json()["error"]
     r = run("verify", "--repair", "--index", tmp_path / "idx")
@@ -113,7 +113,7 @@ def test_http_rejects_empty_query_and_nan_min_score(indexed):
 
     from retrieval.server import create_app
 
-    with TestClient(create_app(indexed / "idx", device="cpu")) as c:
+    with TestClient(create_app(indexed / "idx", device="cpu", for_tests=True)) as c:
         for value in ("nan", "inf"):
             assert c.get("/api/search", params={"q": "a photo", "min_score": value}).status_code == 422
         assert c.get("/api/search", params={"q": "   "}).status_code == 400
