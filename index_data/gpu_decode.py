@@ -174,32 +174,48 @@ def resized_size(h: int, w: int, short_side: int) -> tuple[int, int]:
     return short_side, int(short_side * w / h)
 
 
-def preprocess_batch(images: list, orientations: list, plan: TensorPlan, device, config: GpuDecodeConfig = GpuDecodeConfig()):
-    """float32 [n, 3, crop_h, crop_w] on `device` from decoded uint8 [3, H, W] tensors.
+def draft_factor(h: int, w: int, target: int | None) -> int:
+    """The scale PIL's JPEG draft mode picks for target x target (the PIL path decodes at 1/factor)."""
+    if not target:
+        return 1
+    scale = min(w // target, h // target)
+    return next((a for a in (8, 4, 2, 1) if scale >= a), 1)
 
-    Images of the same oriented size are resized together (one call per size; a folder of camera photos
-    is a handful of sizes), in groups of at most `resize_pixels` input pixels."""
+
+def preprocess_batch(images: list, orientations: list, plan: TensorPlan, device, draft_target: int | None = None,
+                     config: GpuDecodeConfig = GpuDecodeConfig()):
+    """float32 [n, 3, crop_h, crop_w] on `device` from decoded uint8 [3, H, W] tensors (as stored).
+
+    Like the PIL path, which decodes JPEGs in draft mode at 1/2, 1/4 or 1/8 scale when the image stays
+    at least `draft_target` on each side: the full decode is first averaged over factor x factor blocks
+    (what libjpeg's scaled IDCT approximates), then oriented, resized and cropped. Images of the same
+    size and orientation are processed together (a folder of camera photos is a handful of sizes), in
+    groups of at most `resize_pixels` input pixels."""
     import torch
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     ch, cw = plan.crop
     out = torch.empty((len(images), 3, ch, cw), dtype=torch.float32, device=device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    oriented = [apply_orientation(im, o) for im, o in zip(images, orientations)]
-    for i, im in enumerate(oriented):
-        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, (im, o) in enumerate(zip(images, orientations)):
+        groups.setdefault((int(im.shape[-2]), int(im.shape[-1]), int(o)), []).append(i)
     mode = InterpolationMode(plan.interpolation)
-    for (h, w), idx in groups.items():
-        nh, nw = resized_size(h, w, plan.resize)
-        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+    for (h, w, o), idx in groups.items():
+        a = draft_factor(h, w, draft_target)
         step = max(1, config.resize_pixels // max(1, h * w))
         for s in range(0, len(idx), step):
             part = idx[s : s + step]
-            x = torch.stack([oriented[i] for i in part])
-            if (nh, nw) != (h, w):
+            x = torch.stack([images[i] for i in part])
+            if a > 1:
+                x = torch.nn.functional.avg_pool2d(x.float(), a, ceil_mode=True, count_include_pad=False)
+                x = x.round_().to(torch.uint8)
+            x = apply_orientation(x, o)
+            nh, nw = resized_size(int(x.shape[-2]), int(x.shape[-1]), plan.resize)
+            if (nh, nw) != tuple(x.shape[-2:]):
                 # uint8 in and out: torchvision rounds and clamps back to uint8 as PIL's resize does
                 x = F.resize(x, [nh, nw], interpolation=mode, antialias=True)
+            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
             out[part] = x[:, :, top : top + ch, left : left + cw].to(torch.float32)
             del x
     out /= 255.0

@@ -143,6 +143,7 @@ class GpuDecodeStream(Iterator[DecodeResult]):
         self._preprocess = preprocess
         self._plan = make_plan(preprocess)
         self._tplan = tensor_plan(self._plan)
+        self._target = target_size
         self._device = torch.device(device)
         self._cuda = self._device.type == "cuda"
         self._config = config or GpuDecodeConfig()
@@ -255,6 +256,8 @@ class GpuDecodeStream(Iterator[DecodeResult]):
                 if not self._put(item):
                     return
         except BaseException as e:  # handed to the caller, which raises it
+            if isinstance(e, StopIteration):  # must not look like the end of the stream to the caller
+                e = RuntimeError(f"decode failed: StopIteration {e}")
             self._put(e)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -282,7 +285,8 @@ class GpuDecodeStream(Iterator[DecodeResult]):
                     entries[i] = (chunk[i][0], chunk[i][1], self._pil.submit(chunk[i][1]))
             if not good:
                 continue
-            batch = preprocess_batch(imgs, [r.orientation for _, r in good], self._tplan, self._device, self._config)
+            batch = preprocess_batch(imgs, [r.orientation for _, r in good], self._tplan, self._device,
+                                     self._target, self._config)
             del imgs, decoded
             tensors.append(batch)
             for j, (i, r) in enumerate(good):
