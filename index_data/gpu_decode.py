@@ -127,10 +127,15 @@ def probe_and_read(path, pin: bool, config: GpuDecodeConfig = GpuDecodeConfig())
 
 def decode_batch(datas: list, device) -> list:
     """Decoded uint8 [3, H, W] tensors on `device` (None where decoding failed), in order."""
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not datas:
         return []
+    if torch.device(device).type == "cuda":
+        # torchvision's CUDA decoder allocates its outputs on the current stream but writes them from a
+        # private one without waiting (pytorch/vision#9606): let queued work on freed blocks finish first
+        torch.cuda.current_stream(device).synchronize()
     try:
         out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
         if len(out) == len(datas):
