@@ -294,6 +294,7 @@ def task_indexing(t: dict) -> dict:
     routes = dict(getattr(st, "stats", None) or {"pil": n})
     decode_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
     device_name = torch.cuda.get_device_name(enc.device) if cuda else (_cpu_name() or "cpu")
+    agreement = _decode_agreement(enc, paths[:64], workers) if resolve_decode(decode, enc.device) == "gpu" else None
     del enc, st
 
     roots = [str(folder)] if t.get("whole_folder") else [str(p) for p in paths]
@@ -329,11 +330,35 @@ def task_indexing(t: dict) -> dict:
         "decode_only_images_per_s": round(ok / decode_s, 1),
         "decode_only_cpu_cores": round(decode_cpu, 2), "decode_only_gpu_peak_mb": decode_gpu_mb,
         "index_cpu_cores": round(index_cpu, 2), "index_gpu_peak_mb": index_gpu_mb,
+        "embedding_cosine_vs_pil": agreement,
         "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
         "images_per_s_excl_load": round(n / (wall - load_s), 2) if wall > 1.5 * load_s else None,
         "rerun_unchanged_s": round(rerun, 2), "index_bytes_per_image": round(index_bytes / n),
         "peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _decode_agreement(enc, paths: list, workers: int) -> dict:
+    """Cosine between each image's embedding through the PIL path and through the tensor path (the
+    tolerance the GPU decode path keeps), on up to 64 of the benchmark's JPEGs, at the run's precision."""
+    import torch
+
+    from index_data.decode import decode_stream
+    from index_data.gpu_stream import gpu_decode_stream
+
+    jobs = [(i, str(p)) for i, p in enumerate(paths)]
+    with decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers) as st:
+        a = {r.key: r.tensor for r in st if r.ok}
+    with gpu_decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers, device=str(enc.device)
+                           if str(enc.device).startswith("cuda") else "cpu") as st:
+        b = {r.key: r.tensor for r in st if r.ok}
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return {"images": 0}
+    ea = enc.encode_image_tensors(torch.stack([a[k] for k in keys]))
+    eb = enc.encode_image_tensors(torch.stack([b[k].to(a[k].device) for k in keys]))
+    cos = (ea * eb).sum(axis=1)
+    return {"images": len(keys), "min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}
 
 
 def task_rerun(t: dict) -> dict:
@@ -624,7 +649,8 @@ def indexing_markdown(rows: list[dict], cmd: str, machine: dict) -> str:
             ("model_only_images_per_s", "model-only img/s"), ("decode_only_images_per_s", "decode-only img/s"),
             ("decode_only_cpu_cores", "decode-only CPU cores"), ("index_cpu_cores", "end-to-end CPU cores"),
             ("decode_only_gpu_peak_mb", "decode-only GPU MB"), ("index_gpu_peak_mb", "end-to-end GPU MB"),
-            ("workers", "PIL workers"), ("decode_routes", "files per route")]
+            ("workers", "PIL workers"), ("decode_routes", "files per route"),
+            ("embedding_cosine_vs_pil", "embedding cosine vs PIL path")]
     lines = ["## Indexing: decode paths side by side", "",
              f"Reproduce: `{cmd}`", "",
              f"Device: {', '.join(sorted({str(r.get('device_name')) for r in rows}))} (`--device` "

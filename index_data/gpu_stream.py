@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -208,7 +209,8 @@ class GpuDecodeStream(Iterator[DecodeResult]):
             return
         self._closed = True
         self._stop.set()
-        while self._thread is not None and self._thread.is_alive():
+        deadline = time.monotonic() + 30  # a producer stuck in one decode is a daemon thread: leave it
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             try:
                 self._out.get(timeout=0.05)  # unblock a producer waiting to hand over a batch
             except queue.Empty:
