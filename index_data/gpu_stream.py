@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -140,6 +141,9 @@ class GpuDecodeStream(Iterator[DecodeResult]):
                  config: GpuDecodeConfig | None = None, start_method: str | None = None):
         import torch
 
+        # PIL's "Corrupt EXIF data" etc. from the header probes, one per odd file, as the PIL path's workers
+        # silence them (catch_warnings is not thread-safe, so a filter for PIL's modules instead)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         self._jobs = iter(jobs)
         self._preprocess = preprocess
         self._plan = make_plan(preprocess)

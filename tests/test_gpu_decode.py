@@ -243,3 +243,19 @@ def test_cuda_nvjpeg_path_matches_pil_path(photos, tmp_path):
     want, _ = run(decode_stream, [cmyk, truncated, photos[0]], enc, workers=0)
     assert [r.error for r in mixed] == [r.error for r in want]
     assert mixed[0].tensor.is_cuda and torch.equal(mixed[0].tensor.cpu(), want[0].tensor)
+
+
+def test_preprocess_without_a_tensor_plan_uses_the_pil_path_for_everything(tmp_path):
+    """A preprocess the tensor path cannot reproduce (here: a fixed non-square resize) must not be guessed."""
+    paths = [str(make_jpeg(tmp_path / f"j{i}.jpg", (160, 120), seed=i)) for i in range(3)]
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im.resize((12, 8)), dtype=np.float32)).permute(2, 0, 1).contiguous()
+
+    jobs = [(p, p) for p in paths]
+    with decode_stream(jobs, preprocess, 16, workers=0) as s:
+        cpu = list(s)
+    with gpu_decode_stream(jobs, preprocess, 16, workers=0) as s:
+        gpu = list(s)
+    assert s.stats == {"pil: preprocess": 3}
+    assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(cpu, gpu))
