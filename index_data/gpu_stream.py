@@ -70,7 +70,7 @@ class _PilPath:
         self._workers, self._target, self._steps = workers, target_size, steps
         self._start_method = start_method
         self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # submit kills a broken pool while holding it
 
     def submit(self, path):
         if self._workers == 0:
@@ -269,6 +269,8 @@ class GpuDecodeStream(Iterator[DecodeResult]):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _decode_chunk(self, chunk: list):
+        import torch
+
         entries: list = [None] * len(chunk)
         reads = []
         for i, (key, path, fut) in enumerate(chunk):
@@ -280,20 +282,31 @@ class GpuDecodeStream(Iterator[DecodeResult]):
                 entries[i] = (key, path, self._pil.submit(path))  # starts now, in parallel with the batch
         tensors = []
         for group in self._by_pixels(reads):
-            decoded = decode_batch([r.data for _, r in group], self._device)
-            good, imgs = [], []
-            for (i, r), img in zip(group, decoded):
-                if img is not None and tuple(img.shape) == (3, r.height, r.width):
-                    good.append((i, r))
-                    imgs.append(img)
-                else:
-                    self.stats["pil: decode_jpeg refused"] += 1
-                    entries[i] = (chunk[i][0], chunk[i][1], self._pil.submit(chunk[i][1]))
-            if not good:
+            try:
+                decoded = decode_batch([r.data for _, r in group], self._device)
+                good, imgs = [], []
+                for (i, r), img in zip(group, decoded):
+                    if img is not None and tuple(img.shape) == (3, r.height, r.width):
+                        good.append((i, r))
+                        imgs.append(img)
+                    else:
+                        self.stats["pil: decode_jpeg refused"] += 1
+                        entries[i] = (chunk[i][0], chunk[i][1], self._pil.submit(chunk[i][1]))
+                if not good:
+                    continue
+                batch = preprocess_batch(imgs, [r.orientation for _, r in good], self._tplan, self._device,
+                                         self._target, self._config)
+                del imgs, decoded
+            except torch.OutOfMemoryError:
+                # the device is shared (another process, the model's own batch): this group takes the PIL path
+                decoded = imgs = None
+                if self._cuda:
+                    torch.cuda.empty_cache()
+                for i, _ in group:
+                    if not isinstance(entries[i], tuple):
+                        self.stats["pil: device out of memory"] += 1
+                        entries[i] = (chunk[i][0], chunk[i][1], self._pil.submit(chunk[i][1]))
                 continue
-            batch = preprocess_batch(imgs, [r.orientation for _, r in good], self._tplan, self._device,
-                                     self._target, self._config)
-            del imgs, decoded
             tensors.append(batch)
             for j, (i, r) in enumerate(good):
                 w, h = r.shown_size

@@ -259,3 +259,21 @@ def test_preprocess_without_a_tensor_plan_uses_the_pil_path_for_everything(tmp_p
         gpu = list(s)
     assert s.stats == {"pil: preprocess": 3}
     assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(cpu, gpu))
+
+
+def test_device_out_of_memory_sends_the_group_to_the_pil_path(tmp_path, tiny_encoder, monkeypatch):
+    paths = [str(make_jpeg(tmp_path / f"m{i}.jpg", (200, 150), seed=i)) for i in range(6)]
+    real, calls = gpu_stream.preprocess_batch, []
+
+    def first_call_fails(*a, **kw):  # a device shared with another process running out mid-run
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gpu_stream, "preprocess_batch", first_call_fails)
+    cpu, _ = run(decode_stream, paths, tiny_encoder, workers=0)
+    gpu, stats = run(gpu_decode_stream, paths, tiny_encoder, workers=0, batch_files=3)
+    assert stats == {"pil: device out of memory": 3, "tensor": 3}
+    assert all(r.ok for r in gpu) and [r.key for r in gpu] == paths
+    assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(cpu[:3], gpu[:3]))  # the PIL path's own output
