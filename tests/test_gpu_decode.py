@@ -277,3 +277,22 @@ def test_device_out_of_memory_sends_the_group_to_the_pil_path(tmp_path, tiny_enc
     assert stats == {"pil: device out of memory": 3, "tensor": 3}
     assert all(r.ok for r in gpu) and [r.key for r in gpu] == paths
     assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(cpu[:3], gpu[:3]))  # the PIL path's own output
+
+
+def test_pil_path_worker_crash_costs_only_that_file(tmp_path, tiny_encoder, monkeypatch):
+    from index_data import decode as D
+
+    real = D.load_image_with_size
+
+    def crash_on_marker(path, *a, **kw):
+        if "crash" in os.path.basename(os.fsdecode(path)):
+            os._exit(3)  # what a segfaulting decoder looks like from outside
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(D, "load_image_with_size", crash_on_marker)  # inherited by forked workers
+    paths = [str(make_png(tmp_path / "a.png", (60, 40), seed=1)), str(make_png(tmp_path / "crash.png", (60, 40))),
+             str(make_jpeg(tmp_path / "b.jpg", (60, 40), seed=2)), str(make_png(tmp_path / "c.png", (60, 40), seed=3))]
+    results, stats = run(gpu_decode_stream, paths, tiny_encoder, workers=1, start_method="fork")
+    assert [r.ok for r in results] == [True, False, True, True]
+    assert "crashed" in results[1].error
+    assert stats["tensor"] == 1 and stats["pil: format PNG"] == 3
