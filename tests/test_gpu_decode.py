@@ -69,8 +69,8 @@ def cosines(enc, a, b) -> np.ndarray:
 
 
 @pytest.mark.parametrize("which", ["tiny", "starter"])
-def test_tensor_path_matches_pil_path_within_tolerance(which, photos, tiny_encoder, starter_encoder):
-    enc = tiny_encoder if which == "tiny" else starter_encoder
+def test_tensor_path_matches_pil_path_within_tolerance(which, photos, request):
+    enc = request.getfixturevalue("tiny_encoder" if which == "tiny" else "starter_encoder")
     cpu, _ = run(decode_stream, photos, enc, workers=0)
     gpu, stats = run(gpu_decode_stream, photos, enc, workers=0)
     assert stats == {"tensor": len(photos)}  # every file here took the tensor path
