@@ -23,7 +23,8 @@ from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
 from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
-from .decode import DecodeWorkerError, decode_stream
+from .decode import DecodeWorkerError
+from .gpu_stream import choose_decode_stream
 from .scan import ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
@@ -41,6 +42,7 @@ class IndexOptions:
     batch_size: int = 64
     workers: int | None = None
     device: str = "auto"
+    decode: str = "auto"  # auto | cpu | gpu: see index_data/gpu_stream.py
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
@@ -387,7 +389,8 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
         bar.update(len(batch))
         batch = []
 
-    stream = decode_stream(jobs, encoder.preprocess, encoder.image_size, workers=workers)
+    decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
+    stream = decode(jobs, encoder.preprocess, encoder.image_size, workers=workers)
     try:
         for res in stream:
             checkpoint("decode")
