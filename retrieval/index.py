@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmptyIndexError, IndexLockedError, IndexNotFoundError, ModelMismatchError, RetrievalError
+from .errors import (
+    EmptyIndexError,
+    IndexDamagedError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    RetrievalError,
+)
 from .faults import checkpoint
 from .modelspec import ModelIdentity
 from .store import DB_NAME, Store
@@ -113,6 +120,11 @@ def _disk_full_hint(root) -> str:
     except OSError:
         return ""
     return f" (the disk is full: {free // 1024} KiB free)" if free < (1 << 20) else ""
+
+
+# manifest key: ids of images re-encoded in place (same id, new content) whose new vectors are not yet
+# published; the writer sets it with the rows and clears it after publishing (index_data/pipeline.py)
+PENDING_DIRTY_KEY = "pending_dirty_images"
 
 
 def _vec_file(root: Path, kind: str, gen: int) -> Path:
@@ -343,9 +355,13 @@ class Index:
                 vi = VectorIndex.load(path, mmap=mmap)
             except FileNotFoundError:
                 continue
+            except (ValueError, RuntimeError) as e:  # truncated or damaged (faiss raises RuntimeError)
+                detail = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{path}: ", "")
+                raise IndexDamagedError(f"vector file {path.name} is damaged ({detail}); "
+                                     f"run: retrieval verify --repair --index {self.root}") from None
             self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
             return vi
-        raise RetrievalError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
+        raise IndexDamagedError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
 
     def image_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:
         """Vectors to index for images (id, hash): raw image embedding, blended with captions by the fusion."""
@@ -570,8 +586,14 @@ class Index:
             cfg = manifest.get("index_type") or {}
             if kind == "images" and cfg.get("kind") and cfg["kind"] != vi.config.kind:
                 problems.append(f"images: the manifest says {cfg['kind']}, {path.name} is {vi.config.kind}")
+            pending = set()
+            if kind == "images":
+                pending = {int(i) for i in manifest.get(PENDING_DIRTY_KEY) or []} & have & want
+                if pending:
+                    problems.append(f"images: {len(pending)} rows changed in place have no new vector yet (an "
+                                    f"interrupted run: the next index run or verify --repair publishes them)")
             if vi.dim == dim and not missing and vi.config.kind != "ivfpq":  # ivfpq stores approximations
-                off = self._sampled_content_mismatches(kind, vi, sorted(have & want), dict(rows))
+                off = self._sampled_content_mismatches(kind, vi, sorted((have & want) - pending), dict(rows))
                 if off:
                     problems.append(f"{kind}: {off[0]} of {off[1]} sampled vectors in {path.name} differ from what "
                                     f"the raw embeddings in SQLite give (one of the two is corrupt)")
@@ -627,6 +649,9 @@ class Index:
                 if n:
                     done.append(f"removed {n} caption rows without a raw embedding or an image (the next index run re-adds sidecar captions)")
             self.sync_vectors(force_rebuild=True)
+            if store.get_manifest(PENDING_DIRTY_KEY):  # every vector was just made anew
+                with store.transaction():
+                    store.set_manifest(PENDING_DIRTY_KEY, None)
         except Exception as e:
             err = storage_error(e, self.root)
             if err is None:

@@ -43,6 +43,7 @@ from typing import Literal, Optional
 from .errors import (
     EmptyIndexError,
     ImageDecodeError,
+    IndexDamagedError,
     IndexLockedError,
     IndexNotFoundError,
     ModelMismatchError,
@@ -93,6 +94,7 @@ STATUS = {
     EmptyIndexError: 409,
     ModelMismatchError: 409,
     IndexLockedError: 503,
+    IndexDamagedError: 503,  # the index, not the request, needs fixing (verify --repair)
     OfflineWeightsError: 503,
     ImageDecodeError: 400,
 }

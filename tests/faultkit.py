@@ -396,7 +396,8 @@ def no_dac_override():
 
 # ------------------------------------------------------------------------------------------ snapshots
 
-PENDING_PATTERNS = ("rows have no vector", "orphan vectors", "no vector files were ever written")
+PENDING_PATTERNS = ("rows have no vector", "orphan vectors", "no vector files were ever written",
+                    "have no new vector yet")
 
 
 def snapshot(index_dir) -> dict:
