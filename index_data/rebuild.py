@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
-from retrieval.errors import ModelMismatchError
-from retrieval.index import Index, storage_error
+from retrieval.errors import ModelMismatchError, RetrievalError
+from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import parse_spec
+from retrieval.store import DB_NAME
 from retrieval.switch import STAGING_KEY, staging_dir, switch_in
 
 
@@ -54,33 +56,60 @@ def _index_dir_excludes(root, paths) -> list[str]:
     return out
 
 
+def _check_inputs(opts) -> None:
+    """The pipeline's own input checks, made before the staging folder is touched."""
+    if not opts.paths and not opts.captions_file:
+        raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
+    for p in [*opts.paths, *([opts.captions_file] if opts.captions_file else [])]:
+        if not os.path.lexists(p):
+            raise RetrievalError(f"no such file or directory: {os.path.abspath(p)}")
+
+
+def _run_staged(run_index, stage: Path, opts, what: dict):
+    """Run the pipeline on the staging folder, recording what it rebuilds first. A run that fails before
+    any model is recorded there (a model that cannot load, say) leaves no staging folder behind."""
+    with Index.open_for_write(stage) as st, st.store.transaction():
+        st.store.set_manifest(STAGING_KEY, what)
+    try:
+        return run_index(stage, opts)
+    except Exception:
+        try:
+            with Index.open(stage) as st:
+                started = st.identity is not None
+        except Exception:  # no model recorded yet (IndexNotFoundError), or unreadable
+            started = False
+        if not started:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def run_rebuild(index_dir, opts, run_index):
     """Rebuild the index at `index_dir` with `opts` (opts.rebuild set); `run_index` is the pipeline's
     entry point, called on the staging directory. Returns the staging run's report, with the
     generation and image count of the index once switched."""
-    main = Index.open_for_write(index_dir)
+    root = Path(index_dir).expanduser() if index_dir else default_index_dir()
+    if not (root / DB_NAME).is_file():  # no index yet: nothing to keep, build in place
+        return run_index(index_dir, replace(opts, rebuild=False))
+    main = Index.open_for_write(root, create=False)
     try:
         if main.identity is None:  # nothing finished to keep: build in place
             main.close()
             main = None
             return run_index(index_dir, replace(opts, rebuild=False))
         spec = str(parse_spec(opts.model)) if opts.model else main.identity.spec
+        _check_inputs(opts)  # a typo'd PATH must not discard a resumable staging index
         stage = staging_dir(main.root)
         what = _what(opts, spec)
         if os.path.lexists(stage) and not _resumable(stage, what):
             shutil.rmtree(stage) if stage.is_dir() and not stage.is_symlink() else os.unlink(stage)
-        with Index.open_for_write(stage) as st, st.store.transaction():
-            st.store.set_manifest(STAGING_KEY, what)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
         staged = replace(opts, rebuild=False, model=spec, index_type=index_type,
                          exclude=[*opts.exclude, *_index_dir_excludes(main.root, opts.paths)])
         try:
-            report = run_index(stage, staged)
+            report = _run_staged(run_index, stage, staged, what)
         except ModelMismatchError:  # same spec, other weights (the file changed): start the staging afresh
             shutil.rmtree(stage)
-            with Index.open_for_write(stage) as st, st.store.transaction():
-                st.store.set_manifest(STAGING_KEY, what)
-            report = run_index(stage, staged)
+            report = _run_staged(run_index, stage, staged, what)
         if report.interrupted:  # Ctrl-C: the old index stays in force; the same command resumes
             return report
         try:

@@ -234,3 +234,34 @@ def test_rebuild_of_a_folder_holding_the_index_skips_the_index(tmp_path):
         paths = [row.path for row in idx.store.iter_images()]
     assert r.images_total == 4 and not any("/idx/thumbs/" in p for p in paths), paths
     assert str(photos / "deeper" / "idx" / "img_0040.jpg") in paths
+
+
+def test_a_failed_rebuild_creates_nothing_and_keeps_a_resumable_staging(world, tmp_path):
+    """A typo'd PATH or a model that cannot load: one-line errors, the index as it was, and a staging
+    index that was already under way stays resumable (a failed start leaves no staging folder)."""
+    from index_data.pipeline import IndexOptions, run_index
+    from retrieval.errors import RetrievalError
+
+    d = tmp_path / "idx"
+    shutil.copytree(world["base"], d)
+    opts = dict(model=OTHER, rebuild=True, workers=0, progress=False, device="cpu")
+    with pytest.raises(RetrievalError, match="no such file"):
+        run_index(d, IndexOptions(paths=[str(tmp_path / "nope")], **opts))
+    with pytest.raises(Exception):  # noqa: B017 - an unknown architecture: whatever load_encoder raises
+        run_index(d, IndexOptions(paths=[str(world["folder"])], **{**opts, "model": "no-such-arch:none"}))
+    assert not (d / "rebuild").exists()
+    with pytest.raises(RetrievalError, match="no such file"):  # no index there: nothing created either
+        run_index(tmp_path / "new", IndexOptions(paths=[str(tmp_path / "nope")], **opts))
+    assert not (tmp_path / "new").exists()
+    r = fk.zygote().start(fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER), tmp_path / "logs",
+                          env=fk.child_env(RETRIEVAL_FAULT="encode:2"))
+    assert r.wait() == -signal.SIGKILL
+    with pytest.raises(RetrievalError, match="no such file"):
+        run_index(d, IndexOptions(paths=[str(world["folder"]), str(tmp_path / "nope")], **opts))
+    assert _resumable_rows(d) > 0  # the staging index of the killed run is still there
+    assert fk.snapshot(d)["images"] == world["ref"]["images"] and _model(d) == fk.TINY
+
+
+def _resumable_rows(d: Path) -> int:
+    with Index.open(d / "rebuild") as st:
+        return st.store.count("images")
