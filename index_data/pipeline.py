@@ -23,7 +23,7 @@ from retrieval.index import Index, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
 from .decode import decode_stream
-from .scan import ScannedFile, ScanProblem, hash_file, scan
+from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 
@@ -42,6 +42,7 @@ class IndexOptions:
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
+    default_excludes: bool = True  # skip @eaDir, node_modules, .git (index_data.scan.DEFAULT_EXCLUDES)
     rebuild: bool = False
     progress: bool = True
 
@@ -117,7 +118,8 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         missing = [p for p in sorted(corpus) if not os.path.lexists(p)]
         absent = set(missing)
         files, problems = scan([r for r in roots if r not in absent], exclude=opts.exclude,
-                               include_hidden=opts.include_hidden)
+                               include_hidden=opts.include_hidden,
+                               default_excludes=DEFAULT_EXCLUDES if opts.default_excludes else ())
         problems += [ScanProblem(p, f"listed in {os.path.basename(opts.captions_file)} but not found") for p in missing]
         encoder = _prepare_model(idx, opts)
         if not export_is_current(idx.root, idx.identity):

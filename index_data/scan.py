@@ -47,6 +47,11 @@ PERMISSION_DENIED = "permission denied"
 NOT_REGULAR = "not a regular file"
 NOT_IMAGE = "not an image file (unsupported extension)"
 
+# Folders no photo library wants indexed: Synology's thumbnail folders, JavaScript dependencies, git
+# internals. They are default exclude patterns (matched against the bare name), so include_hidden does
+# not bring ".git" back; pass default_excludes=() (CLI: --no-default-excludes) to walk them.
+DEFAULT_EXCLUDES = ("@eaDir", "node_modules", ".git")
+
 
 def is_image_file_name(name: str) -> bool:
     """True when `name` ends with one of retrieval.images.IMAGE_EXTENSIONS (any case)."""
@@ -217,6 +222,7 @@ def scan(
     exclude: Sequence[str] = (),
     include_hidden: bool = False,
     follow_symlinks: bool = True,
+    default_excludes: Sequence[str] = DEFAULT_EXCLUDES,
 ) -> tuple[list[ScannedFile], list[ScanProblem]]:
     """Find the image files under `paths` (folders, walked recursively, or single files).
 
@@ -227,6 +233,8 @@ def scan(
       given explicitly is scanned.
     - `exclude`: fnmatch globs, case-sensitive, tried against the bare name and against the path
       relative to the scanned root ("*/thumbnails/*", "*.gif", "raw"). Matching folders are pruned.
+    - `default_excludes` (DEFAULT_EXCLUDES: "@eaDir", "node_modules", ".git") are added to `exclude`;
+      include_hidden does not lift them, default_excludes=() does.
     - Symlinks are followed (unless follow_symlinks=False, which skips them): a link to one of its own
       ancestors is reported once as "symlink loop"; a dangling link as "broken symlink"; a folder
       already walked through another path is not walked again.
@@ -235,7 +243,7 @@ def scan(
     - The same real file reached twice (two roots, or a symlink) appears once, preferably under its
       real path. Output is sorted by path; problems are sorted too.
     """
-    w = _Walker(exclude, include_hidden, follow_symlinks)
+    w = _Walker([*exclude, *default_excludes], include_hidden, follow_symlinks)
     roots = []
     for p in paths:
         p = os.path.abspath(os.fsdecode(p))
