@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from retrieval.errors import RetrievalError
+from retrieval.formats import RAW_COMPANION_EXTENSIONS, RAW_EXTENSIONS
 from retrieval.images import IMAGE_EXTENSIONS
 
 _EXTS = frozenset(IMAGE_EXTENSIONS)
@@ -242,6 +243,8 @@ def scan(
       raises RetrievalError.
     - The same real file reached twice (two roots, or a symlink) appears once, preferably under its
       real path. Output is sorted by path; problems are sorted too.
+    - A RAW file (retrieval.formats.RAW_EXTENSIONS) with a JPEG or HEIF of the same stem (any case) in the
+      same folder is left out: they are one photo, and the JPEG is the camera's rendering of it.
     """
     w = _Walker([*exclude, *default_excludes], include_hidden, follow_symlinks)
     roots = []
@@ -277,9 +280,22 @@ def scan(
         w.visited.add(key)
         w.walk((p, os.path.realpath(p), p, (key,)))
     w.run_deferred()
-    files = sorted(ScannedFile(path, size, mtime) for path, size, mtime in w.files.values())
+    files = _drop_raw_with_companion(sorted(ScannedFile(path, size, mtime) for path, size, mtime in w.files.values()))
     problems = sorted(ScanProblem(path, reason) for path, reason in w.problems)
     return files, problems
+
+
+def _drop_raw_with_companion(files: list[ScannedFile]) -> list[ScannedFile]:
+    """RAW+JPEG shooting gives two files of one photo: keep the JPEG (or HEIF) and leave the RAW out
+    (not indexed, not reported: a RAW+JPEG library would otherwise list every RAW as skipped)."""
+    companions = {
+        os.path.splitext(f.path)[0].lower()
+        for f in files if os.path.splitext(f.path)[1].lower() in RAW_COMPANION_EXTENSIONS
+    }
+    if not companions:
+        return files
+    return [f for f in files if not (os.path.splitext(f.path)[1].lower() in RAW_EXTENSIONS
+                                     and os.path.splitext(f.path)[0].lower() in companions)]
 
 
 _CHUNK = 1 << 20
