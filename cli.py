@@ -104,11 +104,16 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @click.option("--probes", type=click.IntRange(1), default=None,
               help="ANN effort for this query: IVF lists probed (nprobe) or HNSW efSearch. Higher finds more of the "
                    "exact top k, slower. Default: the index's setting (`info`); exact (flat) indexes ignore it.")
+@click.option("--after", default=None, metavar="DATE", help="Only photos taken on or after DATE (ISO: 2019, 2019-06, 2019-06-21).")
+@click.option("--before", default=None, metavar="DATE", help="Only photos taken on or before DATE (the whole day, month or year named).")
+@click.option("--camera", default=None, metavar="TEXT", help="Only photos whose camera make or model contains TEXT (any case).")
+@click.option("--near", default=None, metavar="LAT,LON", help="Only photos taken within --km of this point (EXIF GPS).")
+@click.option("--km", type=float, default=None, help="Radius for --near, in kilometres. Default: 10.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
 @click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
-def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, device, as_json,
-           as_paths):
+def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, after, before,
+           camera, near, km, device, as_json, as_paths):
     """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
     from retrieval.errors import RetrievalError
     from retrieval.search import Searcher
@@ -121,7 +126,8 @@ def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclud
 
     with Searcher.open(index_dir, device=device) as s:
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                           exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes)
+                           exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes,
+                           after=after, before=before, camera=camera, near=near, km=km)
     _print_results(results, as_json, as_paths)
     sys.exit(0 if results else 1)
 

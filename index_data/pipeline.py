@@ -23,6 +23,7 @@ from retrieval.index import Index, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
 from .decode import decode_stream
+from .photo_meta import fill_photo_meta
 from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
@@ -62,6 +63,7 @@ class IndexReport:
     seconds: float = 0.0
     generation: int = 0
     images_total: int = 0
+    metadata_read: int = 0  # images whose EXIF (date, camera, GPS) was read this run
 
     @property
     def changed(self) -> bool:
@@ -135,6 +137,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             _encode(idx, encoder, work, opts, report, stop, dirty)
             report.interrupted = stop.set
         report.captions_added += _sync_captions(idx, encoder, files, corpus, dirty)
+        report.metadata_read = fill_photo_meta(idx.store, progress=opts.progress)
         with idx.store.transaction():
             idx.store.drop_unreferenced_embeddings()
         idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import EmptyIndexError, RetrievalError
 from .index import Index
+from .photo_filters import PhotoFilter
 from .store import path_from_db
 
 MAX_OVERFETCH_ROUNDS = 8
@@ -34,6 +35,14 @@ class ImageResult:
     height: int | None = None
     captions: list[str] = field(default_factory=list)
     kind: str = "image"
+    # photo metadata (retrieval/exif.py); None when not read or not in the file
+    taken_at: str | None = None
+    taken_source: str | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,8 +143,14 @@ class Searcher:
 
     def search(self, text: str | None = None, image=None, *, weight: float = 0.5, to: str = "images", k: int = 10,
                min_score: float | None = None, under: str | None = None, glob: str | None = None,
-               exclude_self: bool = False, dedupe: bool = True, probes: int | None = None) -> list[Result]:
-        """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own."""
+               exclude_self: bool = False, dedupe: bool = True, probes: int | None = None,
+               after=None, before=None, camera: str | None = None, near=None, km: float | None = None,
+               photo: PhotoFilter | None = None) -> list[Result]:
+        """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own.
+        after/before (ISO dates, inclusive), camera (substring of make and model), near=(lat, lon) with km:
+        photo metadata filters (retrieval/photo_filters.py); they also apply to captions' images."""
+        if photo is None:
+            photo = PhotoFilter.make(after, before, camera, near, km)
         if k < 1:
             raise RetrievalError("-k must be at least 1")
         if to not in ("images", "captions"):
@@ -148,17 +163,17 @@ class Searcher:
             qvec = self.embed_query(text, image, weight)
             self_hash = _query_hash(image) if (exclude_self and image is not None) else None
             return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                      exclude_hash=self_hash, dedupe=dedupe, probes=probes)
+                                      exclude_hash=self_hash, dedupe=dedupe, probes=probes, photo=photo)
 
     def search_vector(self, qvec: np.ndarray, *, to: str = "images", k: int = 10, min_score: float | None = None,
                       under: str | None = None, glob: str | None = None, exclude_hash: str | None = None,
-                      dedupe: bool = True, probes: int | None = None) -> list[Result]:
+                      dedupe: bool = True, probes: int | None = None, photo: PhotoFilter | None = None) -> list[Result]:
         if probes is not None and probes < 1:
             raise RetrievalError(f"--probes must be at least 1, got {probes}")
         vectors = self.index.vectors(to, mmap=True)
         if vectors is None or vectors.ntotal == 0:
             return []
-        allowed = self._allowed_ids(to, under, glob)
+        allowed = self._allowed_ids(to, under, glob, photo)
         if allowed is not None and len(allowed) == 0:
             return []
         total = vectors.ntotal if allowed is None else len(allowed)
@@ -174,17 +189,22 @@ class Searcher:
             fetch = min(total, fetch * 4)
         return results
 
-    def _allowed_ids(self, to: str, under: str | None, glob: str | None):
-        if not under and not glob:
+    def _allowed_ids(self, to: str, under: str | None, glob: str | None, photo: PhotoFilter | None = None):
+        photo_ok = set(photo.image_ids(self.index.store)) if photo is not None and photo.active else None
+        if not under and not glob and photo_ok is None:
             return None
+        if not under and not glob and to == "images":
+            return np.array(sorted(photo_ok), dtype=np.int64)
         prefix = os.path.abspath(os.path.expanduser(under)) if under else None
         store = self.index.store
         if to == "images":
-            rows = store.db.execute("SELECT id, path_raw FROM images")
+            rows = store.db.execute("SELECT id, id, path_raw FROM images")
         else:
-            rows = store.db.execute("SELECT c.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id")
+            rows = store.db.execute("SELECT c.id, i.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id")
         keep = []
-        for i, raw in rows:
+        for i, image_id, raw in rows:
+            if photo_ok is not None and image_id not in photo_ok:
+                continue
             p = path_from_db(raw)
             if prefix and not (p == prefix or p.startswith(prefix.rstrip(os.sep) + os.sep)):
                 continue
@@ -200,6 +220,7 @@ class Searcher:
         if to == "images":
             rows = store.images_by_ids([i for _, i in valid])
             caps = store.captions_for_images(list(rows))
+            metas = store.photo_meta(list(rows))
             seen: set[str] = set()
             for s, i in valid:
                 row = rows.get(i)
@@ -213,8 +234,9 @@ class Searcher:
                     if row.hash in seen:
                         continue
                     seen.add(row.hash)
+                meta = metas.get(i)
                 out.append(ImageResult(len(out) + 1, s, i, _display(row.path), row.hash, row.width, row.height,
-                                       [t for _, t in caps.get(i, [])]))
+                                       [t for _, t in caps.get(i, [])], **(meta.to_dict() if meta else {})))
                 if len(out) == k:
                     break
         else:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
+from .photo_filters import PhotoFilter
 from .errors import (
     EmptyIndexError,
     ImageDecodeError,
@@ -65,6 +66,11 @@ DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries around the uploaded file
 THUMB_SIZE = 256
 MAX_K = 1000
+AFTER_HELP = "Only photos taken on or after this ISO date (2019, 2019-06, 2019-06-21)"
+BEFORE_HELP = "Only photos taken on or before this ISO date (the whole period named)"
+CAMERA_HELP = "Only photos whose camera make or model contains this text (any case)"
+NEAR_HELP = "LAT,LON: only photos taken within km of this point (EXIF GPS)"
+KM_HELP = "Radius for near, in kilometres (default 10)"
 PROBES_HELP = "ANN effort for this query: IVF lists probed or HNSW efSearch (default: the index's setting)"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "testserver")
 _ID = re.compile(r"[0-9]{1,18}")
@@ -273,7 +279,7 @@ class _Service:
             raise EmptyIndexError(f"the index at {self.root} has no {to} to search")
 
     def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
-               min_score=None, under=None, glob=None, exclude_self=False, probes=None):
+               min_score=None, under=None, glob=None, exclude_self=False, probes=None, photo=None):
         with self.lock, self.searcher.index.pinned():
             s = self.searcher
             if image_id is not None:
@@ -287,9 +293,9 @@ class _Service:
                 exclude = image_hash
             else:
                 return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                probes=probes)
+                                probes=probes, photo=photo)
             return s.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                   exclude_hash=exclude, probes=probes)
+                                   exclude_hash=exclude, probes=probes, photo=photo)
 
     def info(self) -> dict:
         with self.lock:
@@ -386,13 +392,20 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         glob: Optional[str] = Query(None, max_length=1024),
         exclude_self: bool = Query(False, description="With id: leave out that image and identical copies"),
         probes: Optional[int] = Query(None, ge=1, le=65536, description=PROBES_HELP),
+        after: Optional[str] = Query(None, max_length=40, description=AFTER_HELP),
+        before: Optional[str] = Query(None, max_length=40, description=BEFORE_HELP),
+        camera: Optional[str] = Query(None, max_length=200, description=CAMERA_HELP),
+        near: Optional[str] = Query(None, max_length=80, description=NEAR_HELP),
+        km: Optional[float] = Query(None, gt=0, le=40075, description=KM_HELP),
     ):
         text = q if q and q.strip() else None
         if text is None and id is None:
             raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, or both")
+        photo = PhotoFilter.make(after, before, camera, near, km)
         t0 = time.perf_counter()
         results = service.search(text=text, image_id=id, weight=weight, to=to, k=k, min_score=min_score,
-                                 under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes)
+                                 under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes,
+                                 photo=photo)
         return _results(request, results, t0)
 
     @app.post("/api/search", summary="Search by an uploaded image, optionally combined with text")
@@ -408,8 +421,15 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         glob: Optional[str] = Form(None, max_length=1024),
         exclude_self: bool = Form(False, description="Leave out indexed copies of the uploaded file"),
         probes: Optional[int] = Form(None, ge=1, le=65536, description=PROBES_HELP),
+        after: Optional[str] = Form(None, max_length=40, description=AFTER_HELP),
+        before: Optional[str] = Form(None, max_length=40, description=BEFORE_HELP),
+        camera: Optional[str] = Form(None, max_length=200, description=CAMERA_HELP),
+        near: Optional[str] = Form(None, max_length=80, description=NEAR_HELP),
+        km: Optional[float] = Form(None, gt=0, le=40075, description=KM_HELP),
     ):
         from .images import load_image
+
+        photo = PhotoFilter.make(after, before, camera, near, km)
 
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -424,7 +444,8 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         t0 = time.perf_counter()
         results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
                                  under=under or None, glob=glob or None, exclude_self=exclude_self,
-                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes)
+                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes,
+                                 photo=photo)
         return _results(request, results, t0)
 
     def _results(request: Request, results, t0: float) -> dict:

@@ -159,6 +159,7 @@ function imageCard(r) {
         el("span", { class: "score", text: r.score.toFixed(3) }),
         el("a", { class: "open", href: r.file, target: "_blank", rel: "noopener", text: "open", title: "Open the original" })),
       el("span", { class: "path" }, el("bdi", { text: r.path })),
+      photoMeta(r),
       r.captions && r.captions.length ? el("div", { class: "caps", text: r.captions[0] }) : null));
   const go = (e) => {
     if (e.target.closest("a")) return;
@@ -167,6 +168,27 @@ function imageCard(r) {
   card.addEventListener("click", go);
   card.addEventListener("keydown", (e) => { if (e.key === "Enter") go(e); });
   return card;
+}
+
+// "2019-07-14 10:30 · Canon EOS R5": the date taken (or the file's date, marked) and the camera
+function cameraName(r) {
+  const make = r.camera_make || "", model = r.camera_model || "";
+  if (make && model.toLowerCase().startsWith(make.split(" ")[0].toLowerCase())) return model;
+  return [make, model].filter(Boolean).join(" ");
+}
+
+function photoMeta(r) {
+  if (!r.taken_at && !r.camera_make && !r.camera_model) return null;
+  const parts = [];
+  if (r.taken_at) {
+    const when = r.taken_at.slice(0, 16).replace("T", " ");
+    parts.push(el("time", { class: "taken", datetime: r.taken_at, text: when,
+      title: r.taken_source === "exif" ? "date taken (EXIF)" : "file date (no EXIF date)" }));
+    if (r.taken_source !== "exif") parts.push(el("span", { class: "muted", text: " (file)" }));
+  }
+  const cam = cameraName(r);
+  if (cam) parts.push(el("span", { class: "camera", text: `${parts.length ? " · " : ""}${cam}`, title: r.lens || "" }));
+  return el("div", { class: "photo-meta" }, ...parts);
 }
 
 function captionRow(r) {
