@@ -94,6 +94,10 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @index_option
 @click.option("--image", type=click.Path(), default=None, help="Query image (alone, or with TEXT for a composite query).")
 @click.option("--weight", default=0.5, show_default=True, type=float, help="Image share of a composite query (0..1).")
+@click.option("--add", "add", multiple=True, metavar="[W:]Q",
+              help="Add a text or image-path query, optionally weighted: '2:sunset', '0.5:./img.jpg' (repeatable).")
+@click.option("--subtract", "subtract", multiple=True, metavar="[W:]Q",
+              help="Subtract a text or image-path query, optionally weighted (repeatable).")
 @click.option("--to", "to", type=click.Choice(["images", "captions"]), default="images", show_default=True)
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--min-score", type=float, default=None)
@@ -112,9 +116,10 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
 @click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
-def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, after, before,
+def search(text, index_dir, image, weight, add, subtract, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, after, before,
            camera, near, km, device, as_json, as_paths):
-    """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
+    """Search by TEXT, by --image, or both, plus or minus --add/--subtract terms. Exit code 0 with results, 1 with
+    none, 2 on error."""
     from retrieval.errors import RetrievalError
     from retrieval.search import Searcher
 
@@ -127,7 +132,7 @@ def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclud
     with Searcher.open(index_dir, device=device) as s:
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
                            exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes,
-                           after=after, before=before, camera=camera, near=near, km=km)
+                           after=after, before=before, camera=camera, near=near, km=km, add=add, subtract=subtract)
     _print_results(results, as_json, as_paths)
     sys.exit(0 if results else 1)
 

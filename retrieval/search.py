@@ -19,6 +19,7 @@ import numpy as np
 from .errors import EmptyIndexError, RetrievalError
 from .index import Index
 from .photo_filters import PhotoFilter
+from .query_math import QueryTerm, parse_terms, weighted_sum
 from .store import path_from_db
 
 MAX_OVERFETCH_ROUNDS = 8
@@ -139,16 +140,39 @@ class Searcher:
         q = weight * img + (1.0 - weight) * txt
         return (q / max(np.linalg.norm(q), 1e-12)).astype(np.float32)
 
+    def apply_terms(self, base: np.ndarray | None, terms) -> np.ndarray:
+        """The normalised sum of `base` (weight 1; None for none) and each QueryTerm's vector times its weight."""
+        parts = [] if base is None else [(1.0, base)]
+        return weighted_sum(parts + [(t.weight, self.term_vector(t)) for t in terms])
+
+    def term_vector(self, term: QueryTerm) -> np.ndarray:
+        if term.text is not None:
+            return self.embed_text(term.text)
+        if term.image_id is not None:
+            row = self.index.store.images_by_ids([term.image_id]).get(term.image_id)
+            if row is None:
+                raise RetrievalError(f"no image with id {term.image_id} in the index (query term id:{term.image_id})")
+            try:
+                vec = self.index.store.get_embeddings("image", [row.hash], self.index.dim)[0]
+            except KeyError:
+                return self.embed_image(row.path)
+            fusion = self.index.fusion()
+            return vec if fusion is None else fusion.query_image(vec[None])[0]
+        return self.embed_image(term.image)
+
     # -- search ---------------------------------------------------------------------------------
 
     def search(self, text: str | None = None, image=None, *, weight: float = 0.5, to: str = "images", k: int = 10,
                min_score: float | None = None, under: str | None = None, glob: str | None = None,
                exclude_self: bool = False, dedupe: bool = True, probes: int | None = None,
                after=None, before=None, camera: str | None = None, near=None, km: float | None = None,
-               photo: PhotoFilter | None = None) -> list[Result]:
+               photo: PhotoFilter | None = None, add=(), subtract=()) -> list[Result]:
         """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own.
         after/before (ISO dates, inclusive), camera (substring of make and model), near=(lat, lon) with km:
-        photo metadata filters (retrieval/photo_filters.py); they also apply to captions' images."""
+        photo metadata filters (retrieval/photo_filters.py); they also apply to captions' images.
+        add/subtract: query arithmetic terms, "[W:]TEXT", "[W:]IMAGE_PATH", "id:N", PIL images or (W, Q) pairs
+        (retrieval/query_math.py), summed with the base query and normalised."""
+        terms = parse_terms(add, subtract)
         if photo is None:
             photo = PhotoFilter.make(after, before, camera, near, km)
         if k < 1:
@@ -160,7 +184,12 @@ class Searcher:
             if vectors is None or vectors.ntotal == 0:
                 what = "images" if to == "images" else "captions"
                 raise EmptyIndexError(f"the index at {self.index.root} has no {what} to search")
-            qvec = self.embed_query(text, image, weight)
+            if terms and text is None and image is None:
+                qvec = self.apply_terms(None, terms)
+            else:
+                qvec = self.embed_query(text, image, weight)
+                if terms:
+                    qvec = self.apply_terms(qvec, terms)
             self_hash = _query_hash(image) if (exclude_self and image is not None) else None
             return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
                                       exclude_hash=self_hash, dedupe=dedupe, probes=probes, photo=photo)

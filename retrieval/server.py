@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from .photo_filters import PhotoFilter
+from .query_math import parse_terms
 from .errors import (
     EmptyIndexError,
     ImageDecodeError,
@@ -71,6 +72,9 @@ BEFORE_HELP = "Only photos taken on or before this ISO date (the whole period na
 CAMERA_HELP = "Only photos whose camera make or model contains this text (any case)"
 NEAR_HELP = "LAT,LON: only photos taken within km of this point (EXIF GPS)"
 KM_HELP = "Radius for near, in kilometres (default 10)"
+ADD_HELP = "Query arithmetic (repeatable): [WEIGHT:]TEXT or [WEIGHT:]id:IMAGE_ID added to the query, e.g. 2:sunset"
+SUBTRACT_HELP = "Query arithmetic (repeatable): [WEIGHT:]TEXT or [WEIGHT:]id:IMAGE_ID subtracted from the query"
+MAX_TERMS = 32
 PROBES_HELP = "ANN effort for this query: IVF lists probed or HNSW efSearch (default: the index's setting)"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "testserver")
 _ID = re.compile(r"[0-9]{1,18}")
@@ -279,7 +283,7 @@ class _Service:
             raise EmptyIndexError(f"the index at {self.root} has no {to} to search")
 
     def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
-               min_score=None, under=None, glob=None, exclude_self=False, probes=None, photo=None):
+               min_score=None, under=None, glob=None, exclude_self=False, probes=None, photo=None, terms=()):
         with self.lock, self.searcher.index.pinned():
             s = self.searcher
             if image_id is not None:
@@ -293,13 +297,22 @@ class _Service:
                 exclude = image_hash
             else:
                 return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                probes=probes, photo=photo)
+                                probes=probes, photo=photo, add=list(terms))
+            if terms:
+                qvec = s.apply_terms(qvec, terms)
             return s.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
                                    exclude_hash=exclude, probes=probes, photo=photo)
 
     def info(self) -> dict:
         with self.lock:
             return self.searcher.index.info().to_dict()
+
+
+def _terms(add, subtract):
+    """Query terms from HTTP parameters: text or id:N, never a path on the server."""
+    if len(add) + len(subtract) > MAX_TERMS:
+        raise RetrievalError(f"at most {MAX_TERMS} add/subtract terms")
+    return parse_terms([a for a in add if a.strip()], [x for x in subtract if x.strip()], allow_paths=False)
 
 
 def _result_dict(r, base: str) -> dict:
@@ -397,15 +410,18 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         camera: Optional[str] = Query(None, max_length=200, description=CAMERA_HELP),
         near: Optional[str] = Query(None, max_length=80, description=NEAR_HELP),
         km: Optional[float] = Query(None, gt=0, le=40075, description=KM_HELP),
+        add: list[str] = Query([], max_length=2000, description=ADD_HELP),
+        subtract: list[str] = Query([], max_length=2000, description=SUBTRACT_HELP),
     ):
         text = q if q and q.strip() else None
-        if text is None and id is None:
-            raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, or both")
+        terms = _terms(add, subtract)
+        if text is None and id is None and not terms:
+            raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, add=TERM, or several")
         photo = PhotoFilter.make(after, before, camera, near, km)
         t0 = time.perf_counter()
         results = service.search(text=text, image_id=id, weight=weight, to=to, k=k, min_score=min_score,
                                  under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes,
-                                 photo=photo)
+                                 photo=photo, terms=terms)
         return _results(request, results, t0)
 
     @app.post("/api/search", summary="Search by an uploaded image, optionally combined with text")
@@ -426,10 +442,13 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         camera: Optional[str] = Form(None, max_length=200, description=CAMERA_HELP),
         near: Optional[str] = Form(None, max_length=80, description=NEAR_HELP),
         km: Optional[float] = Form(None, gt=0, le=40075, description=KM_HELP),
+        add: list[str] = Form([], max_length=2000, description=ADD_HELP),
+        subtract: list[str] = Form([], max_length=2000, description=SUBTRACT_HELP),
     ):
         from .images import load_image
 
         photo = PhotoFilter.make(after, before, camera, near, km)
+        terms = _terms(add, subtract)
 
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -445,7 +464,7 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
                                  under=under or None, glob=glob or None, exclude_self=exclude_self,
                                  image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes,
-                                 photo=photo)
+                                 photo=photo, terms=terms)
         return _results(request, results, t0)
 
     def _results(request: Request, results, t0: float) -> dict:
