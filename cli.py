@@ -116,8 +116,10 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
 @click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
+@click.option("--preview", is_flag=True, help="Show thumbnails inline (kitty or iTerm2 image protocol, detected; "
+                                              "RETRIEVAL_PREVIEW=kitty|iterm2 forces one).")
 def search(text, index_dir, image, weight, add, subtract, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, after, before,
-           camera, near, km, device, as_json, as_paths):
+           camera, near, km, device, as_json, as_paths, preview):
     """Search by TEXT, by --image, or both, plus or minus --add/--subtract terms. Exit code 0 with results, 1 with
     none, 2 on error."""
     from retrieval.errors import RetrievalError
@@ -125,6 +127,8 @@ def search(text, index_dir, image, weight, add, subtract, to, k, min_score, unde
 
     if as_json and as_paths:
         raise RetrievalError("--json and --paths cannot be combined: pick one output format")
+    if preview and (as_json or as_paths):
+        raise RetrievalError("--preview shows thumbnails under the result table: leave out --json and --paths")
     explicit = click.get_current_context().get_parameter_source("weight") == click.core.ParameterSource.COMMANDLINE
     if explicit and (text is None or image is None):
         raise RetrievalError("--weight only applies to a composite query: give both TEXT and --image")
@@ -133,11 +137,31 @@ def search(text, index_dir, image, weight, add, subtract, to, k, min_score, unde
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
                            exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes,
                            after=after, before=before, camera=camera, near=near, km=km, add=add, subtract=subtract)
-    _print_results(results, as_json, as_paths)
+    protocol = None
+    if preview:
+        from retrieval.preview import detect
+
+        found = detect(isatty=sys.stdout.isatty())
+        protocol = found.protocol
+        if protocol is None:
+            click.echo(f"no previews: {found.reason}", err=True)
+    _print_results(results, as_json, as_paths, protocol)
     sys.exit(0 if results else 1)
 
 
-def _print_results(results, as_json: bool, as_paths: bool) -> None:
+def _show_preview(path, protocol) -> None:
+    """One inline thumbnail (retrieval/preview.py) under a result line, or why there is none."""
+    from retrieval.errors import ImageDecodeError
+    from retrieval.preview import escape_for
+
+    try:
+        click.echo(escape_for(path, protocol))
+    except ImageDecodeError as e:
+        reason = str(e).splitlines()[0]
+        click.echo(f"        (no preview: {reason.removeprefix(os.fsdecode(path) + ': ')})")
+
+
+def _print_results(results, as_json: bool, as_paths: bool, protocol: str | None = None) -> None:
     if as_json:
         for r in results:
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -154,10 +178,14 @@ def _print_results(results, as_json: bool, as_paths: bool) -> None:
         click.echo(f"{'rank':>4}  {'score':>6}  path")
         for r in results:
             click.echo(f"{r.rank:>4}  {r.score:6.3f}  {r.path}")
+            if protocol:
+                _show_preview(r.path, protocol)
     else:
         click.echo(f"{'rank':>4}  {'score':>6}  caption  [image]")
         for r in results:
             click.echo(f"{r.rank:>4}  {r.score:6.3f}  {r.caption}" + (f"  [{r.path}]" if r.path else ""))
+            if protocol and r.path:
+                _show_preview(r.path, protocol)
 
 
 @main.command()
@@ -215,6 +243,32 @@ def verify(index_dir, repair):
     if not problems:
         click.echo("ok")
     sys.exit(1 if problems else 0)
+
+
+@main.command()
+@index_option
+@click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(0.5, 1.0),
+              help="Cosine similarity at or above which two photos are near-duplicates.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one group per line, best-quality member first.")
+def duplicates(index_dir, threshold, as_json):
+    """Groups of near-identical photos (bursts, resized copies, edits), best-quality member first.
+    Exit code 0 with groups, 1 with none."""
+    from retrieval.duplicates import find_duplicates
+    from retrieval.index import Index
+
+    with Index.open(index_dir) as idx:
+        groups = find_duplicates(idx, threshold=threshold)
+    for n, g in enumerate(groups, 1):
+        if as_json:
+            click.echo(json.dumps(g.to_dict(), ensure_ascii=False))
+            continue
+        click.echo(f"group {n}: {len(g.members)} photos")
+        for m in g.members:
+            size = f"{m.width}x{m.height}" if m.width and m.height else "?"
+            click.echo(f"  {m.score:6.3f}  {size:>11}  {m.path}")
+    if not as_json:
+        click.echo(f"{len(groups)} group{'' if len(groups) == 1 else 's'} of near-duplicates at {threshold:g}", err=True)
+    sys.exit(0 if groups else 1)
 
 
 # -- benchmark (issue 8) ---------------------------------------------------------------------------------------
