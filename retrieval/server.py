@@ -9,6 +9,9 @@ Endpoints (the OpenAPI schema is at /openapi.json):
     GET  /api/info              index info, the keys of `retrieval info --json`
     GET  /api/search?q=&id=     text search, "more like this" by an indexed image id, or both (composite)
     POST /api/search            multipart upload `image` (+ optional `q`, `weight`): image or composite search
+    GET  /duplicates            the near-duplicates page
+    GET  /api/duplicates        groups of near-duplicate photos (?threshold=0.95&limit=&offset=)
+    GET  /api/search?...&add=&subtract=&after=&before=&camera=&near=&km=   query arithmetic and photo filters
     GET  /thumb/{id}            JPEG thumbnail of an indexed image, made on demand, cached under <index>/thumbs/
     GET  /file/{id}             the original file of an indexed image
 
@@ -307,6 +310,20 @@ class _Service:
         with self.lock:
             return self.searcher.index.info().to_dict()
 
+    def duplicates(self, threshold: float):
+        """Near-duplicate groups (retrieval/duplicates.py), cached until the index changes."""
+        from .duplicates import find_duplicates
+
+        with self.lock:
+            idx = self.searcher.index
+            state = idx.store.db.execute("SELECT COUNT(*), MAX(id), TOTAL(mtime_ns), TOTAL(LENGTH(path_raw)), "
+                                         "TOTAL(width * height) FROM images").fetchone()
+            key = (idx.generation, tuple(state), threshold)  # moves and edits change it too
+            cached = getattr(self, "_dup_cache", None)
+            if cached is None or cached[0] != key:
+                self._dup_cache = (key, find_duplicates(idx, threshold=threshold))
+            return self._dup_cache[1]
+
 
 def _terms(add, subtract):
     """Query terms from HTTP parameters: text or id:N, never a path on the server."""
@@ -466,6 +483,25 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
                                  image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes,
                                  photo=photo, terms=terms)
         return _results(request, results, t0)
+
+    @app.get("/duplicates", include_in_schema=False)
+    def duplicates_page():
+        return FileResponse(STATIC_DIR / "duplicates.html", media_type="text/html; charset=utf-8", headers=page_headers)
+
+    @app.get("/api/duplicates", summary="Groups of near-duplicate photos, best-quality member first")
+    def api_duplicates(
+        request: Request,
+        threshold: float = Query(0.95, ge=0.5, le=1.0, description="Cosine similarity at or above which photos are near-duplicates"),
+        limit: int = Query(200, ge=1, le=10000, description="Most groups returned (largest groups first)"),
+        offset: int = Query(0, ge=0, description="Groups to skip, for paging"),
+    ):
+        t0 = time.perf_counter()
+        groups = service.duplicates(threshold)
+        base = request.scope.get("root_path", "").rstrip("/")
+        page = groups[offset : offset + limit]
+        return {"groups": [{"members": [{**m, "thumb": f"{base}/thumb/{m['id']}", "file": f"{base}/file/{m['id']}"}
+                                        for m in g.to_dict()["members"]]} for g in page],
+                "total": len(groups), "threshold": threshold, "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
     def _results(request: Request, results, t0: float) -> dict:
         base = request.scope.get("root_path", "").rstrip("/")
