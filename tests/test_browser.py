@@ -269,6 +269,14 @@ def test_results_show_date_and_camera_and_duplicates_view(library_server, browse
                  if e.get_attribute("title").split("\n")[0].endswith("coffee_cup.jpg"))
     assert "(file)" in other.find_element("css selector", ".photo-meta").text
 
+    # the camera and date filters narrow the results to the EXIF photo
+    d.find_element("id", "camera").send_keys("eos r5", Keys.ENTER)
+    _wait(d, lambda d: _results_shown(d) and len(_card_paths(d)) == 1, what="camera-filtered results")
+    assert _card_paths(d)[0].endswith("holiday.jpg") and "camera=eos+r5" in d.current_url
+    d.execute_script("const a = document.getElementById('after'); a.value = '2019-07-15';"
+                     "a.dispatchEvent(new Event('change'));")
+    _wait(d, lambda d: "No results" in _status(d), what="no photo after the holiday")
+
     # the near-duplicates view: one group, the full-size cats first, thumbnails loaded
     d.find_element("id", "dup-link").click()
     threshold = _wait(d, lambda d: d.find_element("id", "threshold"), what="duplicates page")

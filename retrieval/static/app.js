@@ -7,7 +7,18 @@ const els = {
   weightBox: $("#weight-box"), status: $("#status"), results: $("#results"), info: $("#info"),
   queryImage: $("#query-image"), queryThumb: $("#query-thumb"), queryLabel: $("#query-label"),
   clearImage: $("#clear-image"), overlay: $("#drop-overlay"),
+  after: $("#after"), before: $("#before"), camera: $("#camera"),
 };
+
+// date taken and camera filters, sent with every search (GET parameters or form fields)
+function filterEntries() {
+  const out = [];
+  for (const name of ["after", "before", "camera"]) {
+    const v = els[name].value.trim();
+    if (v) out.push([name, v]);
+  }
+  return out;
+}
 
 // The image part of the query: an uploaded File, or an indexed image id ("more like this"), or nothing.
 const state = { file: null, fileUrl: null, id: null, idLabel: "", idThumb: "" };
@@ -88,6 +99,7 @@ function urlParams() {
   p.set("k", els.k.value);
   p.set("to", to());
   if (q && state.id !== null) p.set("weight", els.weight.value);
+  for (const [name, v] of filterEntries()) p.set(name, v);
   return p;
 }
 
@@ -112,6 +124,7 @@ async function search({ push = true } = {}) {
       if (q) { fd.append("q", q); fd.append("weight", els.weight.value); }
       fd.append("k", els.k.value);
       fd.append("to", to());
+      for (const [name, v] of filterEntries()) fd.append(name, v);
       resp = await fetch("/api/search", { method: "POST", body: fd, signal: ctrl.signal });
     } else {
       const params = urlParams();
@@ -218,6 +231,7 @@ els.weight.addEventListener("change", () => { if (els.q.value.trim() && (state.f
 els.q.addEventListener("input", refreshQueryImage);
 for (const r of document.querySelectorAll('input[name="to"]')) r.addEventListener("change", () => search());
 els.k.addEventListener("change", () => search());
+for (const f of [els.after, els.before, els.camera]) f.addEventListener("change", () => search());
 
 // drag and drop anywhere on the page, and paste
 let dragDepth = 0;
@@ -240,6 +254,7 @@ document.addEventListener("paste", (e) => {
 function fromLocation() {
   const p = new URLSearchParams(location.search);
   els.q.value = p.get("q") || "";
+  for (const name of ["after", "before", "camera"]) els[name].value = p.get(name) || "";
   setTo(p.get("to") || "images");
   if (p.get("weight")) { els.weight.value = p.get("weight"); els.weightOut.value = Number(els.weight.value).toFixed(2); }
   clearImage();
