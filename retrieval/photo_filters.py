@@ -101,7 +101,8 @@ def parse_near(value) -> tuple[float, float]:
 def _period(value, flag: str) -> tuple[str, str]:
     """(start, exclusive end) of the period a date names, as ISO strings comparable with taken_at."""
     if isinstance(value, datetime):
-        start, end = value, value + timedelta(seconds=1)
+        start = value.replace(tzinfo=None)  # taken_at is the camera's local time, without a zone
+        end = start + timedelta(seconds=1)
     elif isinstance(value, date):
         start = datetime(value.year, value.month, value.day)
         end = start + timedelta(days=1)

@@ -204,3 +204,15 @@ def test_http_filters(library):
         assert {r["camera_make"] for r in resp.json()["results"]} == {"Apple"}
         resp = c.get("/api/search", params={"q": "x", "near": "north pole"})
         assert resp.status_code == 400 and "LAT,LON" in resp.json()["error"]
+
+
+def test_filter_bounds_from_strings_and_python_dates():
+    from datetime import date, timezone
+
+    f = PhotoFilter.make(after="2019-12", before="2019-12")
+    assert (f.after, f.before) == ("2019-12-01T00:00:00", "2020-01-01T00:00:00")  # all of December
+    f = PhotoFilter.make(after=datetime(2019, 1, 1, 9, tzinfo=timezone.utc), before=date(2019, 2, 1))
+    assert (f.after, f.before) == ("2019-01-01T09:00:00", "2019-02-02T00:00:00")
+    f = PhotoFilter.make(near=(48.85, 2.29))
+    assert f.km == 10.0 and f.active
+    assert not PhotoFilter.make().active
