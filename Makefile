@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch is installed explicitly first: pip takes these from local files on the dev machines; elsewhere
 # override, e.g. `make test TORCH="torch torchvision"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,offline,demo,bench,serve
+EXTRAS ?= test,offline,demo,bench,serve,formats
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 

@@ -62,11 +62,13 @@ def main(ctx, debug):
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto: exact flat up to ~50k vectors at dim 512, IVF over float16 vectors (ivfsq) above; or the index's setting).")
 @click.option("--exclude", multiple=True, help="Glob of paths or names to skip (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
+@click.option("--no-default-excludes", is_flag=True,
+              help="Also walk @eaDir, node_modules and .git folders (skipped by default, even with --include-hidden).")
 @click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")
 @click.option("--retry-errors", is_flag=True, help="Also try again files that failed to decode and have not changed since.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, decode, index_type,
-          exclude, include_hidden, rebuild, retry_errors, quiet):
+          exclude, include_hidden, no_default_excludes, rebuild, retry_errors, quiet):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.names import escape_name
@@ -74,7 +76,7 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
     opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
                         model=model, batch_size=batch_size, workers=workers, device=device, decode=decode,
                         index_type=index_type, exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild,
-                        progress=not quiet, retry_errors=retry_errors)
+                        progress=not quiet, retry_errors=retry_errors, default_excludes=not no_default_excludes)
     r = run_index(index_dir, opts)
     click.echo(
         f"{r.images_total} images indexed: {r.encoded} encoded, {r.reused} duplicates reused, {r.moved} moved, "
@@ -96,6 +98,10 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @index_option
 @click.option("--image", type=click.Path(), default=None, help="Query image (alone, or with TEXT for a composite query).")
 @click.option("--weight", default=0.5, show_default=True, type=float, help="Image share of a composite query (0..1).")
+@click.option("--add", "add", multiple=True, metavar="[W:]Q",
+              help="Add a text or image-path query, optionally weighted: '2:sunset', '0.5:./img.jpg' (repeatable).")
+@click.option("--subtract", "subtract", multiple=True, metavar="[W:]Q",
+              help="Subtract a text or image-path query, optionally weighted (repeatable).")
 @click.option("--to", "to", type=click.Choice(["images", "captions"]), default="images", show_default=True)
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--min-score", type=float, default=None)
@@ -106,30 +112,62 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 @click.option("--probes", type=click.IntRange(1), default=None,
               help="ANN effort for this query: IVF lists probed (nprobe) or HNSW efSearch. Higher finds more of the "
                    "exact top k, slower. Default: the index's setting (`info`); exact (flat) indexes ignore it.")
+@click.option("--after", default=None, metavar="DATE", help="Only photos taken on or after DATE (ISO: 2019, 2019-06, 2019-06-21).")
+@click.option("--before", default=None, metavar="DATE", help="Only photos taken on or before DATE (the whole day, month or year named).")
+@click.option("--camera", default=None, metavar="TEXT", help="Only photos whose camera make or model contains TEXT (any case).")
+@click.option("--near", default=None, metavar="LAT,LON", help="Only photos taken within --km of this point (EXIF GPS).")
+@click.option("--km", type=float, default=None, help="Radius for --near, in kilometres. Default: 10.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
 @click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line (exact bytes; a name holding a newline is written $'...'-quoted).")
 @click.option("--null", "-0", "as_null", is_flag=True, help="Paths only, each ended by a NUL byte, exact bytes (like find -print0).")
-def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, device, as_json,
-           as_paths, as_null):
-    """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
+@click.option("--preview", is_flag=True, help="Show thumbnails inline (kitty or iTerm2 image protocol, detected; "
+                                              "RETRIEVAL_PREVIEW=kitty|iterm2 forces one).")
+def search(text, index_dir, image, weight, add, subtract, to, k, min_score, under, glob, exclude_self, no_dedupe, probes,
+           after, before, camera, near, km, device, as_json, as_paths, as_null, preview):
+    """Search by TEXT, by --image, or both, plus or minus --add/--subtract terms. Exit code 0 with results, 1 with
+    none, 2 on error."""
     from retrieval.errors import RetrievalError
     from retrieval.search import Searcher
 
     if as_json + as_paths + as_null > 1:
         raise RetrievalError("--json, --paths and --null cannot be combined: pick one output format")
+    if preview and (as_json or as_paths or as_null):
+        raise RetrievalError("--preview shows thumbnails under the result table: leave out --json, --paths and --null")
     explicit = click.get_current_context().get_parameter_source("weight") == click.core.ParameterSource.COMMANDLINE
     if explicit and (text is None or image is None):
         raise RetrievalError("--weight only applies to a composite query: give both TEXT and --image")
 
     with Searcher.open(index_dir, device=device) as s:
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                           exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes)
-    _print_results(results, as_json, as_paths, as_null)
+                           exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes,
+                           after=after, before=before, camera=camera, near=near, km=km, add=add, subtract=subtract)
+    protocol = None
+    if preview:
+        from retrieval.preview import detect
+
+        found = detect(isatty=sys.stdout.isatty())
+        protocol = found.protocol
+        if protocol is None:
+            click.echo(f"no previews: {found.reason}", err=True)
+    _print_results(results, as_json, as_paths, as_null, protocol)
     sys.exit(0 if results else 1)
 
 
-def _print_results(results, as_json: bool, as_paths: bool, as_null: bool = False) -> None:
+def _show_preview(path, protocol) -> None:
+    """One inline thumbnail (retrieval/preview.py) under a result line, or why there is none."""
+    from retrieval.errors import ImageDecodeError
+    from retrieval.names import escape_name
+    from retrieval.preview import escape_for
+
+    try:
+        click.echo(escape_for(path, protocol))
+    except ImageDecodeError as e:
+        reason = str(e).splitlines()[0]
+        click.echo(f"        (no preview: {escape_name(reason.removeprefix(os.fsdecode(path) + ': '))})")
+
+
+def _print_results(results, as_json: bool, as_paths: bool, as_null: bool = False, protocol: str | None = None) -> None:
     from retrieval.names import escape_name, needs_quoting, result_bytes, shell_quote
 
     sys.stdout.flush()
@@ -167,10 +205,14 @@ def _print_results(results, as_json: bool, as_paths: bool, as_null: bool = False
         click.echo(f"{'rank':>4}  {'score':>6}  path")
         for r in results:
             click.echo(f"{r.rank:>4}  {r.score:6.3f}  {shown(r)}")
+            if protocol:
+                _show_preview(r.path, protocol)
     else:
         click.echo(f"{'rank':>4}  {'score':>6}  caption  [image]")
         for r in results:
             click.echo(f"{r.rank:>4}  {r.score:6.3f}  {escape_name(r.caption)}" + (f"  [{shown(r)}]" if r.path else ""))
+            if protocol and r.path:
+                _show_preview(r.path, protocol)
 
 
 @main.command()
@@ -230,6 +272,32 @@ def verify(index_dir, repair):
     if not problems:
         click.echo("ok")
     sys.exit(1 if problems else 0)
+
+
+@main.command()
+@index_option
+@click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(0.5, 1.0),
+              help="Cosine similarity at or above which two photos are near-duplicates.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one group per line, best-quality member first.")
+def duplicates(index_dir, threshold, as_json):
+    """Groups of near-identical photos (bursts, resized copies, edits), best-quality member first.
+    Exit code 0 with groups, 1 with none."""
+    from retrieval.duplicates import find_duplicates
+    from retrieval.index import Index
+
+    with Index.open(index_dir) as idx:
+        groups = find_duplicates(idx, threshold=threshold)
+    for n, g in enumerate(groups, 1):
+        if as_json:
+            click.echo(json.dumps(g.to_dict(), ensure_ascii=False))
+            continue
+        click.echo(f"group {n}: {len(g.members)} photos")
+        for m in g.members:
+            size = f"{m.width}x{m.height}" if m.width and m.height else "?"
+            click.echo(f"  {m.score:6.3f}  {size:>11}  {m.path}")
+    if not as_json:
+        click.echo(f"{len(groups)} group{'' if len(groups) == 1 else 's'} of near-duplicates at {threshold:g}", err=True)
+    sys.exit(0 if groups else 1)
 
 
 # -- benchmark (issue 8) ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import signal
 import sys
 import warnings
 import weakref
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import ImageDecodeError
+from retrieval.formats import ensure_plugins
 from retrieval.images import load_image_with_size
 
 # a decode that takes longer than this is treated like a crashed worker (a hostile file looping the decoder)
@@ -320,6 +321,7 @@ class DecodeStream(Iterator[DecodeResult]):
         self._preprocess = preprocess
         self._target = target_size
         self._plan = make_plan(preprocess)
+        ensure_plugins()  # HEIF opener registered before forking: workers inherit it instead of each importing it
         self._workers = max(0, int(workers))
         self._prefetch = max(1, int(prefetch))
         self._start_method = start_method or _default_start_method()
@@ -397,7 +399,14 @@ class DecodeStream(Iterator[DecodeResult]):
 
     def _submit(self, path):
         pool = self._pool or self._new_pool()
-        return pool.submit(decode_file, path, self._target, self._plan.pil)
+        try:
+            return pool.submit(decode_file, path, self._target, self._plan.pil)
+        except BrokenProcessPool as e:
+            # a worker died since the last result: this job fails like the others in flight, and
+            # _head_result's recovery resubmits it to a fresh pool when it reaches the head
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
 
     def _fill(self) -> None:
         while not self._jobs_done and len(self._pending) < self._prefetch:

@@ -25,7 +25,8 @@ from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
 from .decode import DecodeWorkerError
 from .gpu_stream import choose_decode_stream
-from .scan import ScannedFile, ScanProblem, hash_file, scan
+from .photo_meta import fill_photo_meta
+from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
@@ -46,6 +47,7 @@ class IndexOptions:
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
+    default_excludes: bool = True  # skip @eaDir, node_modules, .git (index_data.scan.DEFAULT_EXCLUDES)
     rebuild: bool = False
     progress: bool = True
     retry_errors: bool = False  # also retry files whose decode failed before and that have not changed
@@ -67,6 +69,7 @@ class IndexReport:
     seconds: float = 0.0
     generation: int = 0
     images_total: int = 0
+    metadata_read: int = 0  # images whose EXIF (date, camera, GPS) was read this run
 
     @property
     def changed(self) -> bool:
@@ -141,7 +144,8 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         folders = [p for p in sorted(corpus) if p not in missing and os.path.isdir(p)]
         absent = set(missing) | set(folders)  # a caption names an image, never a folder to walk
         files, problems = scan([r for r in roots if r not in absent], exclude=opts.exclude,
-                               include_hidden=opts.include_hidden, skip_dirs=[idx.root])
+                               include_hidden=opts.include_hidden, skip_dirs=[idx.root],
+                               default_excludes=DEFAULT_EXCLUDES if opts.default_excludes else ())
         problems += [ScanProblem(p, f"listed in {listed} but not found") for p in missing]
         problems += [ScanProblem(p, f"listed in {listed} but is a folder, not an image") for p in folders]
         encoder = _prepare_model(idx, opts, preloaded)
@@ -158,6 +162,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             _encode(idx, encoder, work, opts, report, stop, dirty)
             report.interrupted = stop.set
         report.captions_added += _sync_captions(idx, encoder, files, corpus, dirty)
+        report.metadata_read = fill_photo_meta(idx.store, progress=opts.progress)
         with idx.store.transaction():
             idx.store.drop_unreferenced_embeddings()
         _publish(idx, opts, dirty)

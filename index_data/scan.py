@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from retrieval.errors import RetrievalError
+from retrieval.formats import RAW_COMPANION_EXTENSIONS, RAW_EXTENSIONS
 from retrieval.images import IMAGE_EXTENSIONS
 
 _EXTS = frozenset(IMAGE_EXTENSIONS)
@@ -46,6 +47,11 @@ BROKEN_SYMLINK = "broken symlink"
 PERMISSION_DENIED = "permission denied"
 NOT_REGULAR = "not a regular file"
 NOT_IMAGE = "not an image file (unsupported extension)"
+
+# Folders no photo library wants indexed: Synology's thumbnail folders, JavaScript dependencies, git
+# internals. They are default exclude patterns (matched against the bare name), so include_hidden does
+# not bring ".git" back; pass default_excludes=() (CLI: --no-default-excludes) to walk them.
+DEFAULT_EXCLUDES = ("@eaDir", "node_modules", ".git")
 
 
 def is_image_file_name(name: str) -> bool:
@@ -218,6 +224,7 @@ def scan(
     include_hidden: bool = False,
     follow_symlinks: bool = True,
     skip_dirs: Sequence[str | os.PathLike] = (),
+    default_excludes: Sequence[str] = DEFAULT_EXCLUDES,
 ) -> tuple[list[ScannedFile], list[ScanProblem]]:
     """Find the image files under `paths` (folders, walked recursively, or single files).
 
@@ -228,6 +235,8 @@ def scan(
       given explicitly is scanned.
     - `exclude`: fnmatch globs, case-sensitive, tried against the bare name and against the path
       relative to the scanned root ("*/thumbnails/*", "*.gif", "raw"). Matching folders are pruned.
+    - `default_excludes` (DEFAULT_EXCLUDES: "@eaDir", "node_modules", ".git") are added to `exclude`;
+      include_hidden does not lift them, default_excludes=() does.
     - Symlinks are followed (unless follow_symlinks=False, which skips them): a link to one of its own
       ancestors is reported once as "symlink loop"; a dangling link as "broken symlink"; a folder
       already walked through another path is not walked again.
@@ -236,8 +245,10 @@ def scan(
     - The same real file reached twice (two roots, or a symlink) appears once, preferably under its
       real path. Output is sorted by path; problems are sorted too.
     - `skip_dirs`: folders never walked, by identity (an index directory inside the photo folder).
+    - A RAW file (retrieval.formats.RAW_EXTENSIONS) with a JPEG or HEIF of the same stem (any case) in the
+      same folder is left out: they are one photo, and the JPEG is the camera's rendering of it.
     """
-    w = _Walker(exclude, include_hidden, follow_symlinks)
+    w = _Walker([*exclude, *default_excludes], include_hidden, follow_symlinks)
     for d in skip_dirs:
         try:
             st = os.stat(d)
@@ -277,9 +288,22 @@ def scan(
         w.visited.add(key)
         w.walk((p, os.path.realpath(p), p, (key,)))
     w.run_deferred()
-    files = sorted(ScannedFile(path, size, mtime) for path, size, mtime in w.files.values())
+    files = _drop_raw_with_companion(sorted(ScannedFile(path, size, mtime) for path, size, mtime in w.files.values()))
     problems = sorted(ScanProblem(path, reason) for path, reason in w.problems)
     return files, problems
+
+
+def _drop_raw_with_companion(files: list[ScannedFile]) -> list[ScannedFile]:
+    """RAW+JPEG shooting gives two files of one photo: keep the JPEG (or HEIF) and leave the RAW out
+    (not indexed, not reported: a RAW+JPEG library would otherwise list every RAW as skipped)."""
+    companions = {
+        os.path.splitext(f.path)[0].lower()
+        for f in files if os.path.splitext(f.path)[1].lower() in RAW_COMPANION_EXTENSIONS
+    }
+    if not companions:
+        return files
+    return [f for f in files if not (os.path.splitext(f.path)[1].lower() in RAW_EXTENSIONS
+                                     and os.path.splitext(f.path)[0].lower() in companions)]
 
 
 _CHUNK = 1 << 20

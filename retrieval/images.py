@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError
+from .formats import EXTRA_EXTENSIONS, check_decoder, ensure_plugins, is_raw_name, open_raw
 
 # Refuse absurd dimensions before decoding. PIL's own guard (warn at MAX_IMAGE_PIXELS, raise at 2x)
 # stays on; we set the limit explicitly so it cannot be lifted by another library by accident.
@@ -17,7 +18,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 MAX_ASPECT = 100
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff") + EXTRA_EXTENSIONS
 
 
 def load_image(source, target_size: int | None = None) -> Image.Image:
@@ -48,6 +49,10 @@ def load_image_with_size(source, target_size: int | None = None) -> tuple[Image.
     try:
         if isinstance(source, (str, bytes, os.PathLike)) and os.path.getsize(source) == 0:
             raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        if is_raw_name(name):
+            return _load_raw(source, name, target_size)
+        ensure_plugins()
+        check_decoder(name)
         with Image.open(source) as im:
             w, h = im.size
             if w <= 0 or h <= 0:
@@ -83,6 +88,14 @@ def load_image_with_size(source, target_size: int | None = None) -> tuple[Image.
         raise ImageDecodeError(f"{name}: decompression bomb refused ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def _load_raw(source, name: str, target_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """A camera RAW file (retrieval.formats.open_raw), through the same aspect check as other images."""
+    img, (w, h) = open_raw(source, name, min_side=target_size or 256)
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
+    return _to_rgb(img), (w, h)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

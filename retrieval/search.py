@@ -20,6 +20,8 @@ import numpy as np
 
 from .errors import EmptyIndexError, RetrievalError
 from .index import Index
+from .photo_filters import PhotoFilter
+from .query_math import QueryTerm, parse_terms, weighted_sum
 from .store import path_from_db
 
 MAX_OVERFETCH_ROUNDS = 8
@@ -37,6 +39,14 @@ class ImageResult:
     captions: list[str] = field(default_factory=list)
     kind: str = "image"
     path_b64: str | None = None  # exact bytes of a name that is not UTF-8 (`path` then shows U+FFFD)
+    # photo metadata (retrieval/exif.py); None when not read or not in the file
+    taken_at: str | None = None
+    taken_source: str | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    gps_lat: float | None = None
+    gps_lon: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,12 +162,41 @@ class Searcher:
         q = weight * img + (1.0 - weight) * txt
         return (q / max(np.linalg.norm(q), 1e-12)).astype(np.float32)
 
+    def apply_terms(self, base: np.ndarray | None, terms) -> np.ndarray:
+        """The normalised sum of `base` (weight 1; None for none) and each QueryTerm's vector times its weight."""
+        parts = [] if base is None else [(1.0, base)]
+        return weighted_sum(parts + [(t.weight, self.term_vector(t)) for t in terms])
+
+    def term_vector(self, term: QueryTerm) -> np.ndarray:
+        if term.text is not None:
+            return self.embed_text(term.text)
+        if term.image_id is not None:
+            row = self.index.store.images_by_ids([term.image_id]).get(term.image_id)
+            if row is None:
+                raise RetrievalError(f"no image with id {term.image_id} in the index (query term id:{term.image_id})")
+            try:
+                vec = self.index.store.get_embeddings("image", [row.hash], self.index.dim)[0]
+            except KeyError:
+                return self.embed_image(row.path)
+            fusion = self.index.fusion()
+            return vec if fusion is None else fusion.query_image(vec[None])[0]
+        return self.embed_image(term.image)
+
     # -- search ---------------------------------------------------------------------------------
 
     def search(self, text: str | None = None, image=None, *, weight: float = 0.5, to: str = "images", k: int = 10,
                min_score: float | None = None, under: str | None = None, glob: str | None = None,
-               exclude_self: bool = False, dedupe: bool = True, probes: int | None = None) -> list[Result]:
-        """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own."""
+               exclude_self: bool = False, dedupe: bool = True, probes: int | None = None,
+               after=None, before=None, camera: str | None = None, near=None, km: float | None = None,
+               photo: PhotoFilter | None = None, add=(), subtract=()) -> list[Result]:
+        """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own.
+        after/before (ISO dates, inclusive), camera (substring of make and model), near=(lat, lon) with km:
+        photo metadata filters (retrieval/photo_filters.py); they also apply to captions' images.
+        add/subtract: query arithmetic terms, "[W:]TEXT", "[W:]IMAGE_PATH", "id:N", PIL images or (W, Q) pairs
+        (retrieval/query_math.py), summed with the base query and normalised."""
+        terms = parse_terms(add, subtract)
+        if photo is None:
+            photo = PhotoFilter.make(after, before, camera, near, km)
         if k < 1:
             raise RetrievalError("-k must be at least 1")
         if to not in ("images", "captions"):
@@ -168,21 +207,26 @@ class Searcher:
             if vectors is None or vectors.ntotal == 0:
                 what = "images" if to == "images" else "captions"
                 raise EmptyIndexError(f"the index at {self.index.root} has no {what} to search")
-            qvec = self.embed_query(text, image, weight)
+            if terms and text is None and image is None:
+                qvec = self.apply_terms(None, terms)
+            else:
+                qvec = self.embed_query(text, image, weight)
+                if terms:
+                    qvec = self.apply_terms(qvec, terms)
             self_hash = _query_hash(image) if (exclude_self and image is not None) else None
             return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                      exclude_hash=self_hash, dedupe=dedupe, probes=probes)
+                                      exclude_hash=self_hash, dedupe=dedupe, probes=probes, photo=photo)
 
     def search_vector(self, qvec: np.ndarray, *, to: str = "images", k: int = 10, min_score: float | None = None,
                       under: str | None = None, glob: str | None = None, exclude_hash: str | None = None,
-                      dedupe: bool = True, probes: int | None = None) -> list[Result]:
+                      dedupe: bool = True, probes: int | None = None, photo: PhotoFilter | None = None) -> list[Result]:
         if probes is not None and probes < 1:
             raise RetrievalError(f"--probes must be at least 1, got {probes}")
         _check_query(None, min_score)
         vectors = self.index.vectors(to, mmap=True)
         if vectors is None or vectors.ntotal == 0:
             return []
-        allowed = self._allowed_ids(to, under, glob)
+        allowed = self._allowed_ids(to, under, glob, photo)
         if allowed is not None and len(allowed) == 0:
             return []
         total = vectors.ntotal if allowed is None else len(allowed)
@@ -198,9 +242,12 @@ class Searcher:
             fetch = min(total, fetch * 4)
         return results
 
-    def _allowed_ids(self, to: str, under: str | None, glob: str | None):
-        if not under and not glob:
+    def _allowed_ids(self, to: str, under: str | None, glob: str | None, photo: PhotoFilter | None = None):
+        photo_ok = set(photo.image_ids(self.index.store)) if photo is not None and photo.active else None
+        if not under and not glob and photo_ok is None:
             return None
+        if not under and not glob and to == "images":
+            return np.array(sorted(photo_ok), dtype=np.int64)
         store = self.index.store
         where, params = "", []
         if under:
@@ -209,20 +256,20 @@ class Searcher:
             prefix = os.fsencode(os.path.abspath(os.path.expanduser(under))).rstrip(b"/")
             where = " WHERE (i.path_raw >= ? AND i.path_raw < ?) OR i.path_raw = ?"
             params = [prefix + b"/", prefix + b"0", prefix or b"/"]
-        cols = "i.id, i.path_raw" if to == "images" else "c.id, i.path_raw"
-        if not glob:
-            cols = cols.split(",")[0]
         if to == "images":
-            rows = store.db.execute(f"SELECT {cols} FROM images i" + where, params)
+            rows = store.db.execute("SELECT i.id, i.id, i.path_raw FROM images i" + where, params)
         else:
-            rows = store.db.execute(f"SELECT {cols} FROM captions c JOIN images i ON i.id = c.image_id" + where, params)
-        if not glob:
-            return np.fromiter((r[0] for r in rows), dtype=np.int64)
+            rows = store.db.execute("SELECT c.id, i.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id"
+                                    + where, params)
         keep = []
-        for i, raw in rows:
-            p = path_from_db(raw)
-            if fnmatch.fnmatch(p, glob) or fnmatch.fnmatch(os.path.basename(p), glob):
-                keep.append(i)
+        for i, image_id, raw in rows:
+            if photo_ok is not None and image_id not in photo_ok:
+                continue
+            if glob:
+                p = path_from_db(raw)
+                if not (fnmatch.fnmatch(p, glob) or fnmatch.fnmatch(os.path.basename(p), glob)):
+                    continue
+            keep.append(i)
         return np.array(keep, dtype=np.int64)
 
     def _materialise(self, to, scores, ids, k, min_score, exclude_hash, dedupe) -> list[Result]:
@@ -232,6 +279,7 @@ class Searcher:
         if to == "images":
             rows = store.images_by_ids([i for _, i in valid])
             caps = store.captions_for_images(list(rows))
+            metas = store.photo_meta(list(rows))
             seen: set[str] = set()
             for s, i in valid:
                 row = rows.get(i)
@@ -245,8 +293,10 @@ class Searcher:
                     if row.hash in seen:
                         continue
                     seen.add(row.hash)
+                meta = metas.get(i)
                 out.append(ImageResult(len(out) + 1, s, i, _display(row.path), row.hash, row.width, row.height,
-                                       [t for _, t in caps.get(i, [])], path_b64=_path_b64(row.path)))
+                                       [t for _, t in caps.get(i, [])], path_b64=_path_b64(row.path),
+                                       **(meta.to_dict() if meta else {})))
                 if len(out) == k:
                     break
         else:

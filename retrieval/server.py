@@ -9,6 +9,9 @@ Endpoints (the OpenAPI schema is at /openapi.json):
     GET  /api/info              index info, the keys of `retrieval info --json`
     GET  /api/search?q=&id=     text search, "more like this" by an indexed image id, or both (composite)
     POST /api/search            multipart upload `image` (+ optional `q`, `weight`): image or composite search
+    GET  /duplicates            the near-duplicates page
+    GET  /api/duplicates        groups of near-duplicate photos (?threshold=0.95&limit=&offset=)
+    GET  /api/search?...&add=&subtract=&after=&before=&camera=&near=&km=   query arithmetic and photo filters
     GET  /thumb/{id}            JPEG thumbnail of an indexed image, made on demand, cached under <index>/thumbs/
     GET  /file/{id}             the original file of an indexed image
 
@@ -40,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
+from .photo_filters import PhotoFilter
+from .query_math import parse_terms
 from .errors import (
     EmptyIndexError,
     ImageDecodeError,
@@ -70,6 +75,14 @@ DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries around the uploaded file
 THUMB_SIZE = 256
 MAX_K = 1000
+AFTER_HELP = "Only photos taken on or after this ISO date (2019, 2019-06, 2019-06-21)"
+BEFORE_HELP = "Only photos taken on or before this ISO date (the whole period named)"
+CAMERA_HELP = "Only photos whose camera make or model contains this text (any case)"
+NEAR_HELP = "LAT,LON: only photos taken within km of this point (EXIF GPS)"
+KM_HELP = "Radius for near, in kilometres (default 10)"
+ADD_HELP = "Query arithmetic (repeatable): [WEIGHT:]TEXT or [WEIGHT:]id:IMAGE_ID added to the query, e.g. 2:sunset"
+SUBTRACT_HELP = "Query arithmetic (repeatable): [WEIGHT:]TEXT or [WEIGHT:]id:IMAGE_ID subtracted from the query"
+MAX_TERMS = 32
 PROBES_HELP = "ANN effort for this query: IVF lists probed or HNSW efSearch (default: the index's setting)"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 TEST_HOST = "testserver"  # the Host header of Starlette's TestClient: accepted only by create_app(for_tests=True)
@@ -301,7 +314,7 @@ class _Service:
             raise EmptyIndexError(f"the index at {self.root} has no {to} to search")
 
     def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
-               min_score=None, under=None, glob=None, exclude_self=False, probes=None):
+               min_score=None, under=None, glob=None, exclude_self=False, probes=None, photo=None, terms=()):
         with self.lock, self.searcher.index.pinned():
             s = self.searcher
             if image_id is not None:
@@ -315,13 +328,36 @@ class _Service:
                 exclude = image_hash
             else:
                 return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                probes=probes)
+                                probes=probes, photo=photo, add=list(terms))
+            if terms:
+                qvec = s.apply_terms(qvec, terms)
             return s.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                   exclude_hash=exclude, probes=probes)
+                                   exclude_hash=exclude, probes=probes, photo=photo)
 
     def info(self) -> dict:
         with self.lock:
             return self.searcher.index.info().to_dict()
+
+    def duplicates(self, threshold: float):
+        """Near-duplicate groups (retrieval/duplicates.py), cached until the index changes."""
+        from .duplicates import find_duplicates
+
+        with self.lock:
+            idx = self.searcher.index
+            state = idx.store.db.execute("SELECT COUNT(*), MAX(id), TOTAL(mtime_ns), TOTAL(LENGTH(path_raw)), "
+                                         "TOTAL(width * height) FROM images").fetchone()
+            key = (idx.generation, tuple(state), threshold)  # moves and edits change it too
+            cached = getattr(self, "_dup_cache", None)
+            if cached is None or cached[0] != key:
+                self._dup_cache = (key, find_duplicates(idx, threshold=threshold))
+            return self._dup_cache[1]
+
+
+def _terms(add, subtract):
+    """Query terms from HTTP parameters: text or id:N, never a path on the server."""
+    if len(add) + len(subtract) > MAX_TERMS:
+        raise RetrievalError(f"at most {MAX_TERMS} add/subtract terms")
+    return parse_terms([a for a in add if a.strip()], [x for x in subtract if x.strip()], allow_paths=False)
 
 
 def _result_dict(r, base: str) -> dict:
@@ -450,13 +486,23 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         glob: Optional[str] = Query(None, max_length=1024),
         exclude_self: bool = Query(False, description="With id: leave out that image and identical copies"),
         probes: Optional[int] = Query(None, ge=1, le=65536, description=PROBES_HELP),
+        after: Optional[str] = Query(None, max_length=40, description=AFTER_HELP),
+        before: Optional[str] = Query(None, max_length=40, description=BEFORE_HELP),
+        camera: Optional[str] = Query(None, max_length=200, description=CAMERA_HELP),
+        near: Optional[str] = Query(None, max_length=80, description=NEAR_HELP),
+        km: Optional[float] = Query(None, gt=0, le=40075, description=KM_HELP),
+        add: list[str] = Query([], max_length=2000, description=ADD_HELP),
+        subtract: list[str] = Query([], max_length=2000, description=SUBTRACT_HELP),
     ):
         text = q if q and q.strip() else None
-        if text is None and id is None:
-            raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, or both")
+        terms = _terms(add, subtract)
+        if text is None and id is None and not terms:
+            raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, add=TERM, or several")
+        photo = PhotoFilter.make(after, before, camera, near, km)
         t0 = time.perf_counter()
         results = service.search(text=text, image_id=id, weight=weight, to=to, k=k, min_score=min_score,
-                                 under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes)
+                                 under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes,
+                                 photo=photo, terms=terms)
         return _results(request, results, t0)
 
     @app.post("/api/search", summary="Search by an uploaded image, optionally combined with text")
@@ -472,8 +518,18 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         glob: Optional[str] = Form(None, max_length=1024),
         exclude_self: bool = Form(False, description="Leave out indexed copies of the uploaded file"),
         probes: Optional[int] = Form(None, ge=1, le=65536, description=PROBES_HELP),
+        after: Optional[str] = Form(None, max_length=40, description=AFTER_HELP),
+        before: Optional[str] = Form(None, max_length=40, description=BEFORE_HELP),
+        camera: Optional[str] = Form(None, max_length=200, description=CAMERA_HELP),
+        near: Optional[str] = Form(None, max_length=80, description=NEAR_HELP),
+        km: Optional[float] = Form(None, gt=0, le=40075, description=KM_HELP),
+        add: list[str] = Form([], max_length=2000, description=ADD_HELP),
+        subtract: list[str] = Form([], max_length=2000, description=SUBTRACT_HELP),
     ):
         from .images import load_upload
+
+        photo = PhotoFilter.make(after, before, camera, near, km)
+        terms = _terms(add, subtract)
 
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -489,8 +545,28 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         t0 = time.perf_counter()
         results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
                                  under=under or None, glob=glob or None, exclude_self=exclude_self,
-                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes)
+                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes,
+                                 photo=photo, terms=terms)
         return _results(request, results, t0)
+
+    @app.get("/duplicates", include_in_schema=False)
+    def duplicates_page():
+        return FileResponse(STATIC_DIR / "duplicates.html", media_type="text/html; charset=utf-8", headers=page_headers)
+
+    @app.get("/api/duplicates", summary="Groups of near-duplicate photos, best-quality member first")
+    def api_duplicates(
+        request: Request,
+        threshold: float = Query(0.95, ge=0.5, le=1.0, description="Cosine similarity at or above which photos are near-duplicates"),
+        limit: int = Query(200, ge=1, le=10000, description="Most groups returned (largest groups first)"),
+        offset: int = Query(0, ge=0, description="Groups to skip, for paging"),
+    ):
+        t0 = time.perf_counter()
+        groups = service.duplicates(threshold)
+        base = request.scope.get("root_path", "").rstrip("/")
+        page = groups[offset : offset + limit]
+        return {"groups": [{"members": [{**m, "thumb": f"{base}/thumb/{m['id']}", "file": f"{base}/file/{m['id']}"}
+                                        for m in g.to_dict()["members"]]} for g in page],
+                "total": len(groups), "threshold": threshold, "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
     def _results(request: Request, results, t0: float) -> dict:
         base = request.scope.get("root_path", "").rstrip("/")

@@ -83,6 +83,7 @@ class Store:
                 pk="id", not_null={"path_raw", "hash"}, if_not_exists=True,
             )
             db["images"].create_index(["path_raw"], unique=True, if_not_exists=True)
+            self._add_photo_meta_columns()
             db["images"].create_index(["hash"], if_not_exists=True)
             db["captions"].create(
                 {"id": int, "image_id": int, "text": str, "text_hash": str, "source": str},
@@ -107,6 +108,49 @@ class Store:
                     db["errors"].add_column(col, int)
             if self.get_manifest("schema_version") is None:
                 self.set_manifest("schema_version", SCHEMA_VERSION)
+
+    # photo metadata (retrieval/exif.py): added to existing indexes by ALTER TABLE, filled by the next `index`
+    # run for every row whose meta_hash is not its content hash (new, changed, or from before these columns)
+    _PHOTO_META_TYPES = {"taken_at": str, "taken_source": str, "camera_make": str, "camera_model": str, "lens": str,
+                         "gps_lat": float, "gps_lon": float, "meta_hash": str}
+
+    def _add_photo_meta_columns(self) -> None:
+        have = set(self.db["images"].columns_dict)
+        for name, kind in self._PHOTO_META_TYPES.items():
+            if name not in have:
+                self.db["images"].add_column(name, kind)
+        self.db["images"].create_index(["taken_at"], if_not_exists=True)
+
+    def has_photo_meta(self) -> bool:
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(images)")}
+        return "meta_hash" in cols
+
+    def images_needing_meta(self) -> list[tuple[int, str, int, str]]:
+        """(id, path, mtime_ns, hash) of images whose metadata was not read from their current content."""
+        return [(i, path_from_db(raw), m, h) for i, raw, m, h in self.db.execute(
+            "SELECT id, path_raw, mtime_ns, hash FROM images WHERE meta_hash IS NOT hash ORDER BY id")]
+
+    def set_photo_meta(self, rows: Sequence[tuple]) -> None:
+        """rows: (id, hash, PhotoMeta)."""
+        from .exif import META_COLUMNS
+
+        sets = ", ".join(f"{c}=?" for c in META_COLUMNS)
+        self.db.conn.executemany(f"UPDATE images SET {sets}, meta_hash=? WHERE id=?",
+                                 [(*m.as_row(), h, i) for i, h, m in rows])
+
+    def photo_meta(self, ids: Sequence[int]) -> dict:
+        """id -> PhotoMeta for images whose metadata has been read ({} for an index from before it existed)."""
+        from .exif import META_COLUMNS, PhotoMeta
+
+        if not self.has_photo_meta():
+            return {}
+        out = {}
+        for chunk in _chunks([int(i) for i in ids], 900):
+            q = (f"SELECT id, {', '.join(META_COLUMNS)} FROM images WHERE meta_hash IS NOT NULL "
+                 f"AND id IN ({','.join('?' * len(chunk))})")
+            for row in self.db.execute(q, chunk):
+                out[row[0]] = PhotoMeta(*row[1:])
+        return out
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -54,12 +54,16 @@ def demo_index(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo_index):
+    root, _ = demo_index
+    yield from _serve(root / "idx")
+
+
+def _serve(index_dir):
     import uvicorn
 
     from retrieval.server import bind_socket, create_app, url_for
 
-    root, _ = demo_index
-    app = create_app(root / "idx", device="cpu")
+    app = create_app(index_dir, device="cpu")
     sock = bind_socket("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -219,3 +223,79 @@ def _publish_screenshot(shot: Path) -> None:
     tmp = SCREENSHOT.with_suffix(".tmp")
     tmp.write_bytes(data.getvalue())
     os.replace(tmp, SCREENSHOT)
+
+
+@pytest.fixture(scope="module")
+def photo_library(tmp_path_factory):
+    """Sample photos plus a resized copy and an edit of the cat (near-duplicates) and one photo with camera EXIF."""
+    from datetime import datetime
+
+    from PIL import Image, ImageEnhance
+
+    from photo_files import make_exif_jpeg
+    from retrieval.samples import write_sample_photos
+
+    root = tmp_path_factory.mktemp("library")
+    photos = root / "photos"
+    write_sample_photos(photos)
+    cat = Image.open(photos / "cat_chelsea.jpg")
+    cat.resize((cat.width // 2, cat.height // 2)).save(photos / "cat_small.jpg", quality=85)
+    ImageEnhance.Brightness(cat).enhance(1.08).save(photos / "cat_edit.jpg", quality=90)
+    make_exif_jpeg(photos / "holiday.jpg", seed=7, taken=datetime(2019, 7, 14, 10, 30), make="Canon",
+                   model="Canon EOS R5", size=(320, 240))
+    build_index(root / "idx", [photos], model="starter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def library_server(photo_library):
+    yield from _serve(photo_library / "idx")
+
+
+def test_results_show_date_and_camera_and_duplicates_view(library_server, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(library_server)
+    q = d.find_element("id", "q")
+    q.send_keys("colourful shapes", Keys.ENTER)
+    _wait(d, _results_shown, what="results")
+    card = next(e for e in d.find_elements("css selector", "#results .card")
+                if e.get_attribute("title").split("\n")[0].endswith("holiday.jpg"))
+    meta = card.find_element("css selector", ".photo-meta").text
+    assert "2019-07-14 10:30" in meta and "Canon EOS R5" in meta, meta
+    # photos without an EXIF date show the file's date, marked as such
+    other = next(e for e in d.find_elements("css selector", "#results .card")
+                 if e.get_attribute("title").split("\n")[0].endswith("coffee_cup.jpg"))
+    assert "(file)" in other.find_element("css selector", ".photo-meta").text
+
+    # the camera and date filters narrow the results to the EXIF photo
+    d.find_element("id", "camera").send_keys("eos r5", Keys.ENTER)
+    _wait(d, lambda d: _results_shown(d) and len(_card_paths(d)) == 1, what="camera-filtered results")
+    assert _card_paths(d)[0].endswith("holiday.jpg") and "camera=eos+r5" in d.current_url
+    d.execute_script("const a = document.getElementById('after'); a.value = '2019-07-15';"
+                     "a.dispatchEvent(new Event('change'));")
+    _wait(d, lambda d: "No results" in _status(d), what="no photo after the holiday")
+
+    # the near-duplicates view: one group, the full-size cats first, thumbnails loaded
+    d.find_element("id", "dup-link").click()
+    threshold = _wait(d, lambda d: d.find_element("id", "threshold"), what="duplicates page")
+    threshold.clear()
+    threshold.send_keys("0.98", Keys.ENTER)
+    _wait(d, lambda d: "1 group of near-duplicates" in _status(d), what="duplicate groups")
+    groups = d.find_elements("css selector", ".dup-group")
+    assert len(groups) == 1
+    members = [e.get_attribute("title") for e in groups[0].find_elements("css selector", ".dup-member")]
+    assert sorted(os.path.basename(m) for m in members) == ["cat_chelsea.jpg", "cat_edit.jpg", "cat_small.jpg"]
+    assert os.path.basename(members[-1]) == "cat_small.jpg"  # the smallest last
+    assert "best" in groups[0].find_element("css selector", ".dup-member").get_attribute("class")
+    _wait(d, lambda d: d.execute_script(
+        "const imgs = [...document.querySelectorAll('.dup-group img')];"
+        "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);"), what="group thumbnails")
+    assert "threshold=0.98" in d.current_url
+    # a threshold out of range is an error on the page, not a crash
+    threshold = d.find_element("id", "threshold")
+    threshold.clear()
+    d.execute_script("document.getElementById('threshold').removeAttribute('min')")
+    threshold.send_keys("0.1", Keys.ENTER)
+    _wait(d, lambda d: "error" in d.find_element("id", "status").get_attribute("class"), what="error shown")

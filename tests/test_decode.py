@@ -339,3 +339,17 @@ def test_other_start_methods(tmp_path, method):
         results = list(s)
     assert [r.key for r in results] == [0, 1, 2] and all(r.ok for r in results)
     assert (results[0].width, results[0].height) == (50, 40)
+
+
+def test_submitting_to_a_pool_whose_worker_died_is_recovered(tmp_path, tiny_encoder):
+    """A worker killed between two results: the next submit meets a broken pool; the stream recovers."""
+    p = make_jpeg(str(tmp_path / "a.jpg"), (64, 48))
+    with decode_stream([(i, p) for i in range(12)], tiny_encoder.preprocess, 32, workers=1, prefetch=2) as s:
+        first = next(s)
+        os.kill(_worker_pids(s)[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not getattr(s._pool, "_broken", False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rest = list(s)
+    assert [r.key for r in [first] + rest] == list(range(12))
+    assert sum(not r.ok for r in rest) <= 2

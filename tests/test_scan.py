@@ -224,3 +224,20 @@ def test_hash_file(tmp_path):
         f.write(os.urandom(3 << 20))
     with open(big, "rb") as f:
         assert hash_file(big) == hashlib.sha256(f.read()).hexdigest()
+
+
+def test_default_excludes_skip_nas_thumbnails_node_modules_and_git(tmp_path):
+    root = str(tmp_path / "lib")
+    for rel in ["keep.jpg", "@eaDir/keep.jpg/SYNOPHOTO_THUMB_XL.jpg", "web/node_modules/pkg/logo.png",
+                ".git/objects/x.jpg", "album/@eaDir/t.jpg", "album/p.jpg"]:
+        touch(os.path.join(root, rel))
+    assert names(scan([root])[0], root) == ["album/p.jpg", "keep.jpg"]
+    # --include-hidden brings hidden folders back, but not the default excludes (.git stays out)
+    touch(os.path.join(root, ".photos/h.jpg"))
+    assert names(scan([root], include_hidden=True)[0], root) == [".photos/h.jpg", "album/p.jpg", "keep.jpg"]
+    # the explicit way to walk them all
+    got = names(scan([root], include_hidden=True, default_excludes=())[0], root)
+    assert {"@eaDir/keep.jpg/SYNOPHOTO_THUMB_XL.jpg", "web/node_modules/pkg/logo.png", ".git/objects/x.jpg",
+            "album/@eaDir/t.jpg"} <= set(got)
+    # user excludes still add to the defaults
+    assert names(scan([root], exclude=["album"])[0], root) == ["keep.jpg"]

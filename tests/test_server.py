@@ -407,7 +407,7 @@ def test_cli_serve_subprocess_starts_without_model(corpus):
 # -- fuzzing from the OpenAPI schema ------------------------------------------------------------------
 
 FUZZED = [("/api/info", "GET"), ("/api/search", "GET"), ("/api/search", "POST"), ("/thumb/{image_id}", "GET"),
-          ("/file/{image_id}", "GET")]
+          ("/file/{image_id}", "GET"), ("/api/duplicates", "GET")]
 
 
 @pytest.mark.parametrize("path,method", FUZZED)

@@ -7,7 +7,18 @@ const els = {
   weightBox: $("#weight-box"), status: $("#status"), results: $("#results"), info: $("#info"),
   queryImage: $("#query-image"), queryThumb: $("#query-thumb"), queryLabel: $("#query-label"),
   clearImage: $("#clear-image"), overlay: $("#drop-overlay"),
+  after: $("#after"), before: $("#before"), camera: $("#camera"),
 };
+
+// date taken and camera filters, sent with every search (GET parameters or form fields)
+function filterEntries() {
+  const out = [];
+  for (const name of ["after", "before", "camera"]) {
+    const v = els[name].value.trim();
+    if (v) out.push([name, v]);
+  }
+  return out;
+}
 
 // The image part of the query: an uploaded File, or an indexed image id ("more like this"), or nothing.
 const state = { file: null, fileUrl: null, id: null, idLabel: "", idThumb: "" };
@@ -88,6 +99,7 @@ function urlParams() {
   p.set("k", els.k.value);
   p.set("to", to());
   if (q && state.id !== null) p.set("weight", els.weight.value);
+  for (const [name, v] of filterEntries()) p.set(name, v);
   return p;
 }
 
@@ -112,6 +124,7 @@ async function search({ push = true } = {}) {
       if (q) { fd.append("q", q); fd.append("weight", els.weight.value); }
       fd.append("k", els.k.value);
       fd.append("to", to());
+      for (const [name, v] of filterEntries()) fd.append(name, v);
       resp = await fetch("/api/search", { method: "POST", body: fd, signal: ctrl.signal });
     } else {
       const params = urlParams();
@@ -159,6 +172,7 @@ function imageCard(r) {
         el("span", { class: "score", text: r.score.toFixed(3) }),
         el("a", { class: "open", href: r.file, target: "_blank", rel: "noopener", text: "open", title: "Open the original" })),
       el("span", { class: "path" }, el("bdi", { text: r.path })),
+      photoMeta(r),
       r.captions && r.captions.length ? el("div", { class: "caps", text: r.captions[0] }) : null));
   const go = (e) => {
     if (e.target.closest("a")) return;
@@ -167,6 +181,27 @@ function imageCard(r) {
   card.addEventListener("click", go);
   card.addEventListener("keydown", (e) => { if (e.key === "Enter") go(e); });
   return card;
+}
+
+// "2019-07-14 10:30 · Canon EOS R5": the date taken (or the file's date, marked) and the camera
+function cameraName(r) {
+  const make = r.camera_make || "", model = r.camera_model || "";
+  if (make && model.toLowerCase().startsWith(make.split(" ")[0].toLowerCase())) return model;
+  return [make, model].filter(Boolean).join(" ");
+}
+
+function photoMeta(r) {
+  if (!r.taken_at && !r.camera_make && !r.camera_model) return null;
+  const parts = [];
+  if (r.taken_at) {
+    const when = r.taken_at.slice(0, 16).replace("T", " ");
+    parts.push(el("time", { class: "taken", datetime: r.taken_at, text: when,
+      title: r.taken_source === "exif" ? "date taken (EXIF)" : "file date (no EXIF date)" }));
+    if (r.taken_source !== "exif") parts.push(el("span", { class: "muted", text: " (file)" }));
+  }
+  const cam = cameraName(r);
+  if (cam) parts.push(el("span", { class: "camera", text: `${parts.length ? " · " : ""}${cam}`, title: r.lens || "" }));
+  return el("div", { class: "photo-meta" }, ...parts);
 }
 
 function captionRow(r) {
@@ -196,6 +231,7 @@ els.weight.addEventListener("change", () => { if (els.q.value.trim() && (state.f
 els.q.addEventListener("input", refreshQueryImage);
 for (const r of document.querySelectorAll('input[name="to"]')) r.addEventListener("change", () => search());
 els.k.addEventListener("change", () => search());
+for (const f of [els.after, els.before, els.camera]) f.addEventListener("change", () => search());
 
 // drag and drop anywhere on the page, and paste
 let dragDepth = 0;
@@ -218,6 +254,7 @@ document.addEventListener("paste", (e) => {
 function fromLocation() {
   const p = new URLSearchParams(location.search);
   els.q.value = p.get("q") || "";
+  for (const name of ["after", "before", "camera"]) els[name].value = p.get(name) || "";
   setTo(p.get("to") || "images");
   if (p.get("weight")) { els.weight.value = p.get("weight"); els.weightOut.value = Number(els.weight.value).toFixed(2); }
   clearImage();
