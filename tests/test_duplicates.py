@@ -114,7 +114,7 @@ def test_http_duplicates(library):
 
     from retrieval.server import create_app
 
-    with TestClient(create_app(library / "idx", device="cpu")) as c:
+    with TestClient(create_app(library / "idx", device="cpu", for_tests=True)) as c:
         body = c.get("/api/duplicates", params={"threshold": THRESHOLD}).json()
         assert body["total"] == 2 and len(body["groups"][0]["members"]) == 3
         first = body["groups"][0]["members"][0]

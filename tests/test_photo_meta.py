@@ -189,7 +189,7 @@ def test_http_filters(library):
 
     from retrieval.server import create_app
 
-    with TestClient(create_app(library / "idx", device="cpu")) as c:
+    with TestClient(create_app(library / "idx", device="cpu", for_tests=True)) as c:
         resp = c.get("/api/search", params={"q": "a photo", "camera": "canon", "before": "2019-08", "k": 10})
         assert resp.status_code == 200, resp.text
         got = resp.json()["results"]

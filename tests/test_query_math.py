@@ -89,7 +89,7 @@ def test_http_add_subtract(lib):
     from retrieval.server import create_app
 
     root, photos = lib
-    with TestClient(create_app(root / "idx", device="cpu")) as c:
+    with TestClient(create_app(root / "idx", device="cpu", for_tests=True)) as c:
         first = c.get("/api/search", params={"add": str(photos[5])}).json()["results"]
         # over HTTP a path is text, never a file read on the server
         assert first[0]["path"] != str(photos[5]) or first[0]["score"] < 0.999
