@@ -62,14 +62,27 @@ def main(ctx, debug):
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
 @click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where to decode and encode: this process, or a Ray cluster ($RAY_ADDRESS, else a local Ray).")
+@click.option("--ray-actors", type=click.IntRange(1, 4096), default=None,
+              help="Encoder actors with --executor ray. Default: one per GPU, else from the cluster's CPUs.")
 def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, index_type,
-          exclude, include_hidden, rebuild, quiet):
+          exclude, include_hidden, rebuild, quiet, executor, ray_actors):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.pipeline import IndexOptions, run_index
+    from retrieval.errors import RetrievalError
 
     opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
                         model=model, batch_size=batch_size, workers=workers, device=device, index_type=index_type,
                         exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild, progress=not quiet)
+    if executor == "ray":
+        from index_data.ray_executor import require_ray
+
+        require_ray()
+        explicit = click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE
+        opts.executor, opts.ray_actors, opts.ray_batch_size = executor, ray_actors, batch_size if explicit else None
+    elif ray_actors is not None:
+        raise RetrievalError("--ray-actors only applies with --executor ray")
     r = run_index(index_dir, opts)
     click.echo(
         f"{r.images_total} images indexed: {r.encoded} encoded, {r.reused} duplicates reused, {r.moved} moved, "
