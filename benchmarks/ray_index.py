@@ -101,6 +101,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="photos (1600x1200 JPEG)")
     ap.add_argument("--model", default="tiny-clip:none")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch threads of the local run (default: torch's, the core count); Ray's CPU actors "
+                         "use their CPU share")
+    ap.add_argument("--repeat", type=int, default=3, help="alternated local/ray pairs; medians are reported")
     ap.add_argument("--ray-actors", type=int, default=None)
     ap.add_argument("--data", default=str(ROOT / "benchmarks" / "data" / "ray_index"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
@@ -130,20 +134,35 @@ def main() -> None:
             pass
         args.decode_img_s_per_core = round(len(paths) / (time.perf_counter() - t0), 1)
 
-    with tempfile.TemporaryDirectory(prefix="rb", dir="/tmp") as tmp:
-        tmp = Path(tmp)
-        local = _index(folder, tmp / "local", args.model, "local", None, args.batch_size)
-        t0 = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", _temp_dir=str(tmp / "r"))
-        startup = time.perf_counter() - t0
-        resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        try:
-            on_ray = _index(folder, tmp / "ray", args.model, "ray", args.ray_actors, args.batch_size)
-        finally:
-            ray.shutdown()
-        a, b = _vectors(tmp / "local"), _vectors(tmp / "ray")
-        assert a.keys() == b.keys(), "the two indexes hold different contents"
-        max_diff = max(float(np.abs(a[h] - b[h]).max()) for h in a)
+    import statistics
+
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    runs = {"local": [], "ray": [], "startup": []}
+    max_diff = 0.0
+    for rep in range(args.repeat):  # alternated, so both executors meet the same machine load
+        with tempfile.TemporaryDirectory(prefix="rb", dir="/tmp") as tmp:
+            tmp = Path(tmp)
+            runs["local"].append(_index(folder, tmp / "local", args.model, "local", None, args.batch_size))
+            t0 = time.perf_counter()
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", _temp_dir=str(tmp / "r"))
+            runs["startup"].append(time.perf_counter() - t0)
+            resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            try:
+                runs["ray"].append(_index(folder, tmp / "ray", args.model, "ray", args.ray_actors, args.batch_size))
+            finally:
+                ray.shutdown()
+            a, b = _vectors(tmp / "local"), _vectors(tmp / "ray")
+            assert a.keys() == b.keys(), "the two indexes hold different contents"
+            max_diff = max(max_diff, max(float(np.abs(a[h] - b[h]).max()) for h in a))
+
+    def median_run(rs):
+        return min(rs, key=lambda r: abs(r["wall_s"] - statistics.median(x["wall_s"] for x in rs)))
+
+    local, on_ray = median_run(runs["local"]), median_run(runs["ray"])
+    startup = statistics.median(runs["startup"])
 
     from index_data.ray_executor import plan_resources
 
@@ -153,6 +172,10 @@ def main() -> None:
     doc = {
         "title": "Indexing: local executor vs Ray executor", "command": cmd, "machine": machine_info(),
         "photos": args.n, "size": "1600x1200 JPEG q90", "model": args.model, "decode_workers_local": default_workers(),
+        "torch_threads_local": torch.get_num_threads(), "repeat": args.repeat,
+        "all_runs": {"local_wall_s": [r["wall_s"] for r in runs["local"]],
+                     "ray_wall_s": [r["wall_s"] for r in runs["ray"]],
+                     "ray_startup_s": [round(x, 2) for x in runs["startup"]]},
         "local": local, "ray": {**on_ray, "startup_s": round(startup, 2), "resources": resources,
                                 "actors": settings.actors, "batch_size": settings.batch_size},
         "ray_overhead_s": round(overhead + startup, 2), "ray_overhead_after_startup_s": round(overhead, 2),
@@ -165,12 +188,14 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ray_index.json").write_text(json.dumps(doc, indent=2) + "\n")
+    slug = args.model.replace(":", "_").replace("/", "_")
+    (out / f"ray_index_{slug}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = [f"# {doc['title']}", "", f"`{cmd}` on {doc['machine'].get('cpu')} ({doc['machine'].get('cores')} cores)", "",
-          f"{args.n} photos, {doc['size']}, model {args.model}, fresh index each.", "",
+          f"{args.n} photos, {doc['size']}, model {args.model}, fresh index each; median of {args.repeat} alternated "
+          f"local/ray pairs (all walls: local {doc['all_runs']['local_wall_s']}, ray {doc['all_runs']['ray_wall_s']}).", "",
           "| executor | wall s | images/s |", "|---|---|---|",
-          f"| local ({doc['decode_workers_local']} decode workers) | {local['wall_s']} | {local['images_per_s']} |",
-          f"| ray ({settings.actors} actor(s), batch {settings.batch_size}, {resources}) | {on_ray['wall_s']} "
+          f"| local ({doc['decode_workers_local']} decode workers, {doc['torch_threads_local']} torch threads) | {local['wall_s']} | {local['images_per_s']} |",
+          f"| ray ({settings.actors} actor(s) of {settings.num_cpus:g} CPU, batch {settings.batch_size}, {resources}) | {on_ray['wall_s']} "
           f"(+{startup:.1f} s Ray start-up) | {on_ray['images_per_s']} |", "",
           f"Ray overhead: {doc['ray_overhead_s']} s in all, {doc['ray_overhead_after_startup_s']} s after start-up. "
           f"Max |vector difference|: {max_diff:.2e}. Driver commit ceiling: {doc['driver_commit_images_per_s']} images/s.", "",
@@ -179,7 +204,7 @@ def main() -> None:
           "| nodes | GPUs | images/s | bound by | hours |", "|---|---|---|---|---|"]
     md += [f"| {r['nodes']} | {r['gpus']} | {r['images_per_s']} | {r['bound_by']} | {r['hours_for_photos']} |"
            for r in doc["scaling"]]
-    (out / "ray_index.md").write_text("\n".join(md) + "\n")
+    (out / f"ray_index_{slug}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"\nreproduce: {cmd}")
 

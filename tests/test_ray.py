@@ -113,6 +113,15 @@ def test_parity_with_local_including_incremental_rerun(tmp_path, ray_address):
     assert (r_ray.removed, r_ray.moved, r_ray.updated, r_ray.encoded) == (1, 1, 1, 6)
     _assert_same(_state(ray_idx), _state(local))
 
+    # search reads what the Ray run wrote like a local index
+    from retrieval.search import Searcher
+
+    def top(index_dir):
+        with Searcher.open(index_dir, device="cpu") as s:
+            return [(r.path, round(r.score, 4)) for r in s.search("a red circle", k=5)]
+
+    assert top(ray_idx) == top(local)
+
     # nothing changed: the Ray run has nothing to ship
     r_ray = build_index(ray_idx, [photos], executor="ray")
     assert r_ray.encoded == 0 and not r_ray.changed
@@ -150,7 +159,9 @@ def test_driver_sigkill_then_rerun_resumes_without_duplicates(tmp_path, ray_addr
     idx = tmp_path / "ray"
     argv = fk.index_argv([photos], idx, "--executor", "ray", batch_size=4)
     # SIGKILL the CLI after its third encoded batch arrived, before that batch's commit
-    run = fk.start_cli(argv, tmp_path / "runs", env=fk.child_env(RAY_ADDRESS=ray_address, RETRIEVAL_FAULT="encode:3:kill"))
+    # a fork of the suite's pre-imported interpreter (tests/faultkit.py), so the CLI pays no torch import
+    run = fk.zygote().start(argv, tmp_path / "runs",
+                            env=fk.child_env(RAY_ADDRESS=ray_address, RETRIEVAL_FAULT="encode:3:kill"))
     assert run.wait(timeout=240) == -9, run.stderr[-2000:]
     with sqlite3.connect(idx / DB_NAME) as db:
         partial = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -174,6 +185,13 @@ def test_missing_ray_is_a_one_line_error(tmp_path, monkeypatch):
     assert r.output.strip().splitlines() == ["error: --executor ray needs Ray: pip install "
                                              "'retrieval-engine[distributed]' (ray[data])"]
     assert not (tmp_path / "idx").exists()
+
+
+def test_ray_actors_needs_the_ray_executor(tmp_path):
+    from cli import main
+
+    r = CliRunner().invoke(main, ["index", str(tmp_path), "--index", str(tmp_path / "idx"), "--ray-actors", "2"])
+    assert r.exit_code == 2 and r.output.strip() == "error: --ray-actors only applies with --executor ray"
 
 
 def test_resources_decide_actors_and_batch():
