@@ -31,6 +31,9 @@ CPU_THREADS_PER_ACTOR = 4  # torch threads of one CPU actor; more actors beat mo
 GPU_BATCH = 256
 CPU_BATCH = 32
 DECODE_BATCH = 16  # files per decode task: small enough to stream, large enough to amortise a task
+# declared per decode task: Ray then packs them by memory too, and (their remote arguments differing from the
+# actors') Ray Data does not fuse decoding into the actors, which would serialise decode and encode there
+DECODE_MEMORY = 256 * 2**20
 RAY_MISSING = "--executor ray needs Ray: pip install 'retrieval-engine[distributed]' (ray[data])"
 
 
@@ -90,9 +93,9 @@ def connect() -> bool:
     return True
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, last: bool = False) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
+    return (lines[-1 if last else 0] if lines else type(e).__name__)[:300]
 
 
 # ----------------------------------------------------------------------------------------- worker side
@@ -251,6 +254,7 @@ class RayStream(Iterator[EncodedResult]):
         ds = ray.data.from_items([{"i": i, "path": p} for i, p in enumerate(self._paths)],
                                  override_num_blocks=max(1, min(n, -(-n // DECODE_BATCH))))
         ds = ds.map_batches(decode_rows, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=s.decode_cpus,
+                            memory=DECODE_MEMORY,
                             fn_kwargs={"target_size": encoder.image_size, "pil_steps": plan.pil})
         fault = {k: v for k, v in os.environ.items() if k == "RETRIEVAL_FAULT"}
         ds = ds.map_batches(
@@ -278,7 +282,8 @@ class RayStream(Iterator[EncodedResult]):
                 raise
             except self._ray.exceptions.RayError as e:
                 self.close()
-                raise RetrievalError(f"the Ray executor failed: {_first_line(e)}") from None
+                # a remote error's text is its traceback; the exception's own message is its last line
+                raise RetrievalError(f"the Ray executor failed: {_first_line(e, last=True)}") from None
             self._take(batch)
         return self._pending.popleft()
 
@@ -330,7 +335,11 @@ def check_paths_visible(sample: list[str]) -> None:
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     refs = [unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(sample)
             for n in nodes]
-    for host, bad in ray.get(refs):
+    try:
+        answers = ray.get(refs, timeout=120)
+    except ray.exceptions.GetTimeoutError:  # a saturated node: the per-file check still applies
+        return
+    for host, bad in answers:
         if bad:
             print(f"warning: Ray node {host} cannot read {bad} of {len(sample)} sampled paths; files it is given "
                   "will be skipped (are the photos on a shared mount, at the same path on every node?)",
