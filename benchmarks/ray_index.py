@@ -120,9 +120,9 @@ def main() -> None:
     cmd = "python benchmarks/ray_index.py " + shlex.join(sys.argv[1:])
 
     import ray
+    from report import machine_info
 
     from index_data.decode import decode_stream, default_workers
-    from report import machine_info
     from retrieval.encoders import load_encoder
 
     folder = _photos(Path(args.data), args.n)
@@ -191,16 +191,16 @@ def main() -> None:
     slug = args.model.replace(":", "_").replace("/", "_")
     (out / f"ray_index_{slug}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = [f"# {doc['title']}", "", f"`{cmd}` on {doc['machine'].get('cpu')} ({doc['machine'].get('cores')} cores)", "",
-          f"{args.n} photos, {doc['size']}, model {args.model}, fresh index each; median of {args.repeat} alternated "
-          f"local/ray pairs (all walls: local {doc['all_runs']['local_wall_s']}, ray {doc['all_runs']['ray_wall_s']}).", "",
+          (f"{args.n} photos, {doc['size']}, model {args.model}, fresh index each; median of {args.repeat} alternated "
+           f"local/ray pairs (all walls: local {doc['all_runs']['local_wall_s']}, ray {doc['all_runs']['ray_wall_s']})."), "",
           "| executor | wall s | images/s |", "|---|---|---|",
           f"| local ({doc['decode_workers_local']} decode workers, {doc['torch_threads_local']} torch threads) | {local['wall_s']} | {local['images_per_s']} |",
-          f"| ray ({settings.actors} actor(s) of {settings.num_cpus:g} CPU, batch {settings.batch_size}, {resources}) | {on_ray['wall_s']} "
-          f"(+{startup:.1f} s Ray start-up) | {on_ray['images_per_s']} |", "",
-          f"Ray overhead: {doc['ray_overhead_s']} s in all, {doc['ray_overhead_after_startup_s']} s after start-up. "
-          f"Max |vector difference|: {max_diff:.2e}. Driver commit ceiling: {doc['driver_commit_images_per_s']} images/s.", "",
-          f"## Scaling model ({args.gpus_per_node} GPU(s) of {args.gpu_img_s:g} img/s per node - placeholder; "
-          f"{args.cores_per_node} decode cores of {args.decode_img_s_per_core} img/s), {args.model_photos:,} photos", "",
+          (f"| ray ({settings.actors} actor(s) of {settings.num_cpus:g} CPU, batch {settings.batch_size}, {resources}) | {on_ray['wall_s']} "
+           f"(+{startup:.1f} s Ray start-up) | {on_ray['images_per_s']} |"), "",
+          (f"Ray overhead: {doc['ray_overhead_s']} s in all, {doc['ray_overhead_after_startup_s']} s after start-up. "
+           f"Max |vector difference|: {max_diff:.2e}. Driver commit ceiling: {doc['driver_commit_images_per_s']} images/s."), "",
+          (f"## Scaling model ({args.gpus_per_node} GPU(s) of {args.gpu_img_s:g} img/s per node - placeholder; "
+           f"{args.cores_per_node} decode cores of {args.decode_img_s_per_core} img/s), {args.model_photos:,} photos"), "",
           "| nodes | GPUs | images/s | bound by | hours |", "|---|---|---|---|---|"]
     md += [f"| {r['nodes']} | {r['gpus']} | {r['images_per_s']} | {r['bound_by']} | {r['hours_for_photos']} |"
            for r in doc["scaling"]]

@@ -18,8 +18,8 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 

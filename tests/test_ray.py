@@ -182,8 +182,8 @@ def test_missing_ray_is_a_one_line_error(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", TINY,
                                   "--executor", "ray", "-q"])
     assert r.exit_code == 2
-    assert r.output.strip().splitlines() == ["error: --executor ray needs Ray: pip install "
-                                             "'retrieval-engine[distributed]' (ray[data])"]
+    assert r.output.strip().splitlines() == [("error: --executor ray needs Ray: pip install "
+                                              "'retrieval-engine[distributed]' (ray[data])")]
     assert not (tmp_path / "idx").exists()
 
 
