@@ -10,7 +10,10 @@ EXTRAS ?= test,offline,demo,bench,serve
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test demo bench clean
+# tests/test_browser.py drives headless Chromium through its driver (Debian packages, never downloaded)
+CHROMIUM_PACKAGES ?= chromium chromium-driver
+
+.PHONY: install test demo bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +24,24 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: browser $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Chromium and chromedriver for the browser test: installed with apt-get when missing and this user is root or
+# has password-less sudo; otherwise make stops at once with the one command to run.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo"; \
+	else sudo="none"; fi; \
+	if [ "$$sudo" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make test needs Chromium and chromedriver (tests/test_browser.py). Install them, then run make test again:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y $(CHROMIUM_PACKAGES)" >&2; \
+	  exit 2; \
+	fi; \
+	echo "installing $(CHROMIUM_PACKAGES) for the browser test (apt-get)" >&2; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$sudo apt-get update -qq && $$sudo apt-get install -y -qq $(CHROMIUM_PACKAGES) >/dev/null
 
 demo: $(VENV)/.installed
 	rm -rf demo

@@ -57,24 +57,29 @@ def main(ctx, debug):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--workers", default=None, type=click.IntRange(0, 64), help="Decode processes (0 = in-process). Default: cores - 1.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="JPEG decoding: gpu = batched decode_jpeg (nvJPEG) on the model's device; auto = gpu on CUDA, else cpu (PIL).")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto: exact flat up to ~50k vectors at dim 512, IVF over float16 vectors (ivfsq) above; or the index's setting).")
 @click.option("--exclude", multiple=True, help="Glob of paths or names to skip (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
 @click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")
+@click.option("--retry-errors", is_flag=True, help="Also try again files that failed to decode and have not changed since.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where to decode and encode: this process, or a Ray cluster ($RAY_ADDRESS, else a local Ray).")
 @click.option("--ray-actors", type=click.IntRange(1, 4096), default=None,
               help="Encoder actors with --executor ray. Default: one per GPU, else from the cluster's CPUs.")
-def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, index_type,
-          exclude, include_hidden, rebuild, quiet, executor, ray_actors):
+def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, decode, index_type,
+          exclude, include_hidden, rebuild, retry_errors, quiet, executor, ray_actors):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.errors import RetrievalError
+    from retrieval.names import escape_name
 
     opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
-                        model=model, batch_size=batch_size, workers=workers, device=device, index_type=index_type,
-                        exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild, progress=not quiet)
+                        model=model, batch_size=batch_size, workers=workers, device=device, decode=decode,
+                        index_type=index_type, exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild,
+                        progress=not quiet, retry_errors=retry_errors)
     if executor == "ray":
         from index_data.ray_executor import require_ray
 
@@ -91,7 +96,7 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
     if r.errors:
         click.echo(f"{len(r.errors)} file{'' if len(r.errors) == 1 else 's'} skipped:", err=True)
         for path, reason in r.errors[:20]:
-            click.echo(f"  {os.fsencode(path).decode('utf-8', 'replace')}: {reason}", err=True)
+            click.echo(f"  {escape_name(path)}: {reason}", err=True)
         if len(r.errors) > 20:
             click.echo(f"  … and {len(r.errors) - 20} more (see: retrieval info --errors)", err=True)
     if r.interrupted:
@@ -116,15 +121,16 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
                    "exact top k, slower. Default: the index's setting (`info`); exact (flat) indexes ignore it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one result per line.")
-@click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line.")
+@click.option("--paths", "as_paths", is_flag=True, help="Paths only, one per line (exact bytes; a name holding a newline is written $'...'-quoted).")
+@click.option("--null", "-0", "as_null", is_flag=True, help="Paths only, each ended by a NUL byte, exact bytes (like find -print0).")
 def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclude_self, no_dedupe, probes, device, as_json,
-           as_paths):
+           as_paths, as_null):
     """Search by TEXT, by --image, or both. Exit code 0 with results, 1 with none, 2 on error."""
     from retrieval.errors import RetrievalError
     from retrieval.search import Searcher
 
-    if as_json and as_paths:
-        raise RetrievalError("--json and --paths cannot be combined: pick one output format")
+    if as_json + as_paths + as_null > 1:
+        raise RetrievalError("--json, --paths and --null cannot be combined: pick one output format")
     explicit = click.get_current_context().get_parameter_source("weight") == click.core.ParameterSource.COMMANDLINE
     if explicit and (text is None or image is None):
         raise RetrievalError("--weight only applies to a composite query: give both TEXT and --image")
@@ -132,31 +138,52 @@ def search(text, index_dir, image, weight, to, k, min_score, under, glob, exclud
     with Searcher.open(index_dir, device=device) as s:
         results = s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
                            exclude_self=exclude_self, dedupe=not no_dedupe, probes=probes)
-    _print_results(results, as_json, as_paths)
+    _print_results(results, as_json, as_paths, as_null)
     sys.exit(0 if results else 1)
 
 
-def _print_results(results, as_json: bool, as_paths: bool) -> None:
-    if as_json:
+def _print_results(results, as_json: bool, as_paths: bool, as_null: bool = False) -> None:
+    from retrieval.names import escape_name, needs_quoting, result_bytes, shell_quote
+
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    if as_json:  # written as is: click.echo would strip escape sequences from a piped name
         for r in results:
-            click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+            out.write(json.dumps(r.to_dict(), ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
         return
-    if as_paths:
+    if as_paths or as_null:
+        quoted = 0
         for r in results:
-            if r.path:
-                click.echo(r.path)
+            if not r.path:
+                continue
+            raw = result_bytes(r.path, r.path_b64)
+            if as_null:
+                out.write(raw + b"\0")
+            elif needs_quoting(raw):
+                quoted += 1
+                out.write(shell_quote(raw).encode("utf-8") + b"\n")
+            else:
+                out.write(raw + b"\n")
+        out.flush()
+        if quoted:
+            click.echo(f"note: {quoted} name{'' if quoted == 1 else 's'} with a line break written $'...'-quoted; "
+                       "use --null for exact bytes", err=True)
         return
     if not results:
         click.echo("no results", err=True)
         return
+
+    def shown(r):
+        return escape_name(result_bytes(r.path, r.path_b64)) if r.path else ""
+
     if results[0].kind == "image":
         click.echo(f"{'rank':>4}  {'score':>6}  path")
         for r in results:
-            click.echo(f"{r.rank:>4}  {r.score:6.3f}  {r.path}")
+            click.echo(f"{r.rank:>4}  {r.score:6.3f}  {shown(r)}")
     else:
         click.echo(f"{'rank':>4}  {'score':>6}  caption  [image]")
         for r in results:
-            click.echo(f"{r.rank:>4}  {r.score:6.3f}  {r.caption}" + (f"  [{r.path}]" if r.path else ""))
+            click.echo(f"{r.rank:>4}  {r.score:6.3f}  {escape_name(r.caption)}" + (f"  [{shown(r)}]" if r.path else ""))
 
 
 @main.command()
@@ -181,8 +208,10 @@ def info(index_dir, as_json, show_errors):
         return
     for key, value in i.to_dict().items():
         click.echo(f"{key:>16}: {value}")
+    from retrieval.names import escape_name
+
     for p, r in errors:
-        click.echo(f"  {p}: {r}")
+        click.echo(f"  {escape_name(p)}: {r}")
 
 
 @main.command()
@@ -252,6 +281,9 @@ def benchmark_recall(captions_file, images_dir, fmt, split, index_dir, model, ks
     if r.missing_images or r.missing_captions:
         click.echo(f"warning: counted as misses: {r.missing_images} images not in the index, "
                    f"{r.missing_captions} captions without a caption row", err=True)
+    if r.extra.get("captions_encoded"):
+        click.echo(f"note: the index holds no caption row for {r.extra['captions_encoded']} of the file's captions; "
+                   "image→text ranks the file's captions, encoded for this evaluation (the index is unchanged)", err=True)
     click.echo(json.dumps(r.to_dict(), ensure_ascii=False) if as_json else format_recall(r))
 
 

@@ -4,6 +4,7 @@
     python benchmarks/speed.py --quick         # a few minutes
     python benchmarks/speed.py --tiny --out /tmp/x --data /tmp/x/data    # seconds; the smoke test runs this
     python benchmarks/speed.py --parts indexing --models ViT-B-32:none --device cuda --precision bf16
+    python benchmarks/speed.py --device cuda --precision bf16 --parts indexing   # GPU vs PIL decode, 3 sizes
 
 Parts (``--parts``, comma-separated; default all):
 
@@ -14,6 +15,13 @@ indexing   For each ``--models`` spec, in its own process: ``--n-images`` genera
            images/s end to end (model load included, and excluded), model-only images/s
            (``encode_image_tensors`` on preprocessed batches of ``--batch-size``), decode-only images/s
            (``decode_stream`` with the same workers), the unchanged re-run time, peak RSS.
+           ``--decodes cpu,gpu`` indexes once per decode path (``index --decode``) side by side, and
+           ``--image-sizes`` takes several JPEG sizes (large sizes and counts: a few generated photos, each copy
+           made a distinct file by a JPEG comment). Per row also: CPU cores busy (process + worker CPU time / wall,
+           end to end and decode-only), GPU peak memory (torch.cuda.max_memory_allocated), the device name and how
+           many files each decode route took. ``--device cuda`` defaults to ViT-B-32:none, --decodes cpu,gpu,
+           sizes 341x256,1600x1200,4000x3000 with 4000/2000/500 images (benchmarks/gpu_check.sh runs exactly that).
+           The rows also go to ``--out``/speed_indexing.md.
 rerun      ``--rerun-files`` small JPEGs indexed once with tiny-clip:none, then ``run_index`` again with nothing
            changed: median of 3 re-runs (scan + compare + sidecars + vector sync), and scan alone.
 latency    For each ``--sizes`` x ``--kinds``: synthetic CLIP-like vectors (``speed_vectors.make_vectors``) are written
@@ -58,6 +66,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_MODELS = "tiny-clip:none,ViT-B-32:none,starter"
+# --device cuda defaults: the GPU decode comparison (index --decode cpu vs gpu) at three JPEG sizes
+CUDA_MODELS = "ViT-B-32:none"
+CUDA_SIZES = "341x256,1600x1200,4000x3000"
+CUDA_N_IMAGES = "4000,2000,500"
 LATENCY_MODEL = "ViT-B-32:none"
 K = 10
 TEXT_QUERIES = [
@@ -77,6 +89,22 @@ TEXT_QUERIES = [
 def peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(r / 1e6 if sys.platform == "darwin" else r / 1e3, 1)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the PIL path's decode workers), user + system."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def pct(values, q) -> float:
@@ -156,6 +184,34 @@ def ensure_photos(folder: Path, n: int, size: tuple[int, int], quality: int = 90
     return paths
 
 
+def ensure_jpegs(folder: Path, n: int, size: tuple[int, int], distinct: int, quality: int = 90) -> list[Path]:
+    """``n`` JPEGs of ``distinct`` generated photos, each file made unique by a JPEG comment segment (so the
+    pipeline's content dedupe does not skip them; decoders ignore comments). Generating 4000x3000 photos
+    takes seconds each, so the GPU comparison writes a few and varies them."""
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo_{i:05d}.jpg" for i in range(n)]
+    missing = [(i, p) for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        log(f"  writing {len(missing)} {size[0]}x{size[1]} JPEGs ({distinct} distinct photos) to {folder} …")
+        t = time.perf_counter()
+        bases: dict[int, bytes] = {}
+        for i, p in missing:
+            k = i % distinct
+            if k not in bases:
+                buf = io.BytesIO()
+                photo(k, *size).save(buf, "JPEG", quality=quality)
+                bases[k] = buf.getvalue()
+            note = f"copy {i}".encode()
+            com = b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note
+            tmp = p.with_suffix(".tmp")
+            tmp.write_bytes(bases[k][:2] + com + bases[k][2:])  # right after SOI
+            os.replace(tmp, p)
+        log(f"  … {time.perf_counter() - t:.0f}s")
+    return paths
+
+
 def ensure_small(folder: Path, n: int) -> Path:
     """``n`` small distinct JPEGs (96x72) for the re-run measurement."""
     from PIL import Image, ImageDraw
@@ -185,7 +241,8 @@ def task_indexing(t: dict) -> dict:
     t0 = time.perf_counter()
     import torch  # noqa: F401
 
-    from index_data.decode import decode_stream, default_workers
+    from index_data.decode import default_workers
+    from index_data.gpu_stream import choose_decode_stream, resolve_decode
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.encoders import load_encoder
     from retrieval.images import load_image
@@ -218,22 +275,40 @@ def task_indexing(t: dict) -> dict:
         rates.append(bs / dt)
     model_only = statistics.median(rates)
 
-    # decode only, same workers as the pipeline
-    s = time.perf_counter()
+    # decode only, same workers and decode path (--decode) as the pipeline
+    decode = t.get("decode", "cpu")
+    cuda = str(enc.device).startswith("cuda")
+    decode_fn = choose_decode_stream(decode, enc.device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    cpu0, s = _cpu_seconds(), time.perf_counter()
     ok = 0
-    with decode_stream([(i, str(p)) for i, p in enumerate(paths)], enc.preprocess, enc.image_size, workers=workers) as st:
+    with decode_fn([(i, str(p)) for i, p in enumerate(paths)], enc.preprocess, enc.image_size, workers=workers) as st:
         for r in st:
             ok += r.ok
+        if cuda:
+            torch.cuda.synchronize()
     decode_s = time.perf_counter() - s
-    del enc
+    decode_cpu = (_cpu_seconds() - cpu0) / decode_s
+    routes = dict(getattr(st, "stats", None) or {"pil": n})
+    decode_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
+    device_name = torch.cuda.get_device_name(enc.device) if cuda else (_cpu_name() or "cpu")
+    agreement = _decode_agreement(enc, paths[:64], workers) if resolve_decode(decode, enc.device) == "gpu" else None
+    del enc, st
 
     roots = [str(folder)] if t.get("whole_folder") else [str(p) for p in paths]
     with tempfile.TemporaryDirectory(dir=t.get("tmpdir"), prefix="speed_index_") as td:
         idx = Path(td) / "index"
-        opts = dict(paths=roots, model=t["model"], workers=workers, batch_size=bs, device=t["device"], progress=False)
-        s = time.perf_counter()
+        opts = dict(paths=roots, model=t["model"], workers=workers, batch_size=bs, device=t["device"], decode=decode,
+                    progress=False)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        cpu0, s = _cpu_seconds(), time.perf_counter()
         rep = run_index(idx, IndexOptions(**opts))
         wall = time.perf_counter() - s
+        index_cpu = (_cpu_seconds() - cpu0) / wall
+        index_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
         s = time.perf_counter()
         rep2 = run_index(idx, IndexOptions(**opts))
         rerun = time.perf_counter() - s
@@ -244,7 +319,8 @@ def task_indexing(t: dict) -> dict:
         raise RuntimeError("the unchanged re-run changed something")
     sizes = [p.stat().st_size for p in paths]
     return {
-        "model": t["model"], "device": t["device"], "precision": t["precision"], "n_images": n,
+        "model": t["model"], "device": t["device"], "device_name": device_name, "precision": t["precision"],
+        "decode": decode, "decode_path": resolve_decode(decode, t["device"]), "decode_routes": routes, "n_images": n,
         "image_size": t["image_size"], "jpeg_mean_kb": round(sum(sizes) / n / 1000, 1),
         "jpeg_min_kb": round(min(sizes) / 1000, 1), "jpeg_max_kb": round(max(sizes) / 1000, 1),
         "batch_size": bs, "workers": workers, "torch_threads": torch.get_num_threads(),
@@ -252,11 +328,37 @@ def task_indexing(t: dict) -> dict:
         "import_s": round(import_s, 2), "model_first_load_s": round(first_load_s, 2), "model_load_s": round(load_s, 2),
         "model_only_images_per_s": round(model_only, 1), "model_only_repeats": len(rates),
         "decode_only_images_per_s": round(ok / decode_s, 1),
+        "decode_only_cpu_cores": round(decode_cpu, 2), "decode_only_gpu_peak_mb": decode_gpu_mb,
+        "index_cpu_cores": round(index_cpu, 2), "index_gpu_peak_mb": index_gpu_mb,
+        "embedding_cosine_vs_pil": agreement,
         "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
         "images_per_s_excl_load": round(n / (wall - load_s), 2) if wall > 1.5 * load_s else None,
         "rerun_unchanged_s": round(rerun, 2), "index_bytes_per_image": round(index_bytes / n),
         "peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _decode_agreement(enc, paths: list, workers: int) -> dict:
+    """Cosine between each image's embedding through the PIL path and through the tensor path (the
+    tolerance the GPU decode path keeps), on up to 64 of the benchmark's JPEGs, at the run's precision."""
+    import torch
+
+    from index_data.decode import decode_stream
+    from index_data.gpu_stream import gpu_decode_stream
+
+    jobs = [(i, str(p)) for i, p in enumerate(paths)]
+    with decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers) as st:
+        a = {r.key: r.tensor for r in st if r.ok}
+    with gpu_decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers, device=str(enc.device)
+                           if str(enc.device).startswith("cuda") else "cpu") as st:
+        b = {r.key: r.tensor for r in st if r.ok}
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return {"images": 0}
+    ea = enc.encode_image_tensors(torch.stack([a[k] for k in keys]))
+    eb = enc.encode_image_tensors(torch.stack([b[k].to(a[k].device) for k in keys]))
+    cos = (ea * eb).sum(axis=1)
+    return {"images": len(keys), "min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}
 
 
 def task_rerun(t: dict) -> dict:
@@ -540,6 +642,31 @@ def plot(latency: list[dict], out: Path) -> list[str]:
     return written
 
 
+def indexing_markdown(rows: list[dict], cmd: str, machine: dict) -> str:
+    """The indexing rows as a Markdown table: decode paths side by side per JPEG size."""
+    cols = [("image_size", "JPEG size"), ("decode_path", "decode"), ("model", "model"), ("precision", "precision"),
+            ("n_images", "images"), ("images_per_s", "end-to-end img/s"), ("images_per_s_excl_load", "excl. load img/s"),
+            ("model_only_images_per_s", "model-only img/s"), ("decode_only_images_per_s", "decode-only img/s"),
+            ("decode_only_cpu_cores", "decode-only CPU cores"), ("index_cpu_cores", "end-to-end CPU cores"),
+            ("decode_only_gpu_peak_mb", "decode-only GPU MB"), ("index_gpu_peak_mb", "end-to-end GPU MB"),
+            ("workers", "PIL workers"), ("decode_routes", "files per route"),
+            ("embedding_cosine_vs_pil", "embedding cosine vs PIL path")]
+    lines = ["## Indexing: decode paths side by side", "",
+             f"Reproduce: `{cmd}`", "",
+             f"Device: {', '.join(sorted({str(r.get('device_name')) for r in rows}))} (`--device` "
+             f"{', '.join(sorted({str(r.get('device')) for r in rows}))}); CPU: {machine.get('cpu')}, "
+             f"{machine.get('cores')} cores. CPU cores = process + decode-worker CPU time / wall time. GPU MB = "
+             "torch.cuda.max_memory_allocated during the run.", "",
+             "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cells.append(", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else ("" if v is None else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write(out: Path, doc: dict) -> Path:
     path = out / "speed.json"
     tmp = path.with_suffix(".json.tmp")
@@ -552,9 +679,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="indexing,rerun,latency,cold")
-    ap.add_argument("--models", default=DEFAULT_MODELS)
-    ap.add_argument("--n-images", type=int, default=1000)
+    ap.add_argument("--models", default=None, help=f"default: {DEFAULT_MODELS}; with --device cuda: {CUDA_MODELS}")
+    ap.add_argument("--n-images", default=None,
+                    help="images per indexing run: N, or one N per --image-sizes entry (default 1000; with "
+                         f"--device cuda: {CUDA_N_IMAGES})")
     ap.add_argument("--image-size", default="1600x1200")
+    ap.add_argument("--image-sizes", default=None,
+                    help=f"JPEG sizes for the indexing part (default: --image-size; with --device cuda: {CUDA_SIZES})")
+    ap.add_argument("--decodes", default=None,
+                    help="decode paths indexed side by side, from cpu,gpu,auto (index --decode; default cpu; "
+                         "with --device cuda: cpu,gpu)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: the pipeline's, cores - 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (auto picks cuda when present)")
@@ -587,6 +721,11 @@ def main(argv=None) -> int:
         print(json.dumps(TASKS[task["task"]](task)), flush=True)
         return 0
 
+    cuda = args.device.startswith("cuda")
+    args.models = args.models or (CUDA_MODELS if cuda else DEFAULT_MODELS)
+    args.decodes = args.decodes or ("cpu,gpu" if cuda else "cpu")
+    args.image_sizes = args.image_sizes or (CUDA_SIZES if cuda else None)
+    args.n_images = args.n_images or (CUDA_N_IMAGES if cuda and args.image_sizes == CUDA_SIZES else "1000")
     if args.quick:
         args.n_images, args.rerun_files, args.sizes, args.kinds = 100, 2000, "10000", "flat,hnsw,ivfflat"
         args.cold_size, args.cold_runs, args.queries, args.model_repeats = 10000, 3, 100, 3
@@ -600,6 +739,14 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown parts: {', '.join(sorted(bad))}")
     w, h = (int(v) for v in args.image_size.lower().split("x"))
+    index_sizes = [tuple(int(v) for v in x.lower().split("x")) for x in (args.image_sizes or args.image_size).split(",")
+                   if x.strip()]
+    counts = [int(v) for v in str(args.n_images).split(",") if v.strip()]
+    counts = counts if len(counts) == len(index_sizes) else [counts[0]] * len(index_sizes)
+    args.n_images = counts[0]
+    decodes = [v.strip() for v in args.decodes.split(",") if v.strip()]
+    if set(decodes) - {"cpu", "gpu", "auto"}:
+        ap.error(f"--decodes: cpu, gpu or auto, not {args.decodes}")
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/speed.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
@@ -623,30 +770,43 @@ def main(argv=None) -> int:
 
     photos_dir = data / f"jpeg_{w}x{h}_q90"
     photos: list[Path] = []
-    if "indexing" in parts or "latency" in parts:
-        photos = ensure_photos(photos_dir, max(args.n_images, args.image_queries), (w, h))
+    if "latency" in parts:  # image queries (the indexing part writes its own JPEGs below)
+        photos = ensure_photos(photos_dir, args.image_queries, (w, h))
 
     if "indexing" in parts:
-        whole = len(list(photos_dir.glob("*.jpg"))) == args.n_images
         specs = [m.strip() for m in args.models.split(",") if m.strip()]
         threads = [v.strip() for v in args.torch_threads.split(",") if v.strip()]
-        rows = [r for r in doc.get("indexing", []) if not (r.get("model") in specs and
-                str(r.get("torch_threads_setting", "default")) in threads)] if args.merge else []
-        for spec, th in [(m, th) for m in specs for th in threads]:
-            log(f"indexing {args.n_images} images with {spec} (torch threads: {th}) …")
-            r = run_worker({"task": "indexing", "model": spec, "paths": [str(p) for p in photos[: args.n_images]],
-                            "torch_threads": None if th == "default" else int(th),
-                            "folder": str(photos_dir), "whole_folder": whole, "image_size": f"{w}x{h}",
-                            "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
-                            "precision": precision, "model_repeats": args.model_repeats, "model_min_s": 3.0,
-                            "tmpdir": args.tmpdir})
-            rows.append(r)
-            rows.sort(key=lambda r: (specs.index(r["model"]) if r["model"] in specs else 99, str(r.get("torch_threads_setting"))))
-            log(f"  {spec}: {r['images_per_s']} img/s end to end ({r['images_per_s_excl_load']} excl. load), "
-                f"model only {r['model_only_images_per_s']} img/s, decode only {r['decode_only_images_per_s']} img/s, "
-                f"unchanged re-run {r['rerun_unchanged_s']} s")
-            doc["indexing"] = rows
-            write(out, doc)
+        key = lambda r: (r.get("model"), str(r.get("torch_threads_setting", "default")), r.get("image_size"),  # noqa: E731
+                         r.get("decode", "cpu"))
+        todo = {(m, th, f"{iw}x{ih}", dec) for m in specs for th in threads for iw, ih in index_sizes for dec in decodes}
+        rows = [r for r in doc.get("indexing", []) if key(r) not in todo] if args.merge else []
+        for (iw, ih), n_img in zip(index_sizes, counts):
+            if (iw, ih) == (w, h) and n_img <= 1000:
+                folder, files = photos_dir, ensure_photos(photos_dir, n_img, (w, h))
+            else:  # large sizes or counts: a few generated photos, made distinct files (see ensure_jpegs)
+                distinct = 8 if iw * ih > 4_000_000 else 32
+                folder = data / f"jpeg_{iw}x{ih}_q90_d{distinct}"
+                files = ensure_jpegs(folder, n_img, (iw, ih), distinct)
+            whole = len(list(folder.glob("*.jpg"))) == n_img
+            for spec, th, dec in [(m, th, d) for m in specs for th in threads for d in decodes]:
+                log(f"indexing {n_img} {iw}x{ih} images with {spec}, --decode {dec} (torch threads: {th}) …")
+                r = run_worker({"task": "indexing", "model": spec, "paths": [str(p) for p in files[:n_img]],
+                                "torch_threads": None if th == "default" else int(th), "decode": dec,
+                                "folder": str(folder), "whole_folder": whole, "image_size": f"{iw}x{ih}",
+                                "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
+                                "precision": precision, "model_repeats": args.model_repeats, "model_min_s": 3.0,
+                                "tmpdir": args.tmpdir})
+                rows.append(r)
+                rows.sort(key=lambda r: (specs.index(r["model"]) if r["model"] in specs else 99, _pixels(r.get("image_size")),
+                                         str(r.get("torch_threads_setting")), str(r.get("decode"))))
+                log(f"  {spec} {iw}x{ih} decode {r['decode_path']}: {r['images_per_s']} img/s end to end "
+                    f"({r['images_per_s_excl_load']} excl. load), model only {r['model_only_images_per_s']} img/s, "
+                    f"decode only {r['decode_only_images_per_s']} img/s, CPU {r['index_cpu_cores']} cores busy, "
+                    f"unchanged re-run {r['rerun_unchanged_s']} s")
+                doc["indexing"] = rows
+                write(out, doc)
+                (out / "speed_indexing.md").write_text(indexing_markdown(rows, cmd, machine))  # kept if cut short
+        log(f"wrote {out / 'speed_indexing.md'}")
 
     if "rerun" in parts:
         folder = ensure_small(data / f"small_{args.rerun_files}", args.rerun_files)
@@ -710,6 +870,14 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     print(f"reproduce: {cmd}")
     return 0
+
+
+def _pixels(size) -> int:
+    try:
+        a, b = str(size).lower().split("x")
+        return int(a) * int(b)
+    except ValueError:
+        return 0
 
 
 def _dim(spec: str) -> int:

@@ -19,13 +19,16 @@ from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.fast_text import ensure_text_export, export_is_current
 from retrieval.faults import checkpoint
-from retrieval.index import Index, storage_error
+from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
+from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 
-from .decode import decode_stream
+from .decode import DecodeWorkerError
+from .gpu_stream import choose_decode_stream
 from .scan import ScannedFile, ScanProblem, hash_file, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
+STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
 
 
 @dataclass
@@ -39,11 +42,13 @@ class IndexOptions:
     batch_size: int = 64
     workers: int | None = None
     device: str = "auto"
+    decode: str = "auto"  # auto | cpu | gpu: see index_data/gpu_stream.py
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
     rebuild: bool = False
     progress: bool = True
+    retry_errors: bool = False  # also retry files whose decode failed before and that have not changed
     executor: str = "local"  # "ray": decode and encode on a Ray cluster (index_data/ray_executor.py)
     ray_actors: int | None = None  # None: from the cluster's resources
     ray_batch_size: int | None = None  # the encode batch on the cluster; None: from its resources
@@ -60,6 +65,7 @@ class IndexReport:
     removed: int = 0
     captions_added: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    still_skipped: int = 0  # of `errors`: unchanged files that failed before, not decoded again
     interrupted: bool = False
     seconds: float = 0.0
     generation: int = 0
@@ -106,23 +112,42 @@ def default_workers() -> int:
 
 
 def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexReport:
+    if opts.rebuild:  # built aside and switched in at the end (index_data/rebuild.py)
+        from .rebuild import run_rebuild
+
+        return run_rebuild(index_dir, opts, run_index)
     t0 = time.perf_counter()
     report = IndexReport()
-    idx = Index.open_for_write(index_dir)
+    root = Path(index_dir).expanduser() if index_dir else default_index_dir()
+    # inputs first: a typo'd PATH, an unreadable caption file or a bad --model creates nothing (no
+    # directory, lock or database that later commands would take for an unfinished index)
+    corpus = _read_corpus(opts) if opts.captions_file else {}
+    roots = list(opts.paths) + sorted(corpus)
+    if not roots:
+        raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
+    for p in opts.paths:
+        if not os.path.lexists(p):
+            raise RetrievalError(f"no such file or directory: {os.path.abspath(p)}")
+    if opts.model:
+        parse_spec(opts.model)
+    preloaded = None
+    if _needs_new_model(root):
+        from retrieval.encoders import load_encoder
+
+        preloaded = load_encoder(opts.model or DEFAULT_MODEL, device=opts.device)
+    idx = Index.open_for_write(root)
     dirty: set[int] = set()
     try:
-        # inputs first: a typo'd PATH or an unreadable caption file must not leave a new index tied to a model
-        corpus = _read_corpus(opts) if opts.captions_file else {}
-        roots = list(opts.paths) + sorted(corpus)
-        if not roots:
-            raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
         # an image the caption file lists but that is not on disk is recorded, not fatal (a partial download)
         missing = [p for p in sorted(corpus) if not os.path.lexists(p)]
-        absent = set(missing)
+        listed = os.path.basename(opts.captions_file) if opts.captions_file else ""
+        folders = [p for p in sorted(corpus) if p not in missing and os.path.isdir(p)]
+        absent = set(missing) | set(folders)  # a caption names an image, never a folder to walk
         files, problems = scan([r for r in roots if r not in absent], exclude=opts.exclude,
-                               include_hidden=opts.include_hidden)
-        problems += [ScanProblem(p, f"listed in {os.path.basename(opts.captions_file)} but not found") for p in missing]
-        encoder = _prepare_model(idx, opts)
+                               include_hidden=opts.include_hidden, skip_dirs=[idx.root])
+        problems += [ScanProblem(p, f"listed in {listed} but not found") for p in missing]
+        problems += [ScanProblem(p, f"listed in {listed} but is a folder, not an image") for p in folders]
+        encoder = _prepare_model(idx, opts, preloaded)
         if not export_is_current(idx.root, idx.identity):
             ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
         for p in problems:
@@ -131,24 +156,27 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             for p in problems:
                 idx.store.record_error(p.path, p.reason)
         report.scanned = len(files)
-        work, dirty = _plan_and_apply_cheap_changes(idx, files, roots, report)
+        work, dirty = _plan_and_apply_cheap_changes(idx, files, roots, report, opts.retry_errors)
         with _StopFlag() as stop:
             _encode(idx, encoder, work, opts, report, stop, dirty)
             report.interrupted = stop.set
         report.captions_added += _sync_captions(idx, encoder, files, corpus, dirty)
         with idx.store.transaction():
             idx.store.drop_unreferenced_embeddings()
-        idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
+        _publish(idx, opts, dirty)
         report.generation = idx.generation
         report.images_total = idx.store.count("images")
-    except KeyboardInterrupt:
-        # Ctrl-C outside the encode loop (scan, captions, publishing): what SQLite already holds is
-        # published before stopping, so searches see it; a second Ctrl-C skips this (the next run does it)
+    except (KeyboardInterrupt, DecodeWorkerError) as e:
+        # Ctrl-C outside the encode loop (scan, captions, publishing), or decode workers that keep dying:
+        # what SQLite already holds is published before stopping, so searches see it; a second Ctrl-C
+        # skips this (the next run does it)
         if idx.identity is not None:
             try:
-                idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
+                _publish(idx, opts, dirty)
             except Exception:  # noqa: BLE001 - best effort; verify/the next run repair it
                 pass
+        if isinstance(e, DecodeWorkerError):
+            raise RetrievalError(f"{e}; everything encoded so far is kept (try: --workers 0)") from None
         raise
     except Exception as e:  # a full or read-only disk is the user's to fix: one line, not a traceback
         err = storage_error(e, idx.root)
@@ -159,6 +187,28 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         idx.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _needs_new_model(root: Path) -> bool:
+    """True when `root` holds no finished index yet, so the model must load before anything is created."""
+    from retrieval.errors import IndexNotFoundError
+
+    try:
+        Index.open(root).close()
+        return False
+    except IndexNotFoundError:
+        return True
+    except RetrievalError:  # unreadable: open_for_write says why
+        return False
+
+
+def _publish(idx: Index, opts: IndexOptions, dirty: set[int]) -> None:
+    """Publish vectors, including rows re-encoded in place by an earlier run that was killed first."""
+    dirty |= {int(i) for i in idx.store.get_manifest(PENDING_KEY, None) or []}
+    idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
+    if idx.store.get_manifest(PENDING_KEY, None):
+        with idx.store.transaction():
+            idx.store.set_manifest(PENDING_KEY, None)
 
 
 class _LazyEncoder:
@@ -175,7 +225,7 @@ class _LazyEncoder:
         return getattr(self._encoder, name)
 
 
-def _prepare_model(idx: Index, opts: IndexOptions):
+def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
     from retrieval.encoders import load_encoder
 
     current = idx.identity
@@ -193,7 +243,7 @@ def _prepare_model(idx: Index, opts: IndexOptions):
             return encoder
 
         return _LazyEncoder(load)
-    encoder = load_encoder(spec, device=opts.device)
+    encoder = preloaded if preloaded is not None and current is None else load_encoder(spec, device=opts.device)
     if current is not None:  # --rebuild
         _reset_for_rebuild(idx)
     idx.set_model(encoder.identity)
@@ -226,11 +276,15 @@ def _under(path: str, roots: list[str]) -> bool:
     return False
 
 
-def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, report: IndexReport):
+def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, report: IndexReport,
+                                  retry_errors: bool = False):
     """Decide what each file needs. Moves, touches, duplicates and deletions are applied here (no model
-    needed); files whose content is new are returned for encoding."""
+    needed); files whose content is new are returned for encoding. A file that failed to decode and has
+    the same size and mtime as then is skipped again without reading it (unless retry_errors)."""
     store = idx.store
     existing = store.image_stats()
+    remembered = store.remembered_failures()
+    failures = {} if retry_errors else remembered
     abs_roots = [os.path.abspath(r) for r in roots]
     seen = {f.path for f in files}
     gone = {p: v for p, v in existing.items() if p not in seen and _under(p, abs_roots)}
@@ -246,6 +300,11 @@ def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, r
             old = existing.get(f.path)
             if old and old[1] == f.size and old[2] == f.mtime_ns:
                 report.unchanged += 1
+                continue
+            failed = failures.get(f.path)
+            if failed and failed[0] == f.size and failed[1] == f.mtime_ns:
+                report.errors.append((f.path, f"{failed[2]} ({STILL_SKIPPED})"))
+                report.still_skipped += 1
                 continue
             try:
                 h = hash_file(f.path)
@@ -280,6 +339,8 @@ def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, r
             store.delete_images([v[0] for v in gone.values()])
             store.clear_errors(gone)
             report.removed += len(gone)
+        # a bad file that was since deleted is no longer skipped: forget it
+        store.clear_errors([p for p in remembered if p not in seen and _under(p, abs_roots) and not os.path.lexists(p)])
     return work, dirty
 
 
@@ -317,12 +378,14 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
                 store.put_embeddings("image", [r.key.hash for r in fresh], vecs)
             for r in batch:
                 w: _Work = r.key
-                if w.replace_id is not None:
-                    store.delete_images([w.replace_id])
+                if w.replace_id is not None:  # edited in place: same row (id, captions), new content
+                    dirty.add(w.replace_id)
                     report.updated += 1
                 store.upsert_image(w.file.path, w.file.size, w.file.mtime_ns, w.hash, r.width, r.height)
                 seen_hashes[w.hash] = 1
             store.clear_errors([r.key.file.path for r in batch])
+            if any(r.key.replace_id is not None for r in batch):
+                store.set_manifest(PENDING_KEY, sorted(dirty | set(store.get_manifest(PENDING_KEY, None) or [])))
         report.encoded += len(fresh)
         report.reused += len(batch) - len(fresh)
         bar.update(len(batch))
@@ -334,7 +397,8 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
             checkpoint("decode")
             if res.error:
                 with store.transaction():
-                    store.record_error(res.key.file.path, res.error)
+                    f = res.key.file
+                    store.record_error(f.path, res.error, f.size, f.mtime_ns)
                 report.errors.append((res.key.file.path, res.error))
                 bar.update(1)
             else:
@@ -344,7 +408,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
                 if stop.set:
                     break
                 if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                    idx.sync_vectors(requested_type=opts.index_type)
+                    idx.sync_vectors(requested_type=opts.index_type, dirty_images=dirty)
                     last_checkpoint = time.monotonic()
         flush()
     finally:
@@ -361,7 +425,8 @@ def _result_stream(jobs, encoder, opts: IndexOptions, workers: int):
         from .ray_executor import ray_stream
 
         return ray_stream(jobs, encoder, opts)
-    return decode_stream(jobs, encoder.preprocess, encoder.image_size, workers=workers)
+    decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
+    return decode(jobs, encoder.preprocess, encoder.image_size, workers=workers)
 
 
 def _vectors(encoder, results):

@@ -217,6 +217,7 @@ def scan(
     exclude: Sequence[str] = (),
     include_hidden: bool = False,
     follow_symlinks: bool = True,
+    skip_dirs: Sequence[str | os.PathLike] = (),
 ) -> tuple[list[ScannedFile], list[ScanProblem]]:
     """Find the image files under `paths` (folders, walked recursively, or single files).
 
@@ -234,8 +235,15 @@ def scan(
       raises RetrievalError.
     - The same real file reached twice (two roots, or a symlink) appears once, preferably under its
       real path. Output is sorted by path; problems are sorted too.
+    - `skip_dirs`: folders never walked, by identity (an index directory inside the photo folder).
     """
     w = _Walker(exclude, include_hidden, follow_symlinks)
+    for d in skip_dirs:
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        w.visited.add((st.st_dev, st.st_ino))  # looks already walked, however it is reached
     roots = []
     for p in paths:
         p = os.path.abspath(os.fsdecode(p))

@@ -35,7 +35,11 @@ vectors. Ties are resolved within the ``max(K) + TIE_MARGIN`` results fetched pe
 
 Missing pieces count as misses and stay in the denominators: an image of FILE that is not in the index (it failed
 to decode, or the index was built from something else) misses as an image query, and its captions miss as text
-queries; a caption of FILE with no caption row in the index is not a candidate. Both counts are reported.
+queries. When the index lacks caption rows for FILE's captions of indexed images (it was built from the photos
+alone, or from another corpus), image -> text is measured the way clip_benchmark measures it instead: over an
+exact in-memory set of FILE's captions of indexed images, each vector the stored text embedding when the index has
+one, else encoded now with the index's model, through the fusion's caption transform; the index is not changed,
+and ``captions_encoded`` says how many were encoded. Both missing counts are reported.
 
 ``exact=True`` repeats the measurement over a flat (exact) copy of the same vectors, rebuilt from the stored raw
 embeddings with the fusion applied exactly as the write path applies it (``Index.image_vectors_for`` /
@@ -285,15 +289,23 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
     multiplicity: Counter = Counter()
     positives_i2t: list[set] = [set() for _ in pairs.images]
     missing_captions = 0
+    unindexed = 0  # captions of indexed images that the index holds no caption row for
     for text, img in zip(pairs.captions, pairs.caption_image):
         row = rows[img]
         cid = caption_row.get((row.id, text)) if row is not None else None
         if cid is None:
             missing_captions += 1
+            unindexed += row is not None
             continue
         multiplicity[cid] += 1
         positives_i2t[img].add(cid)
     caption_ids = np.array(sorted(multiplicity), dtype=np.int64)
+    file_captions = None
+    if unindexed:
+        # the index lacks FILE's captions (built from photos alone, or from another corpus): image -> text is
+        # measured over FILE's own captions, encoded here as clip_benchmark does; the index is not changed
+        file_captions = _file_caption_candidates(searcher, pairs, rows)
+        missing_captions -= unindexed
 
     # text -> image: every caption of FILE is a query
     q_text = query_text_vectors(searcher, pairs.captions)
@@ -302,6 +314,14 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
     q_image = query_image_vectors(searcher, [rows[i].hash for i in present])
     positives_i2t_present = [frozenset(positives_i2t[i]) for i in present]
     weight = {c: n for c, n in multiplicity.items() if n > 1} or None
+    if file_captions is not None:
+        cand = file_captions[1]
+        caption_ids = np.arange(len(cand), dtype=np.int64)
+        owner = {}
+        for j, c in enumerate(cand):
+            owner.setdefault(int(pairs.caption_image[c]), set()).add(j)
+        positives_i2t_present = [frozenset(owner.get(i, ())) for i in present]
+        weight = None
 
     def measure(img_vectors, cap_vectors, allowed_img, allowed_cap):
         t2i_hits = np.zeros(len(ks_t), np.int64)
@@ -318,13 +338,18 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
         i2t = {k: float(h) / pairs.n_images for k, h in zip(ks_t, i2t_hits)}
         return clip_benchmark_metrics(t2i, i2t)
 
-    metrics = measure(index.vectors("images"), index.vectors("captions"), image_ids, caption_ids)
+    if file_captions is not None:
+        metrics = measure(index.vectors("images"), file_captions[0], image_ids, None)
+    else:
+        metrics = measure(index.vectors("images"), index.vectors("captions"), image_ids, caption_ids)
     exact_metrics = None
     if exact:
         img_flat = cap_flat = None
         if len(image_ids):
             img_flat = _flat_copy(index.dim, image_ids, index.image_vectors_for([(rows[i].id, rows[i].hash) for i in present]))
-        if len(caption_ids):
+        if file_captions is not None:
+            cap_flat = file_captions[0]  # already exact
+        elif len(caption_ids):
             texts = store.captions_by_ids(caption_ids.tolist())
             cap_rows = [(int(c), text_hash(texts[int(c)][1])) for c in caption_ids]
             cap_flat = _flat_copy(index.dim, caption_ids, index.caption_vectors_for(cap_rows))
@@ -336,7 +361,36 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
         missing_images=pairs.n_images - len(present), missing_captions=missing_captions,
         index_type=info.index_type, model=info.model, fusion=info.fusion, exact=exact_metrics,
         eval_seconds=time.perf_counter() - t0, index=str(index.root),
+        extra={"captions_encoded": unindexed} if file_captions is not None else {},
     )
+
+
+def _file_caption_candidates(searcher, pairs: RecallPairs, rows):
+    """(flat VectorIndex over FILE's captions of indexed images, their positions in FILE): each caption's
+    stored text embedding when the index has one, else encoded now with the index's model (the encoder the
+    write path uses), then the fusion's caption transform, as the write path makes caption vectors."""
+    from .store import text_hash
+
+    index = searcher.index
+    store = index.store
+    cand = [j for j, img in enumerate(pairs.caption_image) if rows[img] is not None]
+    uniq = list(dict.fromkeys(pairs.captions[j] for j in cand))
+    hashes = [text_hash(t) for t in uniq]
+    have = store.has_embeddings("text", hashes)
+    raw = np.empty((len(uniq), index.dim), np.float32)
+    stored = [i for i, h in enumerate(hashes) if h in have]
+    if stored:
+        raw[stored] = store.get_embeddings("text", [hashes[i] for i in stored], index.dim)
+    todo = [i for i, h in enumerate(hashes) if h not in have]
+    for s in range(0, len(todo), TEXT_BATCH):
+        part = todo[s : s + TEXT_BATCH]
+        raw[part] = searcher.encoder.encode_texts([uniq[i] for i in part])
+    fusion = index.fusion()
+    if fusion is not None and len(raw):
+        raw = np.asarray(fusion.caption_vectors(raw), dtype=np.float32)
+    where = {t: i for i, t in enumerate(uniq)}
+    vecs = raw[[where[pairs.captions[j]] for j in cand]] if cand else raw[:0]
+    return _flat_copy(index.dim, np.arange(len(cand), dtype=np.int64), vecs), cand
 
 
 # --------------------------------------------------------------------------------------------------------------

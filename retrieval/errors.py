@@ -32,6 +32,10 @@ class EmptyIndexError(RetrievalError):
     """The index exists but holds nothing to search."""
 
 
+class IndexDamagedError(RetrievalError):
+    """A vector file of the index is missing or damaged; `verify --repair` rebuilds it from SQLite."""
+
+
 class IndexLockedError(RetrievalError):
     """Another process is writing to the index."""
 

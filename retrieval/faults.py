@@ -22,6 +22,7 @@ Checkpoints in the code base:
     sqlite_commit   retrieval/store.py      every Store.transaction(), after its writes, before COMMIT
     faiss_write     retrieval/vectors.py    VectorIndex.save: faiss data in the temp file, no trailer yet
     publish         retrieval/index.py      new generation's files renamed into place, manifest not switched
+    switch          retrieval/switch.py     a finished rebuild's files copied into the index, not switched in
     ray_encode      index_data/ray_executor.py  an encode actor made a batch's vectors, before returning them
 """
 

@@ -105,3 +105,60 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def is_image_name(path: str | os.PathLike) -> bool:
     return Path(os.fsdecode(path)).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# Query uploads are decoded for one embedding only, so far fewer pixels are needed than for indexing.
+UPLOAD_MAX_PIXELS = 32_000_000  # pixels actually decoded (after JPEG draft); RGBA at 32 MP is 128 MB
+UPLOAD_SIDE = 512  # decoded images are reduced to about this shorter side (any model's input is smaller)
+
+
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_SIDE) -> Image.Image:
+    """Decode an uploaded query image with bounded memory: JPEGs in draft mode (the decoder scales by up
+    to 1/8), other formats refused when their full decode exceeds `max_pixels`, and every image reduced
+    by an integer factor to about `side` pixels on its shorter side before any mode conversion, so the
+    only full-size buffer is the decoder's own. Raises ImageDecodeError like load_image."""
+    name = getattr(source, "name", "upload")
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ImageDecodeError(f"{name}: invalid dimensions {w}x{h}")
+            if w * h > MAX_PIXELS:
+                raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            if im.format == "JPEG":
+                im.draft("RGB", (side, side))
+            dw, dh = im.size  # the size the decoder will produce
+            if dw * dh > max_pixels:
+                raise ImageDecodeError(f"{name}: {w}x{h} is too large for a query image (over {max_pixels} pixels "
+                                       f"to decode); send a smaller copy")
+            im.load()
+            try:
+                turn = _ORIENT.get(im.getexif().get(0x0112))
+            except Exception:  # garbage EXIF must not lose the image
+                turn = None
+            if im.mode.startswith("I;16"):  # Image.reduce cannot average these: widen to 32-bit first
+                full = im.convert("I")
+            elif im.mode in ("P", "PA", "1"):  # palette indices must not be averaged: to colours first
+                full = _to_rgb(im)
+            else:
+                full = im
+            factor = max(1, min(full.size) // side)
+            small = _to_rgb(full.reduce(factor) if factor > 1 else full)
+            return small.transpose(turn) if turn is not None else small
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{name}: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"{name}: decompression bomb refused ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from None

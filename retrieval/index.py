@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmptyIndexError, IndexLockedError, IndexNotFoundError, ModelMismatchError, RetrievalError
+from .errors import (
+    EmptyIndexError,
+    IndexDamagedError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    RetrievalError,
+)
 from .faults import checkpoint
 from .modelspec import ModelIdentity
 from .store import DB_NAME, Store
@@ -113,6 +120,11 @@ def _disk_full_hint(root) -> str:
     except OSError:
         return ""
     return f" (the disk is full: {free // 1024} KiB free)" if free < (1 << 20) else ""
+
+
+# manifest key: ids of images re-encoded in place (same id, new content) whose new vectors are not yet
+# published; the writer sets it with the rows and clears it after publishing (index_data/pipeline.py)
+PENDING_DIRTY_KEY = "pending_dirty_images"
 
 
 def _vec_file(root: Path, kind: str, gen: int) -> Path:
@@ -214,31 +226,34 @@ class Index:
 
     @property
     def identity(self) -> ModelIdentity | None:
-        d = self.store.get_manifest("model")
+        state = getattr(self._pin, "state", None)
+        d = state[2] if state is not None else self.store.get_manifest("model")
         return ModelIdentity.from_dict(d) if d else None
 
     @property
     def dim(self) -> int:
-        return int(self.store.get_manifest("dim", 0))
+        state = getattr(self._pin, "state", None)
+        return int(state[3] or 0) if state is not None else int(self.store.get_manifest("dim", 0))
 
     @property
     def generation(self) -> int:
         state = getattr(self._pin, "state", None)
         return state[0] if state is not None else int(self.store.get_manifest("generation", 0))
 
-    def _snapshot(self) -> tuple[int, dict | None]:
-        """The generation and the fusion in force, from one SQLite statement (one read transaction), so
-        they always belong together: a writer switches both in one transaction."""
+    def _snapshot(self) -> tuple[int, dict | None, dict | None, int]:
+        """The generation, fusion, model and dimension in force, from one SQLite statement (one read
+        transaction), so they always belong together: a writer switches them in one transaction (a
+        rebuild with another model changes all four at once)."""
         import json
 
-        rows = dict(self.store.db.execute("SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion')"))
-        gen = int(json.loads(rows["generation"])) if "generation" in rows else 0
-        return gen, (json.loads(rows["fusion"]) if "fusion" in rows else None)
+        rows = {k: json.loads(v) for k, v in self.store.db.execute(
+            "SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion', 'model', 'dim')")}
+        return int(rows.get("generation") or 0), rows.get("fusion"), rows.get("model"), int(rows.get("dim") or 0)
 
     @contextmanager
     def pinned(self):
         """Within the block, this thread sees one published state: the vectors of one generation and the
-        fusion that was published with them, even if a writer installs a new fusion meanwhile."""
+        fusion and model that were published with them, even if a writer switches them meanwhile."""
         if getattr(self._pin, "state", None) is not None:  # already pinned by an outer call
             yield
             return
@@ -286,10 +301,11 @@ class Index:
 
     def encoder(self, device: str = "auto"):
         """The query encoder always comes from the manifest; its identity must still match."""
-        if self._encoder is None:
+        ident = self.identity
+        # a rebuild with another model may have switched in since the encoder was loaded: load the new one
+        if self._encoder is None or ident is None or not self._encoder.identity.matches(ident):
             from .encoders import load_encoder
 
-            ident = self.identity
             if ident is None:
                 raise EmptyIndexError(f"the index at {self.root} has no model recorded")
             enc = load_encoder(ident.spec, device=device)
@@ -339,9 +355,13 @@ class Index:
                 vi = VectorIndex.load(path, mmap=mmap)
             except FileNotFoundError:
                 continue
+            except (ValueError, RuntimeError) as e:  # truncated or damaged (faiss raises RuntimeError)
+                detail = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{path}: ", "")
+                raise IndexDamagedError(f"vector file {path.name} is damaged ({detail}); "
+                                     f"run: retrieval verify --repair --index {self.root}") from None
             self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
             return vi
-        raise RetrievalError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
+        raise IndexDamagedError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
 
     def image_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:
         """Vectors to index for images (id, hash): raw image embedding, blended with captions by the fusion."""
@@ -433,7 +453,7 @@ class Index:
             for kind, vi in new.items():
                 vi.save(_vec_file(self.root, kind, next_gen))
             checkpoint("publish")
-            with store.transaction():
+            with self.durable_transaction():
                 store.set_manifest("generation", next_gen)
                 store.set_manifest("index_type", new["images"].config.to_dict())
                 store.set_manifest("index_type_requested", requested_type)
@@ -456,6 +476,23 @@ class Index:
         self._vectors = {(k, next_gen): v for k, v in new.items()}
         self._prune_generations(next_gen)
         return True
+
+    @contextmanager
+    def durable_transaction(self):
+        """A transaction that is on disk when it returns: the WAL runs with synchronous=NORMAL (a power
+        cut may roll back the last commits), but a manifest switch must not be rolled back once the
+        older generations' files are pruned, or the manifest would name files that are gone."""
+        db = self.store.db
+        if db.conn.in_transaction:  # SQLite cannot change the safety level inside one: the outer commit decides
+            with self.store.transaction():
+                yield
+            return
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            with self.store.transaction():
+                yield
+        finally:
+            db.execute("PRAGMA synchronous = NORMAL")
 
     def _prune_generations(self, current: int) -> None:
         keep = {current - i for i in range(KEEP_GENERATIONS)}
@@ -549,8 +586,14 @@ class Index:
             cfg = manifest.get("index_type") or {}
             if kind == "images" and cfg.get("kind") and cfg["kind"] != vi.config.kind:
                 problems.append(f"images: the manifest says {cfg['kind']}, {path.name} is {vi.config.kind}")
+            pending = set()
+            if kind == "images":
+                pending = {int(i) for i in manifest.get(PENDING_DIRTY_KEY) or []} & have & want
+                if pending:
+                    problems.append(f"images: {len(pending)} rows changed in place have no new vector yet (an "
+                                    f"interrupted run: the next index run or verify --repair publishes them)")
             if vi.dim == dim and not missing and vi.config.kind != "ivfpq":  # ivfpq stores approximations
-                off = self._sampled_content_mismatches(kind, vi, sorted(have & want), dict(rows))
+                off = self._sampled_content_mismatches(kind, vi, sorted((have & want) - pending), dict(rows))
                 if off:
                     problems.append(f"{kind}: {off[0]} of {off[1]} sampled vectors in {path.name} differ from what "
                                     f"the raw embeddings in SQLite give (one of the two is corrupt)")
@@ -606,6 +649,9 @@ class Index:
                 if n:
                     done.append(f"removed {n} caption rows without a raw embedding or an image (the next index run re-adds sidecar captions)")
             self.sync_vectors(force_rebuild=True)
+            if store.get_manifest(PENDING_DIRTY_KEY):  # every vector was just made anew
+                with store.transaction():
+                    store.set_manifest(PENDING_DIRTY_KEY, None)
         except Exception as e:
             err = storage_error(e, self.root)
             if err is None:

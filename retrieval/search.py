@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import base64
 import fnmatch
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ class ImageResult:
     height: int | None = None
     captions: list[str] = field(default_factory=list)
     kind: str = "image"
+    path_b64: str | None = None  # exact bytes of a name that is not UTF-8 (`path` then shows U+FFFD)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +52,7 @@ class CaptionResult:
     path: str | None
     source: str
     kind: str = "caption"
+    path_b64: str | None = None  # as ImageResult.path_b64
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +63,23 @@ Result = Union[ImageResult, CaptionResult]
 
 def _display(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _path_b64(path: str) -> str | None:
+    """base64 of the exact name when it is not valid UTF-8, so JSON consumers can rebuild it; else None."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii")
+
+
+def _check_query(text: str | None, min_score: float | None) -> None:
+    if text is not None and not text.strip():
+        raise RetrievalError("the query text is empty: give words to search for, or --image PATH")
+    if min_score is not None and not math.isfinite(min_score):
+        raise RetrievalError(f"--min-score must be a finite number (cosine similarity, -1..1), got {min_score}")
 
 
 class Searcher:
@@ -113,6 +134,7 @@ class Searcher:
         (or the trained query fusion, when the index has one)."""
         if text is None and image is None:
             raise RetrievalError("give a query: TEXT, --image PATH, or both")
+        _check_query(text, None)
         if not 0.0 <= weight <= 1.0:
             raise RetrievalError(f"--weight must be between 0 and 1, got {weight}")
         if image is None:
@@ -140,6 +162,7 @@ class Searcher:
             raise RetrievalError("-k must be at least 1")
         if to not in ("images", "captions"):
             raise RetrievalError(f"--to must be 'images' or 'captions', not {to!r}")
+        _check_query(text, min_score)
         with self.index.pinned():  # the query's fusion and the vectors it meets come from one generation
             vectors = self.index.vectors(to, mmap=True)
             if vectors is None or vectors.ntotal == 0:
@@ -155,6 +178,7 @@ class Searcher:
                       dedupe: bool = True, probes: int | None = None) -> list[Result]:
         if probes is not None and probes < 1:
             raise RetrievalError(f"--probes must be at least 1, got {probes}")
+        _check_query(None, min_score)
         vectors = self.index.vectors(to, mmap=True)
         if vectors is None or vectors.ntotal == 0:
             return []
@@ -177,20 +201,28 @@ class Searcher:
     def _allowed_ids(self, to: str, under: str | None, glob: str | None):
         if not under and not glob:
             return None
-        prefix = os.path.abspath(os.path.expanduser(under)) if under else None
         store = self.index.store
+        where, params = "", []
+        if under:
+            # a range on the indexed raw path: only the rows under the folder are read (BLOBs compare
+            # bytewise, and "0" is the byte after "/")
+            prefix = os.fsencode(os.path.abspath(os.path.expanduser(under))).rstrip(b"/")
+            where = " WHERE (i.path_raw >= ? AND i.path_raw < ?) OR i.path_raw = ?"
+            params = [prefix + b"/", prefix + b"0", prefix or b"/"]
+        cols = "i.id, i.path_raw" if to == "images" else "c.id, i.path_raw"
+        if not glob:
+            cols = cols.split(",")[0]
         if to == "images":
-            rows = store.db.execute("SELECT id, path_raw FROM images")
+            rows = store.db.execute(f"SELECT {cols} FROM images i" + where, params)
         else:
-            rows = store.db.execute("SELECT c.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id")
+            rows = store.db.execute(f"SELECT {cols} FROM captions c JOIN images i ON i.id = c.image_id" + where, params)
+        if not glob:
+            return np.fromiter((r[0] for r in rows), dtype=np.int64)
         keep = []
         for i, raw in rows:
             p = path_from_db(raw)
-            if prefix and not (p == prefix or p.startswith(prefix.rstrip(os.sep) + os.sep)):
-                continue
-            if glob and not (fnmatch.fnmatch(p, glob) or fnmatch.fnmatch(os.path.basename(p), glob)):
-                continue
-            keep.append(i)
+            if fnmatch.fnmatch(p, glob) or fnmatch.fnmatch(os.path.basename(p), glob):
+                keep.append(i)
         return np.array(keep, dtype=np.int64)
 
     def _materialise(self, to, scores, ids, k, min_score, exclude_hash, dedupe) -> list[Result]:
@@ -214,7 +246,7 @@ class Searcher:
                         continue
                     seen.add(row.hash)
                 out.append(ImageResult(len(out) + 1, s, i, _display(row.path), row.hash, row.width, row.height,
-                                       [t for _, t in caps.get(i, [])]))
+                                       [t for _, t in caps.get(i, [])], path_b64=_path_b64(row.path)))
                 if len(out) == k:
                     break
         else:
@@ -236,7 +268,8 @@ class Searcher:
                     if key in seen_text:
                         continue
                     seen_text.add(key)
-                out.append(CaptionResult(len(out) + 1, s, i, text, image_id, _display(img.path) if img else None, source))
+                out.append(CaptionResult(len(out) + 1, s, i, text, image_id, _display(img.path) if img else None, source,
+                                         path_b64=_path_b64(img.path) if img else None))
                 if len(out) == k:
                     break
         return out

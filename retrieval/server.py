@@ -40,17 +40,19 @@ from typing import Literal, Optional
 from .errors import (
     EmptyIndexError,
     ImageDecodeError,
+    IndexDamagedError,
     IndexLockedError,
     IndexNotFoundError,
     ModelMismatchError,
     OfflineWeightsError,
     RetrievalError,
 )
+from .served_files import CheckedFile, FileChanged, open_indexed
 
 try:
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -66,7 +68,9 @@ MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries around the u
 THUMB_SIZE = 256
 MAX_K = 1000
 PROBES_HELP = "ANN effort for this query: IVF lists probed or HNSW efSearch (default: the index's setting)"
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "testserver")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+TEST_HOST = "testserver"  # the Host header of Starlette's TestClient: accepted only by create_app(for_tests=True)
+UPLOAD_DECODES = 2  # query uploads decoded at the same time; more wait (each may take up to ~150 MB)
 _ID = re.compile(r"[0-9]{1,18}")
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 
@@ -87,6 +91,7 @@ STATUS = {
     EmptyIndexError: 409,
     ModelMismatchError: 409,
     IndexLockedError: 503,
+    IndexDamagedError: 503,  # the index, not the request, needs fixing (verify --repair)
     OfflineWeightsError: 503,
     ImageDecodeError: 400,
 }
@@ -173,21 +178,31 @@ class _Service:
         self.root = self.searcher.index.root
         self.lock = threading.RLock()
         self.thumb_size = thumb_size
+        self.temp_thumbs: Path | None = None  # our own fallback cache, removed when the server stops
         self.thumbs = self._thumb_dir(Path(thumbs_dir) if thumbs_dir else self.root / "thumbs")
+        self.decodes = threading.BoundedSemaphore(UPLOAD_DECODES)
 
-    @staticmethod
-    def _thumb_dir(want: Path) -> Path:
+    def _thumb_dir(self, want: Path) -> Path:
         try:
             want.mkdir(parents=True, exist_ok=True)
             if os.access(want, os.W_OK):
                 return want
         except OSError:
             pass
-        fallback = Path(tempfile.mkdtemp(prefix="retrieval-thumbs-"))
-        log.warning("thumbnail cache %s is not writable; using %s", want, fallback)
-        return fallback
+        self.temp_thumbs = Path(tempfile.mkdtemp(prefix="retrieval-thumbs-"))
+        log.warning("thumbnail cache %s is not writable; using %s (removed when the server stops)", want,
+                    self.temp_thumbs)
+        return self.temp_thumbs
+
+    def remove_temp_thumbs(self) -> None:
+        if self.temp_thumbs is not None:
+            import shutil
+
+            shutil.rmtree(self.temp_thumbs, ignore_errors=True)
+            self.temp_thumbs = None
 
     def close(self):
+        self.remove_temp_thumbs()
         with self.lock:
             self.searcher.close()
 
@@ -203,33 +218,35 @@ class _Service:
             raise NotFound(f"no image with id {image_id} in the index")
         return row
 
-    def existing_file(self, row) -> str:
-        path = row.path
-        if not os.path.isfile(path):
-            raise NotFound(f"the file of image {row.id} is no longer on disk")
-        return path
+    def checked_file(self, row) -> CheckedFile:
+        """The image's file, open and checked to be the one indexed (retrieval/served_files.py)."""
+        try:
+            return open_indexed(row.path, row.size, row.mtime_ns, row.hash, self.root)
+        except FileChanged as e:
+            raise NotFound(f"the file of image {row.id} {e}") from None
 
     def thumb_path(self, row) -> Path:
         key = row.hash if _HEX.fullmatch(row.hash or "") else f"id{int(row.id)}"
         return self.thumbs / key[:2] / f"{key}-{self.thumb_size}.jpg"
 
     def thumbnail(self, row) -> tuple[Path, bool]:
-        """(cached JPEG path, cache hit). Made on demand; remade when the original is newer than the cache."""
-        src = self.existing_file(row)
-        dest = self.thumb_path(row)
+        """(cached JPEG path, cache hit). Made on demand from the checked file (the cache is keyed by the
+        content hash, which the check confirms), so a swapped file never gets or keeps a thumbnail."""
+        checked = self.checked_file(row)
         try:
-            if dest.stat().st_mtime_ns >= os.stat(src).st_mtime_ns:
+            dest = self.thumb_path(row)
+            if dest.is_file():
                 return dest, True
-        except FileNotFoundError:
-            pass
-        from PIL import Image
+            from PIL import Image
 
-        from .images import load_image
+            from .images import load_image
 
-        try:
-            im = load_image(src, target_size=self.thumb_size)
+            with checked.reader() as f:
+                im = load_image(f, target_size=self.thumb_size)
         except ImageDecodeError as e:
             raise NotFound(f"cannot make a thumbnail of image {row.id}: {e}") from None
+        finally:
+            checked.close()
         w, h = im.size
         s = self.thumb_size
         # shorter side s (fills a square grid cell), longer side at most 2s (panoramas), never upscaled
@@ -254,12 +271,20 @@ class _Service:
 
     def stored_query(self, row, text: Optional[str], weight: float):
         """Query vector for an indexed image (its stored raw embedding), optionally combined with text."""
+        from .images import load_image
+
         s = self.searcher
         idx = s.index
         try:
             img = idx.store.get_embeddings("image", [row.hash], idx.dim)[0]
         except KeyError:  # embedding gone (inconsistent index): encode the file instead
-            return s.embed_query(text, self.existing_file(row), weight)
+            checked = self.checked_file(row)
+            try:
+                with checked.reader() as f:
+                    image = load_image(f)
+            finally:
+                checked.close()
+            return s.embed_query(text, image, weight)
         if text is None:
             fusion = idx.fusion()
             return img if fusion is None else fusion.query_image(img[None])[0]
@@ -306,24 +331,59 @@ def _result_dict(r, base: str) -> dict:
     return d
 
 
+class _HeadAsGet:
+    """HEAD answers exactly like GET, without the body: the request is routed as a GET (scope key
+    `retrieval.head` tells an endpoint it may skip producing the body) and body bytes are dropped."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def no_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        return await self.app({**scope, "method": "GET", "retrieval.head": True}, receive, no_body)
+
+
 def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, device: str = "auto",
-               thumbs_dir=None, thumb_size: int = THUMB_SIZE, allowed_hosts: Optional[list[str]] = None) -> FastAPI:
+               thumbs_dir=None, thumb_size: int = THUMB_SIZE, allowed_hosts: Optional[list[str]] = None,
+               for_tests: bool = False) -> FastAPI:
     """The ASGI app for the index at `index_dir` (default: $RETRIEVAL_INDEX, else the per-user index).
 
     Opens the index at once (IndexNotFoundError if there is none) but loads no model: the encoder is loaded
     by the first query that needs it. `allowed_hosts`: Host header names accepted (default: loopback names
-    only; ["*"] accepts any, for a server bound to another interface).
+    only; ["*"] accepts any, for a server bound to another interface). `for_tests`: also accept the
+    Host header "testserver" of Starlette's TestClient (never in `serve`).
     """
+    from contextlib import asynccontextmanager
+
     service = _Service(index_dir, device, thumbs_dir, thumb_size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.remove_temp_thumbs()
+
+    # no /docs or /redoc: FastAPI's pages load Swagger UI from a CDN, and no installed package ships it
     app = FastAPI(
         title="retrieval",
         description="Search an image index by sentence, by example image, or both.",
         version=_version(),
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
     )
     app.state.service = service
     app.state.max_upload_bytes = max_upload_bytes
-    app.add_middleware(_Guard, allowed_hosts=list(LOOPBACK_NAMES) if allowed_hosts is None else allowed_hosts,
+    hosts = list(LOOPBACK_NAMES) if allowed_hosts is None else list(allowed_hosts)
+    app.add_middleware(_Guard, allowed_hosts=hosts + [TEST_HOST] if for_tests else hosts,
                        max_body=max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(_HeadAsGet)
 
     # -- errors as JSON ---------------------------------------------------------------------------
 
@@ -362,6 +422,7 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
     }
 
     @app.get("/", include_in_schema=False)
+    @app.get("/static/index.html", include_in_schema=False)  # the same page by its file name: the same headers
     def page():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=page_headers)
 
@@ -409,7 +470,7 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         exclude_self: bool = Form(False, description="Leave out indexed copies of the uploaded file"),
         probes: Optional[int] = Form(None, ge=1, le=65536, description=PROBES_HELP),
     ):
-        from .images import load_image
+        from .images import load_upload
 
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -419,7 +480,8 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         name = os.path.basename(image.filename or "upload")
         buf = io.BytesIO(data)
         buf.name = name
-        pil = load_image(buf)
+        with service.decodes:  # bounded: a few huge uploads at once must not take all memory
+            pil = load_upload(buf)
         text = q if q and q.strip() else None
         t0 = time.perf_counter()
         results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
@@ -445,15 +507,19 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
 
     @app.get("/file/{image_id}", summary="The original file of an indexed image",
              responses={200: {"content": {"image/*": {}}}, 404: {"description": "not in the index"}})
-    def file(image_id: str):
+    def file(image_id: str, request: Request):
         row = service.image_row(image_id)
-        path = service.existing_file(row)
-        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        checked = service.checked_file(row)
+        media = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
         if not media.startswith("image/"):
             media = "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={
-            "Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox"})
+        headers = {"Content-Length": str(checked.size), "Cache-Control": "private, max-age=3600",
+                   "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+        if request.scope.get("retrieval.head"):
+            checked.close()
+            return Response(media_type=media, headers=headers)
+        # streamed from the descriptor that was checked, not from the path again
+        return StreamingResponse(checked.chunks(), media_type=media, headers=headers)
 
     return app
 
@@ -511,3 +577,4 @@ def serve(index_dir=None, host: str = "127.0.0.1", port: int = 8000, *, max_uplo
         server.run(sockets=[sock])
     finally:
         sock.close()
+        app.state.service.remove_temp_thumbs()  # also when the lifespan's shutdown never ran

@@ -96,10 +96,15 @@ class Store:
                 {"kind": str, "key": str, "vector": bytes}, pk=("kind", "key"), if_not_exists=True,
             )
             db["errors"].create(
-                {"id": int, "path": str, "path_raw": bytes, "reason": str, "at": float},
+                {"id": int, "path": str, "path_raw": bytes, "reason": str, "at": float, "size": int, "mtime_ns": int},
                 pk="id", if_not_exists=True,
             )
             db["errors"].create_index(["path_raw"], unique=True, if_not_exists=True)
+            # indexes made before failures were remembered by size and mtime: add the columns (NULL: retry once)
+            have = db["errors"].columns_dict
+            for col in ("size", "mtime_ns"):
+                if col not in have:
+                    db["errors"].add_column(col, int)
             if self.get_manifest("schema_version") is None:
                 self.set_manifest("schema_version", SCHEMA_VERSION)
 
@@ -282,13 +287,23 @@ class Store:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def record_error(self, path: str, reason: str) -> None:
+    def record_error(self, path: str, reason: str, size: int | None = None, mtime_ns: int | None = None) -> None:
+        """size and mtime_ns: the file's when it failed to decode; an unchanged file is then not retried."""
         text, raw = path_to_db(path)
         self.db.execute(
-            "INSERT INTO errors(path, path_raw, reason, at) VALUES (?,?,?,?) "
-            "ON CONFLICT(path_raw) DO UPDATE SET reason = excluded.reason, at = excluded.at",
-            [text, raw, reason, time.time()],
+            "INSERT INTO errors(path, path_raw, reason, at, size, mtime_ns) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(path_raw) DO UPDATE SET reason = excluded.reason, at = excluded.at, "
+            "size = excluded.size, mtime_ns = excluded.mtime_ns",
+            [text, raw, reason, time.time(), size, mtime_ns],
         )
+
+    def remembered_failures(self) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, reason) of files that failed to decode as they were then."""
+        return {
+            path_from_db(raw): (size, mtime, reason)
+            for raw, size, mtime, reason in self.db.execute(
+                "SELECT path_raw, size, mtime_ns, reason FROM errors WHERE size IS NOT NULL AND mtime_ns IS NOT NULL")
+        }
 
     def clear_errors(self, paths: Iterable[str]) -> None:
         raws = [os.fsencode(p) for p in paths]

@@ -307,24 +307,26 @@ def _reader_main(index_dir: str, out_path: str, stop_path: str, seed: str) -> No
                 s.close()
                 s = Searcher.open(index_dir, device="cpu")
                 reopen += 1
-            q = rng.standard_normal(s.index.dim).astype(np.float32)
-            q /= np.linalg.norm(q)
-            vi = s.index.vectors("images")
-            gen = next(g for (kind, g) in s.index._vectors if kind == "images")
-            _, ids = vi.search(q[None], 5)
-            got = [int(i) for i in ids[0] if i >= 0]
-            rows = s.index.store.images_by_ids(got)
-            missing += len(got) - len(rows)
-            res = s.search_vector(q, k=5)  # the public path: must not fail either
-            if len(res) != min(5, vi.ntotal):
-                missing += 1
-            key = (gen, int(vi.ntotal))
-            if key not in seen:
-                digest = hashlib.sha256(np.sort(vi.ids()).astype("<i8").tobytes()).hexdigest()
-                out.write(json.dumps({"gen": gen, "ntotal": int(vi.ntotal), "digest": digest}) + "\n")
-                out.flush()
-                seen[key] = 0
-            seen[key] += 1
+            with s.index.pinned():  # as Searcher.search does: the dimension and vectors of one generation
+                q = rng.standard_normal(s.index.dim).astype(np.float32)
+                q /= np.linalg.norm(q)
+                vi = s.index.vectors("images")
+                gen = next(g for (kind, g) in s.index._vectors if kind == "images")
+                _, ids = vi.search(q[None], 5)
+                got = [int(i) for i in ids[0] if i >= 0]
+                rows = s.index.store.images_by_ids(got)
+                missing += len(got) - len(rows)
+                res = s.search_vector(q, k=5)  # the public path: must not fail either
+                if len(res) != min(5, vi.ntotal):
+                    missing += 1
+                key = (gen, int(vi.ntotal))
+                if key not in seen:
+                    digest = hashlib.sha256(np.sort(vi.ids()).astype("<i8").tobytes()).hexdigest()
+                    out.write(json.dumps({"gen": gen, "ntotal": int(vi.ntotal), "digest": digest,
+                                          "dim": int(vi.dim)}) + "\n")
+                    out.flush()
+                    seen[key] = 0
+                seen[key] += 1
             n += 1
         except Exception:
             errors += 1
@@ -394,7 +396,8 @@ def no_dac_override():
 
 # ------------------------------------------------------------------------------------------ snapshots
 
-PENDING_PATTERNS = ("rows have no vector", "orphan vectors", "no vector files were ever written")
+PENDING_PATTERNS = ("rows have no vector", "orphan vectors", "no vector files were ever written",
+                    "have no new vector yet")
 
 
 def snapshot(index_dir) -> dict:

@@ -254,3 +254,72 @@ def test_recall_applies_the_index_fusion(corpus, tmp_path):
         assert r.metrics[key] == pytest.approx(want, abs=1e-12), key
         assert r.exact[key] == pytest.approx(want, abs=1e-12), key
     assert r.metrics != engine_recall(root / "idx_file", pairs).metrics  # the fusion did change the vectors
+
+
+def _clip_benchmark_recall(scores, positive_pairs, k):
+    """clip_benchmark.metrics.zeroshot_retrieval.recall_at_k, verbatim in torch."""
+    import torch
+
+    nb_texts, nb_images = scores.shape
+    topk_indices = torch.topk(scores, k, dim=1)[1]
+    nb_positive = positive_pairs.sum(dim=1)
+    topk_indices_onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
+    positive_pairs_reshaped = positive_pairs.view(nb_texts, 1, nb_images)
+    nb_true_positive = (topk_indices_onehot * positive_pairs_reshaped).sum(dim=(1, 2))
+    return nb_true_positive / nb_positive
+
+
+def test_self_built_index_equals_clip_benchmark_recall_at_k(tmp_path):
+    """All six figures of a benchmark that builds its own index equal clip_benchmark's formula on the same
+    embeddings (distinct photos and captions, so top-k has no ties to break differently)."""
+    import torch
+
+    photos = write_photos(tmp_path / "photos", 14)
+    caps = _write_csv(tmp_path / "caps.csv", [(f"photos/{p.name}", f"{w} number {i}") for i, p in enumerate(photos)
+                                              for w in ("scene", "drawing")])
+
+    def build(path, options):
+        from index_data.pipeline import IndexOptions, run_index
+
+        run_index(path, IndexOptions(workers=0, progress=False, **options))
+
+    r = run_recall_benchmark(caps, index_dir=tmp_path / "idx", model=TINY, device="cpu", build=build)
+    assert r.built and r.missing_images == 0 and r.missing_captions == 0
+    pairs = load_pairs(caps)
+    with Searcher.open(tmp_path / "idx", device="cpu") as s:
+        store = s.index.store
+        img = torch.from_numpy(store.get_embeddings("image", [store.image_by_path(p).hash for p in pairs.images], s.index.dim))
+        txt = torch.from_numpy(store.get_embeddings("text", [text_hash(t) for t in pairs.captions], s.index.dim))
+    scores = txt @ img.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(pairs.captions)), torch.from_numpy(pairs.caption_image)] = True
+    for k in (1, 5, 10):
+        t2i = (_clip_benchmark_recall(scores, positive, k) > 0).float().mean().item()
+        i2t = (_clip_benchmark_recall(scores.T, positive.T, k) > 0).float().mean().item()
+        assert r.metrics[f"image_retrieval_recall@{k}"] == pytest.approx(t2i, abs=1e-6)
+        assert r.metrics[f"text_retrieval_recall@{k}"] == pytest.approx(i2t, abs=1e-6)
+    assert 0 < r.metrics["text_retrieval_recall@10"]
+
+
+def test_index_without_the_files_captions_encodes_them(corpus, tmp_path):
+    """An index built from the photos alone: image->text ranks FILE's captions, encoded for the evaluation
+    (not 0%), equal to recall on the same embeddings; the index gains no caption."""
+    root, caps, _, _ = corpus
+    build_index(tmp_path / "photos_only", [root / "photos"])
+    pairs = load_pairs(caps)
+    with Searcher.open(tmp_path / "photos_only", device="cpu") as s:
+        before = s.index.store.count("captions")
+        r = evaluate_index(s, pairs)
+        store = s.index.store
+        img = store.get_embeddings("image", [store.image_by_path(p).hash for p in pairs.images], s.index.dim)
+        txt = s.encoder.encode_texts(pairs.captions)
+        assert store.count("captions") == before
+    direct = evaluate_embeddings(img, txt, pairs.caption_image, (1, 5, 10))
+    assert r.missing_captions == 0 and r.extra["captions_encoded"] == pairs.n_captions
+    assert r.metrics == pytest.approx(direct.metrics, abs=1e-12)
+    assert r.metrics["text_retrieval_recall@10"] > 0
+    res = CliRunner().invoke(__import__("cli").main, ["benchmark", "recall", "--captions", str(caps), "--index",
+                                                       str(tmp_path / "photos_only"), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["captions_encoded"] == pairs.n_captions
+    assert "encoded for this evaluation" in res.stderr

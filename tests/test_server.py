@@ -45,7 +45,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(corpus):
     root, _ = corpus
-    app = create_app(root / "idx", device="cpu", max_upload_bytes=200_000)
+    app = create_app(root / "idx", device="cpu", max_upload_bytes=200_000, for_tests=True)
     with TestClient(app) as c:
         yield c
 
@@ -93,7 +93,7 @@ def test_openapi_schema(client):
 
 
 def test_model_is_not_loaded_at_start(corpus):
-    app = create_app(corpus[0] / "idx", device="cpu")
+    app = create_app(corpus[0] / "idx", device="cpu", for_tests=True)
     svc = app.state.service
     assert svc.searcher.index._encoder is None
     with TestClient(app) as c:
@@ -264,7 +264,7 @@ def test_error_status_mapping():
 
 
 def test_unexpected_errors_are_500_json(corpus, monkeypatch):
-    app = create_app(corpus[0] / "idx", device="cpu")
+    app = create_app(corpus[0] / "idx", device="cpu", for_tests=True)
 
     def boom(*a, **k):
         raise ValueError("kaboom")
@@ -276,7 +276,7 @@ def test_unexpected_errors_are_500_json(corpus, monkeypatch):
 
 
 def test_empty_index_is_409(corpus, monkeypatch):
-    app = create_app(corpus[0] / "idx", device="cpu")
+    app = create_app(corpus[0] / "idx", device="cpu", for_tests=True)
     monkeypatch.setattr(app.state.service.searcher.index, "vectors", lambda *a, **k: None)
     with TestClient(app) as c:
         r = c.get("/api/search", params={"q": "x"})
@@ -318,7 +318,7 @@ def test_files_only_by_id_path_traversal_is_404(client, url):
 def test_file_gone_from_disk_is_404(tmp_path):
     photos = write_photos(tmp_path / "p", 2)
     build_index(tmp_path / "idx", [tmp_path / "p"])
-    app = create_app(tmp_path / "idx", device="cpu")
+    app = create_app(tmp_path / "idx", device="cpu", for_tests=True)
     with TestClient(app) as c:
         ids = _ids(c.get("/api/search", params={"id": 1, "k": 2}))
         photos[0].unlink()
