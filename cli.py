@@ -67,16 +67,29 @@ def main(ctx, debug):
 @click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")
 @click.option("--retry-errors", is_flag=True, help="Also try again files that failed to decode and have not changed since.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where to decode and encode: this process, or a Ray cluster ($RAY_ADDRESS, else a local Ray).")
+@click.option("--ray-actors", type=click.IntRange(1, 4096), default=None,
+              help="Encoder actors with --executor ray. Default: one per GPU, else from the cluster's CPUs.")
 def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, decode, index_type,
-          exclude, include_hidden, no_default_excludes, rebuild, retry_errors, quiet):
+          exclude, include_hidden, no_default_excludes, rebuild, retry_errors, quiet, executor, ray_actors):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.pipeline import IndexOptions, run_index
+    from retrieval.errors import RetrievalError
     from retrieval.names import escape_name
 
     opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
                         model=model, batch_size=batch_size, workers=workers, device=device, decode=decode,
                         index_type=index_type, exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild,
                         progress=not quiet, retry_errors=retry_errors, default_excludes=not no_default_excludes)
+    if executor == "ray":
+        from index_data.ray_executor import require_ray
+
+        require_ray()
+        explicit = click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE
+        opts.executor, opts.ray_actors, opts.ray_batch_size = executor, ray_actors, batch_size if explicit else None
+    elif ray_actors is not None:
+        raise RetrievalError("--ray-actors only applies with --executor ray")
     r = run_index(index_dir, opts)
     click.echo(
         f"{r.images_total} images indexed: {r.encoded} encoded, {r.reused} duplicates reused, {r.moved} moved, "

@@ -51,6 +51,9 @@ class IndexOptions:
     rebuild: bool = False
     progress: bool = True
     retry_errors: bool = False  # also retry files whose decode failed before and that have not changed
+    executor: str = "local"  # "ray": decode and encode on a Ray cluster (index_data/ray_executor.py)
+    ray_actors: int | None = None  # None: from the cluster's resources
+    ray_batch_size: int | None = None  # the encode batch on the cluster; None: from its resources
 
 
 @dataclass
@@ -354,7 +357,6 @@ def _dims_for_hash(store, h: str):
 def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: IndexReport, stop: _StopFlag, dirty: set[int]) -> None:
     if not work:
         return
-    import torch
     from tqdm import tqdm
 
     store = idx.store
@@ -374,7 +376,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
             if r.key.hash not in seen_hashes and r.key.hash not in hashes:
                 hashes.add(r.key.hash)
                 fresh.append(r)
-        vecs = encoder.encode_image_tensors(torch.stack([r.tensor for r in fresh])) if fresh else None
+        vecs = _vectors(encoder, fresh) if fresh else None
         checkpoint("encode")
         with store.transaction():
             if fresh:
@@ -394,8 +396,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
         bar.update(len(batch))
         batch = []
 
-    decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
-    stream = decode(jobs, encoder.preprocess, encoder.image_size, workers=workers)
+    stream = _result_stream(jobs, encoder, opts, workers)
     try:
         for res in stream:
             checkpoint("decode")
@@ -420,6 +421,26 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
         if close:
             close()
         bar.close()
+
+
+def _result_stream(jobs, encoder, opts: IndexOptions, workers: int):
+    """The executor seam: (work, path) jobs in, one result per file out, each with a decoded `tensor` for
+    the encoder here (local) or a `vector` already made on a cluster (ray), or an `error`."""
+    if opts.executor == "ray":
+        from .ray_executor import ray_stream
+
+        return ray_stream(jobs, encoder, opts)
+    decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
+    return decode(jobs, encoder.preprocess, encoder.image_size, workers=workers)
+
+
+def _vectors(encoder, results):
+    import numpy as np
+    import torch
+
+    if getattr(results[0], "vector", None) is not None:
+        return np.stack([r.vector for r in results])
+    return encoder.encode_image_tensors(torch.stack([r.tensor for r in results]))
 
 
 def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[str, list[str]], dirty: set[int]) -> int:

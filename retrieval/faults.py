@@ -9,7 +9,9 @@ is reached, do ACTION (default ``kill``):
 - ``kill``: SIGKILL this process (no cleanup at all: what a crash, an OOM kill or a power cut leaves);
 - ``int``: send SIGINT to this process (a Ctrl-C) and carry on;
 - ``stop``: SIGSTOP this process (a test resumes it with SIGCONT), to hold the writer lock mid-run;
-- ``sleep=SECONDS``: sleep at the N-th and every later hit (slows a run down for timing tests).
+- ``sleep=SECONDS``: sleep at the N-th and every later hit (slows a run down for timing tests);
+- ``exit=MARKER``: ``os._exit(1)`` at the N-th hit unless the file MARKER exists, which it creates first:
+  one death across all the processes that share the rule (a Ray actor that is restarted re-reads it).
 
 ``RETRIEVAL_FAULT_TRACE=FILE`` appends the name of every checkpoint reached to FILE, one per line, so
 a test that kills at a random time can tell which phase the kill landed in.
@@ -21,6 +23,7 @@ Checkpoints in the code base:
     faiss_write     retrieval/vectors.py    VectorIndex.save: faiss data in the temp file, no trailer yet
     publish         retrieval/index.py      new generation's files renamed into place, manifest not switched
     switch          retrieval/switch.py     a finished rebuild's files copied into the index, not switched in
+    ray_encode      index_data/ray_executor.py  an encode actor made a batch's vectors, before returning them
 """
 
 from __future__ import annotations
@@ -53,9 +56,20 @@ def _hit(name: str) -> None:
         if action.startswith("sleep="):
             if n >= at:
                 time.sleep(float(action[6:]))
+        elif action.startswith("exit="):
+            if n == at:
+                _exit_once(action[5:])
         elif n == at:
             sig = {"kill": signal.SIGKILL, "int": signal.SIGINT, "stop": signal.SIGSTOP}[action]
             os.kill(os.getpid(), sig)
+
+
+def _exit_once(marker: str) -> None:
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return
+    os._exit(1)
 
 
 def configure(spec: str | None = None, trace: str | None = None) -> None:
@@ -68,9 +82,9 @@ def configure(spec: str | None = None, trace: str | None = None) -> None:
     for rule in filter(None, (r.strip() for r in spec.split(","))):
         parts = rule.split(":")
         if len(parts) not in (2, 3) or not parts[1].isdigit():
-            raise ValueError(f"{ENV}: bad rule {rule!r}; expected NAME:N[:kill|int|stop|sleep=SECONDS]")
+            raise ValueError(f"{ENV}: bad rule {rule!r}; expected NAME:N[:kill|int|stop|sleep=SECONDS|exit=MARKER]")
         action = parts[2] if len(parts) == 3 else "kill"
-        if action not in ("kill", "int", "stop") and not action.startswith("sleep="):
+        if action not in ("kill", "int", "stop") and not action.startswith(("sleep=", "exit=")):
             raise ValueError(f"{ENV}: unknown action {action!r} in {rule!r}")
         _rules.setdefault(parts[0], []).append((int(parts[1]), action))
     if _trace_fd is not None:
