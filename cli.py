@@ -57,19 +57,20 @@ def main(ctx, debug):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--workers", default=None, type=click.IntRange(0, 64), help="Decode processes (0 = in-process). Default: cores - 1.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True, help="What encodes: onnxruntime (auto on the CPU) or torch (auto on CUDA / MPS).")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto: exact flat up to ~50k vectors at dim 512, IVF over float16 vectors (ivfsq) above; or the index's setting).")
 @click.option("--exclude", multiple=True, help="Glob of paths or names to skip (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
 @click.option("--rebuild", is_flag=True, help="Re-encode everything, e.g. with a different --model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, index_type,
+def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, runtime, index_type,
           exclude, include_hidden, rebuild, quiet):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.pipeline import IndexOptions, run_index
 
     opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
-                        model=model, batch_size=batch_size, workers=workers, device=device, index_type=index_type,
-                        exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild, progress=not quiet)
+                        model=model, batch_size=batch_size, workers=workers, device=device, runtime=runtime,
+                        index_type=index_type, exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild, progress=not quiet)
     r = run_index(index_dir, opts)
     click.echo(
         f"{r.images_total} images indexed: {r.encoded} encoded, {r.reused} duplicates reused, {r.moved} moved, "

@@ -17,7 +17,6 @@ from typing import Sequence
 
 from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.fast_text import ensure_text_export, export_is_current
 from retrieval.faults import checkpoint
 from retrieval.index import Index, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
@@ -39,6 +38,7 @@ class IndexOptions:
     batch_size: int = 64
     workers: int | None = None
     device: str = "auto"
+    runtime: str = "auto"  # auto | onnx | torch (retrieval/runtime.py)
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
@@ -120,8 +120,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
                                include_hidden=opts.include_hidden)
         problems += [ScanProblem(p, f"listed in {os.path.basename(opts.captions_file)} but not found") for p in missing]
         encoder = _prepare_model(idx, opts)
-        if not export_is_current(idx.root, idx.identity):
-            ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
+        _record_export(idx, encoder)
         for p in problems:
             report.errors.append((p.path, p.reason))
         with idx.store.transaction():
@@ -165,15 +164,43 @@ class _LazyEncoder:
     def __init__(self, load):
         self._load = load
         self._encoder = None
+        self.export_key = None
 
     def __getattr__(self, name):
         if self._encoder is None:
-            self._encoder = self._load()
+            self._encoder, self.export_key = self._load()
         return getattr(self._encoder, name)
 
 
+def _record_export(idx: Index, encoder) -> None:
+    """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
+    export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
+    loads no model when the export is recorded and in the cache."""
+    from retrieval.onnx_runtime import export_dir, export_key, read_meta, ExportUnusable
+
+    ident = idx.identity
+    key = export_key(ident) if ident is not None else None
+    recorded = (idx.store.get_manifest("onnx_export") or {}).get("key")
+    try:
+        current = recorded == key and key is not None and read_meta(export_dir(key)) is not None
+    except ExportUnusable:
+        current = False
+    if not current:
+        getattr(encoder, "encode_texts")  # loads a lazy encoder, which exports the model when it can
+        key = getattr(encoder, "export_key", None)
+        if key is None:
+            return
+        with idx.store.transaction():
+            idx.store.set_manifest("onnx_export", {"key": key})
+    for p in idx.root.glob("text_encoder.*"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def _prepare_model(idx: Index, opts: IndexOptions):
-    from retrieval.encoders import load_encoder
+    from retrieval.runtime import index_encoder
 
     current = idx.identity
     if current is not None and opts.model and not opts.rebuild:
@@ -185,12 +212,13 @@ def _prepare_model(idx: Index, opts: IndexOptions):
     spec = opts.model or (current.spec if current else DEFAULT_MODEL)
     if current is not None and not opts.rebuild:
         def load():
-            encoder = load_encoder(spec, device=opts.device)
+            encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
             idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
-            return encoder
+            return encoder, key
 
         return _LazyEncoder(load)
-    encoder = load_encoder(spec, device=opts.device)
+    encoder, key = index_encoder(spec, opts.device, opts.runtime)
+    encoder.export_key = key
     if current is not None:  # --rebuild
         _reset_for_rebuild(idx)
     idx.set_model(encoder.identity)
@@ -288,8 +316,16 @@ def _dims_for_hash(store, h: str):
 def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: IndexReport, stop: _StopFlag, dirty: set[int]) -> None:
     if not work:
         return
-    import torch
     from tqdm import tqdm
+
+    if encoder.runtime == "onnx":
+        import numpy as np
+
+        stack = np.stack
+    else:
+        import torch
+
+        stack = torch.stack
 
     store = idx.store
     workers = default_workers() if opts.workers is None else opts.workers
@@ -308,7 +344,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
             if r.key.hash not in seen_hashes and r.key.hash not in hashes:
                 hashes.add(r.key.hash)
                 fresh.append(r)
-        vecs = encoder.encode_image_tensors(torch.stack([r.tensor for r in fresh])) if fresh else None
+        vecs = encoder.encode_image_tensors(stack([r.tensor for r in fresh])) if fresh else None
         checkpoint("encode")
         with store.transaction():
             if fresh:

@@ -285,17 +285,30 @@ class Index:
     # -- encoder and fusion ---------------------------------------------------------------------
 
     def encoder(self, device: str = "auto"):
-        """The query encoder always comes from the manifest; its identity must still match."""
+        """The query encoder always comes from the manifest; its identity must still match. On the CPU it is
+        the model's ONNX export (retrieval/onnx_runtime.py, no torch import), else the torch model."""
         if self._encoder is None:
-            from .encoders import load_encoder
+            from .runtime import query_encoder
 
             ident = self.identity
             if ident is None:
                 raise EmptyIndexError(f"the index at {self.root} has no model recorded")
-            enc = load_encoder(ident.spec, device=device)
-            self.check_identity(enc.identity)
+            enc = query_encoder(ident, device, (self.store.get_manifest("onnx_export") or {}).get("key"))
+            if enc is None:
+                enc = self._torch_encoder(device)
+            else:
+                enc.fallback = lambda: self._torch_encoder(device)
             self._encoder = enc
         return self._encoder
+
+    def _torch_encoder(self, device: str):
+        if getattr(self, "_torch", None) is None:
+            from .encoders import load_encoder
+
+            enc = load_encoder(self.identity.spec, device=device)
+            self.check_identity(enc.identity)
+            self._torch = enc
+        return self._torch
 
     def fusion(self):
         """The trained fusion in force for this generation, or None (identity)."""
