@@ -176,15 +176,13 @@ def _record_export(idx: Index, encoder) -> None:
     """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
     export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
     loads no model when the export is recorded and in the cache."""
-    from retrieval.onnx_runtime import export_dir, export_key, read_meta, ExportUnusable
+    from retrieval.onnx_export import usable_export
+    from retrieval.onnx_runtime import export_key
 
     ident = idx.identity
     key = export_key(ident) if ident is not None else None
     recorded = (idx.store.get_manifest("onnx_export") or {}).get("key")
-    try:
-        current = recorded == key and key is not None and read_meta(export_dir(key)) is not None
-    except ExportUnusable:
-        current = False
+    current = recorded == key and key is not None and usable_export(ident) is not None
     if not current:
         getattr(encoder, "encode_texts")  # loads a lazy encoder, which exports the model when it can
         key = getattr(encoder, "export_key", None)

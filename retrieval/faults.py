@@ -20,6 +20,7 @@ Checkpoints in the code base:
     sqlite_commit   retrieval/store.py      every Store.transaction(), after its writes, before COMMIT
     faiss_write     retrieval/vectors.py    VectorIndex.save: faiss data in the temp file, no trailer yet
     publish         retrieval/index.py      new generation's files renamed into place, manifest not switched
+    onnx_export     retrieval/onnx_export.py  an export complete in its temp directory, not yet renamed into place
 """
 
 from __future__ import annotations

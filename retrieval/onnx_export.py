@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import fsync_dir, write_atomic
+from .faults import checkpoint
 from .onnx_runtime import (FORMAT, FORMAT_VERSION, META_NAME, ExportUnusable, ImageTransform, OnnxEncoder,
                            cache_root, export_dir, export_key, open_export, read_meta, warn_once)
 
@@ -314,13 +315,12 @@ def usable_export(identity) -> Path | None:
 def ensure_export(encoder) -> Path:
     """The directory of the encoder's export in the cache, exporting and checking it first if it is not there
     (or is damaged). ExportFailed when the model cannot be exported; nothing is left behind then."""
-    from .encoders import OpenClipEncoder
-    from .starter import StarterEncoder
-
     key = export_key(encoder.identity)
     found = usable_export(encoder.identity)
     if found is not None:
         return found
+    from .encoders import OpenClipEncoder
+    from .starter import StarterEncoder
     root = cache_root()
     final = export_dir(key)
     try:
@@ -348,6 +348,7 @@ def ensure_export(encoder) -> Path:
         _fsync_tree(tmp)
         write_atomic(tmp / META_NAME, json.dumps(meta, indent=1, sort_keys=True).encode())  # the commit, last
         fsync_dir(tmp)
+        checkpoint("onnx_export")
         if final.exists():  # damaged: move it aside in one rename, then delete
             old = root / f".{key}.old.{os.getpid()}.tmp"
             os.rename(final, old)

@@ -329,8 +329,9 @@ def open_export(directory: Path, *, purpose: str = "query") -> OnnxEncoder:
     return OnnxEncoder(Path(directory), meta, **threads)
 
 
-def load_for_identity(identity: ModelIdentity, *, purpose: str = "query", quiet_missing: bool = False) -> OnnxEncoder | None:
-    """The cached export for identity, or None (and one line on stderr) when it is absent or unusable."""
+def load_for_identity(identity: ModelIdentity, *, purpose: str = "query", quiet: bool = False) -> OnnxEncoder | None:
+    """The cached export for identity, or None (and, unless quiet, one line on stderr) when it is absent or
+    unusable."""
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None:
@@ -344,9 +345,10 @@ def load_for_identity(identity: ModelIdentity, *, purpose: str = "query", quiet_
             raise ExportUnusable(f"the ONNX export at {d} belongs to another model")
         return enc
     except ExportUnusable as e:
+        if quiet:
+            return None
         if "no ONNX export" in str(e):
-            if not quiet_missing:
-                warn_once(f"no ONNX export of {identity.spec} in {cache_root()}; running on torch "
+            warn_once(f"no ONNX export of {identity.spec} in {cache_root()}; running on torch "
                           f"(the next `retrieval index` run makes it)")
         else:
             warn_once(f"{e}; running on torch (the next `retrieval index` run re-makes it)")

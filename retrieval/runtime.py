@@ -58,7 +58,7 @@ def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expect
     if rt == "onnx":
         d = None
         if expected is not None:
-            enc = load_for_identity(expected, purpose="index", quiet_missing=True)
+            enc = load_for_identity(expected, purpose="index", quiet=True)
             d = enc.directory if enc is not None else None
         else:
             d = find_by_spec(str(parse_spec(spec)))
