@@ -303,6 +303,12 @@ class Index:
 
     def _torch_encoder(self, device: str):
         if getattr(self, "_torch", None) is None:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise RetrievalError(f"the model {self.identity.spec} has no usable ONNX export in this user's cache, and "
+                                     f"torch is not installed: run `retrieval index` with torch installed once "
+                                     f"(pip install 'retrieval-engine[torch]') to make it")
             from .encoders import load_encoder
 
             enc = load_encoder(self.identity.spec, device=device)

@@ -10,7 +10,7 @@ import importlib.util
 
 from .errors import ModelSpecError
 from .modelspec import ModelIdentity, parse_spec
-from .onnx_runtime import export_key, find_by_spec, load_for_identity, open_export, warn_once
+from .onnx_runtime import cache_root, export_key, find_by_spec, load_for_identity, open_export, warn_once
 
 RUNTIMES = ("auto", "onnx", "torch")
 
@@ -69,6 +69,9 @@ def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expect
                 return enc, enc.key
             except Exception as e:  # noqa: BLE001 - ExportUnusable: re-export below
                 warn_once(f"{e}; exporting it again")
+    if importlib.util.find_spec("torch") is None:
+        raise ModelSpecError(f"no ONNX export of {spec} in {cache_root()}, and making one needs torch: "
+                             f"pip install 'retrieval-engine[torch]'")
     from .encoders import load_encoder
 
     torch_enc = load_encoder(spec, device=dev)
