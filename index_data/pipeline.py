@@ -176,13 +176,18 @@ def _record_export(idx: Index, encoder) -> None:
     """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
     export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
     loads no model when the export is recorded and in the cache."""
-    from retrieval.onnx_export import usable_export
-    from retrieval.onnx_runtime import export_key
+    from retrieval.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
 
     ident = idx.identity
     key = export_key(ident) if ident is not None else None
     recorded = (idx.store.get_manifest("onnx_export") or {}).get("key")
-    current = recorded == key and key is not None and usable_export(ident) is not None
+    current = False
+    if key is not None and recorded == key:
+        try:  # files present at their recorded sizes; a query that cannot load one sets the export aside
+            current = read_meta(export_dir(key)) is not None
+        except ExportUnusable as e:
+            if "no ONNX export" not in str(e):
+                warn_once(f"{e}; exporting it again")
     if not current:
         getattr(encoder, "encode_texts")  # loads a lazy encoder, which exports the model when it can
         key = getattr(encoder, "export_key", None)

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -70,6 +71,17 @@ def warn_once(message: str) -> None:
             return
         _warned.add(message)
     print(f"retrieval: {message}", file=sys.stderr, flush=True)
+
+
+def set_aside(directory: Path) -> None:
+    """Move an unusable export out of the way in one rename (readers that have it open keep their copy), so
+    that the next `index` run, which only checks that an export is there, makes it again. The stale
+    temp-directory sweep of retrieval/onnx_export.py deletes it later. Best effort: the cache may be
+    read-only for this process."""
+    try:
+        os.rename(directory, directory.parent / f".{directory.name}.damaged.{os.getpid()}.{time.time_ns()}.tmp")
+    except OSError:
+        pass
 
 
 def read_meta(directory: Path) -> dict:
@@ -229,6 +241,7 @@ class OnnxEncoder(Encoder):
         if self.fallback is None:
             raise e
         warn_once(f"{e}; running on torch (the next `retrieval index` run re-makes the export)")
+        set_aside(self.directory)
         return self.fallback()
 
     def _get(self, tower: str):
@@ -352,4 +365,5 @@ def load_for_identity(identity: ModelIdentity, *, purpose: str = "query", quiet:
                           f"(the next `retrieval index` run makes it)")
         else:
             warn_once(f"{e}; running on torch (the next `retrieval index` run re-makes it)")
+            set_aside(d)
         return None

@@ -188,39 +188,56 @@ def _private_cache(tmp_path, tiny_export) -> Path:
     return cache
 
 
-def test_damaged_export_is_reported_once_and_queries_still_answer(onnx_index, tmp_path, tiny_export):
+def _search(index, monkeypatch, cache, **query):
+    from retrieval import onnx_runtime
+    from retrieval.search import Searcher
+
+    monkeypatch.setenv(ENV_CACHE, str(cache))
+    onnx_runtime._warned.clear()
+    with Searcher.open(index) as s:
+        return [r.id for r in s.search(k=2, **query)], s.index._encoder
+
+
+def test_damaged_export_is_reported_once_and_queries_still_answer(onnx_index, tmp_path, tiny_export, monkeypatch, capsys):
     cache = _private_cache(tmp_path, tiny_export)
-    image = cache / "onnx" / tiny_export.name / "image.onnx"
+    mine = cache / "onnx" / tiny_export.name
+    image = mine / "image.onnx"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     idx, photo = onnx_index / "idx", onnx_index / "photos" / "img_0003.jpg"
-    r = _cli("search", "--image", str(photo), "--index", str(idx), "--json", "-k", "2", **{ENV_CACHE: str(cache)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.splitlines()[0])["id"] == 4  # answered by torch
-    lines = [ln for ln in r.stderr.splitlines() if "damaged" in ln]
-    assert len(lines) == 1 and "image.onnx" in lines[0] and "running on torch" in lines[0], r.stderr
-    # the same size but garbage: onnxruntime cannot load it; reported once, the text query still answers
-    shutil.copyfile(tiny_export / "image.onnx", image)
-    text = cache / "onnx" / tiny_export.name / "text.onnx"
+    ids, enc = _search(idx, monkeypatch, cache, image=photo)
+    assert ids[0] == 4 and enc.runtime == "torch"  # answered by torch
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "damaged" in ln]
+    assert len(lines) == 1 and "image.onnx" in lines[0] and "running on torch" in lines[0], lines
+    assert not mine.exists()  # set aside, so that the next index run makes it again
+    build_index(idx, [onnx_index / "photos"])
+    assert (mine / META_NAME).is_file()
+    # the same size but garbage: onnxruntime cannot load it; reported once, and both queries still answer
+    text = mine / "text.onnx"
     text.write_bytes(b"\0" * text.stat().st_size)
-    r = _cli("search", "a red circle", "--index", str(idx), "-k", "2", **{ENV_CACHE: str(cache)})
-    assert r.returncode == 0 and sum("damaged" in ln for ln in r.stderr.splitlines()) == 1, r.stderr
-    # the next index run says so once and exports again; then queries are clean
-    r = _cli("index", str(onnx_index / "photos"), "--index", str(idx), "-q", **{ENV_CACHE: str(cache)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert sum("damaged" in ln for ln in r.stderr.splitlines()) == 1, r.stderr
-    r = _cli("search", "--image", str(photo), "--index", str(idx), "-k", "2", **{ENV_CACHE: str(cache)})
-    assert r.returncode == 0 and "damaged" not in r.stderr and "torch" not in r.stderr, r.stderr
+    ids, enc = _search(idx, monkeypatch, cache, text="a red circle")
+    assert len(ids) == 2 and enc.runtime == "onnx"  # the export's image tower is fine; its text tower fell back
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "damaged" in ln]
+    assert len(err) == 1 and "text.onnx" in err[0] and "running on torch" in err[0], err
+    assert not mine.exists()
 
 
 def test_killed_export_leaves_nothing_that_is_used(tmp_path, onnx_index):
+    from retrieval.onnx_runtime import load_for_identity
+    from retrieval.index import Index
+
     cache = tmp_path / "cache"
     r = _cli("index", str(onnx_index / "photos"), "--index", str(tmp_path / "idx"), "--model", TINY, "-q",
              **{ENV_CACHE: str(cache), "RETRIEVAL_FAULT": "onnx_export:1"})
     assert r.returncode == -9
     left = [p.name for p in (cache / "onnx").iterdir()]
     assert len(left) == 1 and left[0].startswith(".") and left[0].endswith(".tmp")  # only the temp directory
-    r = _cli("search", "a red circle", "--index", str(onnx_index / "idx"), "-k", "1", **{ENV_CACHE: str(cache)})
-    assert r.returncode == 0 and "no ONNX export" in r.stderr  # the temp directory is never read
+    with Index.open(onnx_index / "idx") as idx:
+        ident = idx.identity
+    os.environ[ENV_CACHE], old = str(cache), os.environ[ENV_CACHE]
+    try:
+        assert load_for_identity(ident, quiet=True) is None  # the temp directory is never read
+    finally:
+        os.environ[ENV_CACHE] = old
 
 
 def test_unexportable_model_says_so_once_and_runs_on_torch(tmp_path, capsys):
@@ -240,7 +257,7 @@ def test_unexportable_model_says_so_once_and_runs_on_torch(tmp_path, capsys):
     assert not (tmp_path / "cache" / "onnx").exists() or not any((tmp_path / "cache" / "onnx").iterdir())
 
 
-def test_index_of_the_older_layout_answers_and_is_migrated(tmp_path, tiny_export):
+def test_index_of_the_older_layout_answers_and_is_migrated(tmp_path, tiny_export, monkeypatch):
     """An index written before exports moved to the cache: per-index text_encoder.* files (formats 1 and 2), no
     export recorded. Queries answer; the next index run records the export and removes those files."""
     write_photos(tmp_path / "photos", 4)
@@ -253,11 +270,11 @@ def test_index_of_the_older_layout_answers_and_is_migrated(tmp_path, tiny_export
     for name, blob in (("text_encoder.json", b'{"format": "retrieval-text-encoder", "version": 2}'),
                        ("text_encoder.safetensors", b"\0" * 64), ("text_encoder.bpe.txt", b"a b\n")):
         (idx / name).write_bytes(blob)
-    for cache in (str(cache_root().parent), str(tmp_path / "empty")):  # export in the cache, or not
-        r = _cli("search", "a photo", "--index", str(idx), "--json", "-k", "2", **{ENV_CACHE: cache})
-        assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr[-2000:]
-    r = _cli("index", str(tmp_path / "photos"), "--index", str(idx), "-q")
-    assert r.returncode == 0, r.stderr[-2000:]
+    for cache, runtime in ((cache_root().parent, "onnx"), (tmp_path / "empty", "torch")):  # export in the cache, or not
+        ids, enc = _search(idx, monkeypatch, cache, text="a photo")
+        assert len(ids) == 2 and enc.runtime == runtime
+    monkeypatch.setenv(ENV_CACHE, str(cache_root().parent))
+    build_index(idx, [tmp_path / "photos"])
     assert not list(idx.glob("text_encoder.*"))
     db = sqlite3.connect(idx / "meta.sqlite")
     (value,) = db.execute("SELECT value FROM manifest WHERE key = 'onnx_export'").fetchone()
