@@ -479,6 +479,9 @@ def build_report(out_dir: Path) -> str:
     ]
     if not m.get("gpu"):
         parts.append(f"**GPU:** {GPU_NOTE}\n")
+    notes = sorted(Path(__file__).resolve().parent.glob("RESULTS_*.md"))
+    if notes:
+        parts.append("**Notes by topic:** " + ", ".join(f"[{p.name}]({p.name})" for p in notes) + ".\n")
     head = headline(out_dir)
     if head:
         parts.append("## Headline figures\n\n" + head + "\n")
