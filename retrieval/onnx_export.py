@@ -24,8 +24,20 @@ import numpy as np
 
 from .atomic import fsync_dir, write_atomic
 from .faults import checkpoint
-from .onnx_runtime import (FORMAT, FORMAT_VERSION, META_NAME, ExportUnusable, ImageTransform, OnnxEncoder,
-                           cache_root, export_dir, export_key, open_export, read_meta, warn_once)
+from .onnx_runtime import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_NAME,
+    ExportUnusable,
+    ImageTransform,
+    OnnxEncoder,
+    cache_root,
+    export_dir,
+    export_key,
+    open_export,
+    read_meta,
+    warn_once,
+)
 
 TOLERANCE = 1e-5  # max abs difference of the normalised outputs, onnxruntime vs torch, both fp32 on the CPU
 OPSET = 17
@@ -366,7 +378,7 @@ def ensure_export(encoder) -> Path:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportFailed(f"cannot write the export to {root}: {e.strerror or e}") from None
-    except Exception as e:  # the exporter's many failure types on an unusual architecture
+    except Exception as e:  # noqa: BLE001 - the exporter's many failure types on an unusual architecture
         shutil.rmtree(tmp, ignore_errors=True)
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise ExportFailed(f"torch.onnx.export failed ({type(e).__name__}: {first})") from None

@@ -22,8 +22,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -147,7 +147,7 @@ class ImageTransform:
         self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
 
     @classmethod
-    def from_meta(cls, p: dict) -> "ImageTransform":
+    def from_meta(cls, p: dict) -> ImageTransform:
         return cls(p["resize"], tuple(p["crop"]), p["resample"], p["mean"], p["std"])
 
     def to_meta(self) -> dict:
@@ -212,7 +212,7 @@ def _session(path: Path, threads: int | None):
     so.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own types for unreadable or truncated models
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable or truncated models
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportUnusable(f"the ONNX export file {path} is damaged ({first})") from None
 

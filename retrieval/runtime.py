@@ -10,7 +10,14 @@ import importlib.util
 
 from .errors import ModelSpecError
 from .modelspec import ModelIdentity, parse_spec
-from .onnx_runtime import cache_root, export_key, find_by_spec, load_for_identity, open_export, warn_once
+from .onnx_runtime import (
+    cache_root,
+    export_key,
+    find_by_spec,
+    load_for_identity,
+    open_export,
+    warn_once,
+)
 
 RUNTIMES = ("auto", "onnx", "torch")
 

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY, build_index, write_photos
-from retrieval.onnx_runtime import ENV_CACHE, META_NAME, cache_root, export_dir, export_key, open_export
+
+from retrieval.onnx_runtime import (
+    ENV_CACHE,
+    META_NAME,
+    cache_root,
+    export_dir,
+    export_key,
+    open_export,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,8 +229,8 @@ def test_damaged_export_is_reported_once_and_queries_still_answer(onnx_index, tm
 
 
 def test_killed_export_leaves_nothing_that_is_used(tmp_path, onnx_index):
-    from retrieval.onnx_runtime import load_for_identity
     from retrieval.index import Index
+    from retrieval.onnx_runtime import load_for_identity
 
     cache = tmp_path / "cache"
     r = _cli("index", str(onnx_index / "photos"), "--index", str(tmp_path / "idx"), "--model", TINY, "-q",
