@@ -236,12 +236,26 @@ def _onnx_export(module, args, path: Path, inputs: list[str], dynamic: dict, max
         if max_length is None:
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=["output"],
                               dynamic_axes={**dynamic, "output": {0: "n"}}, opset_version=OPSET, dynamo=False)
-            return
-        n, length = torch.export.Dim("n", min=1), torch.export.Dim("length", min=1, max=int(max_length))
-        shapes = tuple({0: n, 1: length} for _ in args)
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=["output"],
-                          dynamic_shapes=shapes, opset_version=DYNAMO_OPSET, dynamo=True, verbose=False,
-                          external_data=False)
+        else:
+            n, length = torch.export.Dim("n", min=1), torch.export.Dim("length", min=1, max=int(max_length))
+            shapes = tuple({0: n, 1: length} for _ in args)
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=["output"],
+                              dynamic_shapes=shapes, opset_version=DYNAMO_OPSET, dynamo=True, verbose=False,
+                              external_data=False)
+    _weights_beside(path)
+
+
+def _weights_beside(path: Path) -> None:
+    """Move the weights into `<name>.data` beside the graph: onnxruntime then maps them from the file instead of
+    copying them out of the protobuf, which makes opening a session ~4x cheaper (ViT-B-32 text tower: 0.12 s
+    of CPU against 0.5 s; RESULTS_onnx.md), at the same speed per query."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 def _probe_images(transform: ImageTransform) -> list:

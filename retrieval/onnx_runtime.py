@@ -4,8 +4,9 @@ An export (written by retrieval/onnx_export.py) lives once per user and model in
 
     $RETRIEVAL_CACHE_DIR/onnx/<key>/      (default: $XDG_CACHE_HOME/retrieval/onnx, ~/.cache/retrieval/onnx)
         meta.json        format, model identity, file sizes, preprocessing, tokenizer, checks (written last)
-        image.onnx       pixels [n, 3, H, W] float32 -> features [n, d] (starter: ImageNet logits [n, 1000])
-        text.onnx        tokens [n, L] int64 (starter: + attention mask) -> features [n, d]
+        image.onnx       pixels [n, 3, H, W] float32 -> features [n, d] (starter: ImageNet logits [n, 1000]);
+                         its weights in image.onnx.data (mapped by onnxruntime, not copied)
+        text.onnx        tokens [n, L] int64 (starter: + attention mask) -> features [n, d]; + text.onnx.data
         bpe_simple_vocab_16e6.txt.gz / tokenizer.json   the tokenizer's files
         class_emb.npy    starter: the ConSE class-embedding matrix
 
@@ -32,7 +33,7 @@ from .images import load_image
 from .modelspec import ModelIdentity, sha256_file
 
 FORMAT = "retrieval-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights in <tower>.onnx.data beside each graph
 META_NAME = "meta.json"
 ENV_CACHE = "RETRIEVAL_CACHE_DIR"
 QUERY_TEXT_THREADS = 1  # a query's ~10 tokens: a second thread only waits for a core (RESULTS_onnx.md)
