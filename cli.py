@@ -59,6 +59,7 @@ def main(ctx, debug):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="JPEG decoding: gpu = batched decode_jpeg (nvJPEG) on the model's device; auto = gpu on CUDA, else cpu (PIL).")
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True, help="What encodes: onnxruntime (auto on the CPU) or torch (auto on CUDA / MPS).")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"]), default=None, help="FAISS index kind (default: auto: exact flat up to ~50k vectors at dim 512, IVF over float16 vectors (ivfsq) above; or the index's setting).")
 @click.option("--exclude", multiple=True, help="Glob of paths or names to skip (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and directories.")
@@ -71,8 +72,8 @@ def main(ctx, debug):
               help="Where to decode and encode: this process, or a Ray cluster ($RAY_ADDRESS, else a local Ray).")
 @click.option("--ray-actors", type=click.IntRange(1, 4096), default=None,
               help="Encoder actors with --executor ray. Default: one per GPU, else from the cluster's CPUs.")
-def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, decode, index_type,
-          exclude, include_hidden, no_default_excludes, rebuild, retry_errors, quiet, executor, ray_actors):
+def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_size, workers, device, decode, runtime,
+          index_type, exclude, include_hidden, no_default_excludes, rebuild, retry_errors, quiet, executor, ray_actors):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.errors import RetrievalError
@@ -80,8 +81,9 @@ def index(paths, index_dir, captions_file, fmt, split, images_dir, model, batch_
 
     opts = IndexOptions(paths=list(paths), captions_file=captions_file, fmt=fmt, split=split, images_dir=images_dir,
                         model=model, batch_size=batch_size, workers=workers, device=device, decode=decode,
-                        index_type=index_type, exclude=list(exclude), include_hidden=include_hidden, rebuild=rebuild,
-                        progress=not quiet, retry_errors=retry_errors, default_excludes=not no_default_excludes)
+                        runtime=runtime, index_type=index_type, exclude=list(exclude), include_hidden=include_hidden,
+                        rebuild=rebuild, progress=not quiet, retry_errors=retry_errors,
+                        default_excludes=not no_default_excludes)
     if executor == "ray":
         from index_data.ray_executor import require_ray
 

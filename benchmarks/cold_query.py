@@ -2,16 +2,19 @@
 
 What it measures, side by side in one run so that both paths meet the same machine load:
 
-* cold `retrieval search "a sentence" --index DIR --json`, as a subprocess, `--runs` times each, interleaved:
-  - "before": the torch text encoder (forced with RETRIEVAL_NO_FAST_TEXT=1: `import torch, open_clip`, build
-    the model, encode);
-  - "after": the numpy text encoder exported into the index (retrieval/fast_text.py), no torch import;
-  on a ViT-B-32:none index of `--n` images (default 100k, HNSW) and on a starter-model index of the sample
-  photos. Each pair of runs is checked: same top 10, scores within 1e-4, and no torch/open_clip import on
-  the fast path (PYTHONPROFILEIMPORTTIME).
-* cold image query (`--image`), which needs torch for the image tower.
+* cold `retrieval search "a sentence" --index DIR --json` and `retrieval search --image PHOTO ...`, as
+  subprocesses, `--runs` times each, interleaved:
+  - "before": torch (the child's RETRIEVAL_CACHE_DIR is an empty directory, so no ONNX export is found and
+    the query loads torch and open_clip, as before exports existed);
+  - "after": the model's ONNX export in the cache on onnxruntime (retrieval/onnx_runtime.py), no torch import;
+  on a ViT-B-32:none index of `--n` images and on a starter-model index of the sample photos. Each pair of
+  runs is checked: same top 10, scores within 1e-5, and no torch/open_clip import on the ONNX path
+  (PYTHONPROFILEIMPORTTIME).
 * warm queries through the Python API in one process (Searcher.search: encode, FAISS, SQLite join):
-  p50/p95 for text (fast and torch) and image, with ANN recall@10 against exact search.
+  p50/p95 for text and image, onnx and torch, with ANN recall@10 against exact search.
+* `--parts index`: `retrieval index` end to end (new process, new index) over `--index-n` generated
+  1600x1200 JPEGs, `--runtime torch` against `--runtime onnx`, interleaved, at the default batch and workers
+  and at rclip's settings (batch 8, 2 decode workers).
 
 The ViT-B-32 index holds synthetic image vectors (clustered, CLIP-like: benchmarks/speed_vectors.py's
 generator) written straight through the Store/Index APIs under the real identity of ViT-B-32:none; its text
@@ -22,6 +25,7 @@ HF_HUB_OFFLINE=1.
     python benchmarks/cold_query.py                        # 100k index, 5 cold runs per path
     python benchmarks/cold_query.py --warm-n 1000000       # also warm queries on a 1M index (slow build)
     python benchmarks/cold_query.py --quick                # small and fast (smoke)
+    python benchmarks/cold_query.py --parts index --index-n 200   # CPU indexing, torch vs onnx
 """
 
 from __future__ import annotations
@@ -78,18 +82,21 @@ def _meta_ok(root: Path, want: dict) -> bool:
 def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "auto") -> Path:
     """A ViT-B-32:none index of n synthetic image vectors, plus the real exported text encoder."""
     from retrieval.encoders import load_encoder
-    from retrieval.fast_text import ensure_text_export, export_is_current
     from retrieval.index import Index
+    from retrieval.onnx_export import ensure_export
+    from retrieval.onnx_runtime import export_key
     from retrieval.vectors import choose_config
 
     # the vector layer's current defaults are part of the key: an index built under older ones is rebuilt
     want = {"spec": SPEC, "n": n, "seed": seed, "index_type": index_type, "version": 1,
             "vectors": choose_config(n, 512, index_type).to_dict()}
-    if _meta_ok(root, want) and (root / "text_encoder.json").is_file():
+    if _meta_ok(root, want) and (root / "meta.sqlite").is_file():
+        from retrieval.onnx_export import usable_export
+
         with Index.open(root) as idx:
             ident = idx.identity
-        if not export_is_current(root, ident):  # an export in an older layout: rewrite it
-            ensure_text_export(load_encoder(SPEC, device="cpu"), root)
+        if usable_export(ident) is None:  # not in this user's cache yet
+            ensure_export(load_encoder(SPEC, device="cpu"))
         return root
     import shutil
 
@@ -118,7 +125,9 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
         del vecs
         print(f"  {n} rows written in {time.perf_counter() - t0:.0f}s; building vectors ...", file=sys.stderr, flush=True)
         idx.sync_vectors(requested_type=index_type)
-        ensure_text_export(encoder, root)
+        ensure_export(encoder)
+        with idx.store.transaction():
+            idx.store.set_manifest("onnx_export", {"key": export_key(encoder.identity)})
     finally:
         idx.close()
     (root / "bench_meta.json").write_text(json.dumps(want))
@@ -158,8 +167,8 @@ def cold_image_checkpoint(index: Path, image: Path, runs: int, pycache: Path) ->
     """Cold image queries on a checkpoint-loaded model, interleaved: random init then load (before) against
     building without init (after, the default)."""
     base = ["--image", str(image), "--index", str(index), "--json", "-k", str(K)]
-    before_env = {**child_env(pycache, False), "RETRIEVAL_INIT_BEFORE_LOAD": "1"}
-    after_env = child_env(pycache, False)
+    before_env = {**child_env(pycache, True), "RETRIEVAL_INIT_BEFORE_LOAD": "1"}  # both on torch: what loading costs
+    after_env = child_env(pycache, True)
     after_env.pop("RETRIEVAL_INIT_BEFORE_LOAD", None)
     run_cli(base, after_env)  # warm-up
     t = {"before": ([], []), "after": ([], [])}
@@ -178,7 +187,7 @@ def cold_image_checkpoint(index: Path, image: Path, runs: int, pycache: Path) ->
 
 def build_starter_index(root: Path) -> Path:
     want = {"spec": "starter", "version": 1}
-    if _meta_ok(root, want) and (root / "index" / "text_encoder.json").is_file():
+    if _meta_ok(root, want) and (root / "index" / "meta.sqlite").is_file():
         return root / "index"
     import shutil
 
@@ -217,9 +226,10 @@ def child_env(pycache: Path, torch_path: bool, importtime: bool = False) -> dict
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = str(pycache)
     env["HF_HUB_OFFLINE"] = "1"
-    env.pop("RETRIEVAL_NO_FAST_TEXT", None)
-    if torch_path:
-        env["RETRIEVAL_NO_FAST_TEXT"] = "1"
+    if torch_path:  # no export to be found: the query runs on torch
+        empty = pycache.parent / "empty-cache"
+        empty.mkdir(parents=True, exist_ok=True)
+        env["RETRIEVAL_CACHE_DIR"] = str(empty)
     if importtime:
         env["PYTHONPROFILEIMPORTTIME"] = "1"
     else:
@@ -282,16 +292,72 @@ def cold_pair(index: Path, args: list[str], runs: int, pycache: Path, label: str
     }
 
 
-def cold_image(index: Path, image: Path, runs: int, pycache: Path) -> dict:
-    base = ["--image", str(image), "--index", str(index), "--json", "-k", str(K)]
-    run_cli(base, child_env(pycache, False))  # warm-up
-    times, cpus = [], []
-    for i in range(runs):
-        wall, _, _, cpu = run_cli(base, child_env(pycache, False))
-        times.append(wall)
-        cpus.append(cpu)
-        print(f"[cold] image {index.name}: run {i + 1}/{runs} {times[-1]:.2f}s", file=sys.stderr, flush=True)
-    return summary(times, cpus)
+def cold_image(index: Path, image: Path, runs: int, pycache: Path, label: str) -> dict:
+    return cold_pair(index, ["--image", str(image)], runs, pycache, f"image {label}")
+
+
+# ------------------------------------------------------------------------------------------ indexing
+def write_jpegs(folder: Path, n: int) -> Path:
+    """n distinct 1600x1200 JPEGs (smooth gradients plus shapes, so they compress like photos), made once."""
+    done = folder / ".complete"
+    if done.is_file() and done.read_text() == str(n):
+        return folder
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1200, 0:1600].astype(np.float32)
+    for i in range(n):
+        c = rng.uniform(0, 255, (3, 3)).astype(np.float32)
+        arr = np.stack([c[k, 0] + (c[k, 1] - c[k, 0]) * xx / 1600 + (c[k, 2] - c[k, 0]) * yy / 1200 / 2 for k in range(3)], -1)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, 1400)), int(rng.integers(0, 1000))
+            d.ellipse([x0, y0, x0 + int(rng.integers(50, 400)), y0 + int(rng.integers(50, 400))],
+                      fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        im.save(folder / f"photo_{i:05d}.jpg", quality=90)
+    done.write_text(str(n))
+    return folder
+
+
+def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
+    """`retrieval index` over n JPEGs into a new index per run: torch vs onnx, default and rclip-like settings."""
+    import shutil
+
+    photos = write_jpegs(workdir / f"jpegs-{n}", n)
+    settings = {"default": [], "batch8-workers2": ["--batch-size", "8", "--workers", "2"]}
+    env = child_env(pycache, False)
+    # make sure the export is in the cache before timing (made once per user; not part of an index run)
+    warm = workdir / "index-warmup"
+    shutil.rmtree(warm, ignore_errors=True)
+    subprocess.run(cli_command() + ["index", str(photos), "--index", str(warm), "--model", SPEC, "-q", "--device", "cpu"],
+                   env=env, check=True, cwd=str(ROOT), capture_output=True)
+    times: dict = {}
+    vectors: dict = {}
+    for r in range(rounds):
+        for name, extra in settings.items():
+            for rt in ("torch", "onnx"):
+                target = workdir / f"index-{rt}"
+                shutil.rmtree(target, ignore_errors=True)
+                t = time.perf_counter()
+                subprocess.run(cli_command() + ["index", str(photos), "--index", str(target), "--model", SPEC, "-q",
+                                                "--device", "cpu", "--runtime", rt, *extra],
+                               env=env, check=True, cwd=str(ROOT), capture_output=True)
+                wall = time.perf_counter() - t
+                times.setdefault(f"{rt} {name}", []).append(wall)
+                print(f"[index] round {r + 1}/{rounds} {rt} {name}: {n / wall:.1f} images/s", file=sys.stderr, flush=True)
+                if r == 0 and name == "default":
+                    from retrieval.index import Index
+
+                    with Index.open(target) as idx:
+                        rows = sorted(idx.store.image_ids_with_hash(), key=lambda x: x[1])
+                        vectors[rt] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
+    out = {"images": n, "size": "1600x1200 JPEG", "model": SPEC, "rounds": rounds,
+           "max_abs_diff_onnx_vs_torch": float(np.abs(vectors["onnx"] - vectors["torch"]).max())}
+    out["runs"] = {k: {"median_s": statistics.median(v), "images_per_s": n / statistics.median(v),
+                       "runs_s": [round(x, 2) for x in v]} for k, v in times.items()}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ warm
@@ -299,17 +365,15 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
     """Runs in its own process: one Searcher, warm-up, then n distinct queries timed end to end."""
     from retrieval.search import Searcher
 
-    if mode == "torch":
-        os.environ["RETRIEVAL_NO_FAST_TEXT"] = "1"
     out: dict = {"mode": mode}
+    image_mode = mode.startswith("image")
     with Searcher.open(index, device="cpu") as s:
-        if mode == "fast-plain":
-            _unblock_text_weights(s)
+        out["runtime"] = s.encoder.runtime
         vi = s.index.vectors("images", mmap=True)
         out["n_vectors"] = int(vi.ntotal)
         out["index_kind"] = vi.kind
         queries = warm_queries(n_queries)
-        if mode == "image":
+        if image_mode:
             from PIL import Image
 
             base = Image.open(image).convert("RGB")
@@ -317,13 +381,13 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
         else:
             items = queries
         for it in items[:5]:  # warm-up: model load, first page faults
-            s.search(image=it, k=K) if mode == "image" else s.search(it, k=K)
+            s.search(image=it, k=K) if image_mode else s.search(it, k=K)
         tot, enc, vec, cpu = [], [], [], []
         qvecs = []
         for it in items:
             c0 = time.process_time()  # this process's CPU (all its threads)
             t0 = time.perf_counter()
-            q = s.embed_query(image=it) if mode == "image" else s.embed_query(it)
+            q = s.embed_query(image=it) if image_mode else s.embed_query(it)
             t1 = time.perf_counter()
             res = s.search_vector(q, k=K)
             t2 = time.perf_counter()
@@ -360,18 +424,6 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
     return out
 
 
-def _unblock_text_weights(s) -> None:
-    """The numpy encoder as it ran before column-blocked weights (export format 1): plain [K, N] weights,
-    each product split by rows across the query threads. Same numbers, older layout: the "before" row."""
-    from retrieval import fast_text
-
-    s.embed_query("warm-up")
-    enc = s._fast_text[1]
-    assert enc is not None, "no numpy text encoder in this index"
-    tower = enc.tower
-    tower.w = {k: fast_text.from_blocked(v) for k, v in tower.w.items()}
-
-
 def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
     """The search-time knob (IVF nprobe / HNSW efSearch, as `search --probes`) raised until recall@10 >= 0.98
     on these queries; at that setting the end-to-end pass is timed again."""
@@ -406,10 +458,7 @@ def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
 
 def run_warm(index: Path, mode: str, n_queries: int, image: Path, pycache: Path) -> dict:
     print(f"[warm] {index.name}: {mode}", file=sys.stderr, flush=True)
-    env = child_env(pycache, torch_path=(mode == "torch"))
-    env.pop("RETRIEVAL_QUERY_THREADS", None)
-    if mode == "fast2":  # blocked products split across two threads (not the default; see fast_text)
-        env["RETRIEVAL_QUERY_THREADS"] = "2"
+    env = child_env(pycache, torch_path=mode.endswith("torch"))
     p = subprocess.run([sys.executable, __file__, "--_warm", str(index), mode, str(n_queries), str(image)],
                        env=env, capture_output=True, text=True, cwd=str(ROOT))
     if p.returncode != 0:
@@ -428,22 +477,28 @@ def load_average() -> list[float]:
 def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-    lines = [f"# Query latency ({MACHINE})", "", f"`{cmd}`", "",
+    lines = [f"# Query latency and CPU indexing ({MACHINE})", "", f"`{cmd}`", "",
              f"Load average at start / end: {res['load_start']} / {res['load_end']} (2 cores, shared with other work).",
              "Cold = new process to printed results (`retrieval search ... --json -k 10`), interleaved runs. CPU = the",
              "child's user+sys seconds (what the work costs, whatever the load); wall = what a user waits.", "",
-             "| index | query | before: torch, median [min-max] s | after: numpy text encoder, median [min-max] s | speedup | CPU s before / after | same top-10 | max score diff | torch imported on fast path |",
+             "| index | query | before: torch, median [min-max] s | after: onnxruntime, median [min-max] s | speedup | CPU s before / after | same top-10 | max score diff | torch imported on the onnx path |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for c in res["cold"]:
+    for c in res["cold"] + res.get("cold_image", []):
         b, a = c["before_torch"], c["after_fast"]
-        lines.append(f"| {c['label']} | text | {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | "
+        query = "image" if "--image" in c["args"] else "text"
+        lines.append(f"| {c['label']} | {query} | {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | "
                      f"{a['median_s']:.2f} [{a['min_s']:.2f}-{a['max_s']:.2f}] | {c['speedup_median']:.1f}x | "
                      f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | "
                      f"{c['results']['same_top10']} | {c['results']['max_score_diff']:.1e} | "
                      f"{'no' if not c['heavy_imports_on_fast_path'] else ', '.join(c['heavy_imports_on_fast_path'][:3])} |")
-    for c in res.get("cold_image", []):
-        lines.append(f"| {c['label']} | image | {c['median_s']:.2f} [{c['min_s']:.2f}-{c['max_s']:.2f}] | (needs torch) | | "
-                     f"{c['cpu_median_s']:.2f} / | | | |")
+    ix = res.get("index")
+    if ix:
+        lines += ["", f"`retrieval index` end to end (new process, new index, model {ix['model']}, export already in the "
+                  f"cache) over {ix['images']} {ix['size']}s, {ix['rounds']} interleaved rounds; max abs difference of the "
+                  f"stored vectors onnx vs torch: {ix['max_abs_diff_onnx_vs_torch']:.1e}.", "",
+                  "| runtime, settings | median s | images/s | runs s |", "|---|---|---|---|"]
+        for k, v in ix["runs"].items():
+            lines.append(f"| {k} | {v['median_s']:.1f} | {v['images_per_s']:.1f} | {v['runs_s']} |")
     ck = res.get("cold_image_checkpoint")
     if ck:
         b, a = ck["before_init"], ck["after_no_init"]
@@ -459,9 +514,8 @@ def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> No
               "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | FAISS+SQLite p50 ms | recall@10 vs exact |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in res["warm"]:
-        mode = {"fast": "text, numpy encoder", "fast2": "text, numpy encoder, blocks split over 2 threads",
-                "fast-plain": "text, numpy encoder, before: plain weights split by rows",
-                "torch": "text, torch encoder", "image": "image (torch)"}[w["mode"]]
+        mode = {"fast": "text, onnxruntime", "torch": "text, torch", "image": "image, onnxruntime",
+                "image-torch": "image, torch"}[w["mode"]]
         lines.append(f"| {w['label']} | {w['n_vectors']:,} | {w['index_kind']} | {mode} | {w['queries']} | {w['total_p50_ms']:.1f} | "
                      f"{w['total_p95_ms']:.1f} | {w['cpu_p50_ms']:.1f} | {w['encode_p50_ms']:.1f} | {w['search_join_p50_ms']:.2f} | {w['recall_at_10']:.3f} |")
     sweeps = [w for w in res["warm"] if w.get("sweep")]
@@ -487,11 +541,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-queries", type=int, default=200)
     ap.add_argument("--warm-n", default="", help="extra index sizes for warm queries only, e.g. 1000000")
     ap.add_argument("--warm-index-types", default="auto", help="vector index kinds for the --warm-n indexes, e.g. auto,ivfflat")
-    ap.add_argument("--modes", default="fast,fast-plain,fast2,torch,image", help="warm query modes")
+    ap.add_argument("--modes", default="fast,torch,image,image-torch",
+                    help="warm query modes: fast (text, onnx), torch (text, torch), image (onnx), image-torch")
     ap.add_argument("--skip-starter", action="store_true")
     ap.add_argument("--parts", default="cold,image,image-checkpoint,warm",
                     help="comma-separated subset of cold,image,image-checkpoint,warm")
     ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
+    ap.add_argument("--index-n", type=int, default=200, help="1600x1200 JPEGs for --parts index")
+    ap.add_argument("--index-rounds", type=int, default=2, help="interleaved rounds of --parts index")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrieval_cold_query"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     ap.add_argument("--name", default="cold_query", help="output files: NAME.json and NAME.md")
@@ -507,11 +564,12 @@ def main(argv=None) -> int:
                  "cold": [], "cold_image": [], "warm": []}
     image = query_image(workdir)
 
-    print(f"[build] {SPEC} x {args.n}", file=sys.stderr, flush=True)
-    vit = build_synthetic_index(workdir / f"vitb32-{args.n}", args.n)
-    starter = None if args.skip_starter else build_starter_index(workdir / "starter")
-
     parts = set(args.parts.split(","))
+    vit = starter = None
+    if parts - {"index"}:
+        print(f"[build] {SPEC} x {args.n}", file=sys.stderr, flush=True)
+        vit = build_synthetic_index(workdir / f"vitb32-{args.n}", args.n)
+        starter = None if args.skip_starter else build_starter_index(workdir / "starter")
     if "cold" in parts:
         c = cold_pair(vit, [QUERY], args.runs, pycache, f"{SPEC}, {args.n:,} images")
         c["label"] = f"{SPEC}, {args.n:,} images (synthetic vectors)"
@@ -527,13 +585,15 @@ def main(argv=None) -> int:
         c["label"] = "ViT-B-32 from a local .safetensors checkpoint, 18 sample photos"
         res["cold_image_checkpoint"] = c
     if args.image_runs and "image" in parts:
-        c = cold_image(vit, image, args.image_runs, pycache)
+        c = cold_image(vit, image, args.image_runs, pycache, SPEC)
         c["label"] = f"{SPEC}, {args.n:,} images"
         res["cold_image"].append(c)
         if starter is not None:
-            c = cold_image(starter, image, args.image_runs, pycache)
+            c = cold_image(starter, image, args.image_runs, pycache, "starter")
             c["label"] = "starter, 18 sample photos"
             res["cold_image"].append(c)
+    if "index" in parts:
+        res["index"] = run_index_bench(workdir, args.index_n, args.index_rounds, pycache)
 
     warm_sets = [(vit, f"{SPEC}, {args.n:,}")] if "warm" in parts else []
     for n in [int(x) for x in args.warm_n.split(",") if x.strip() and "warm" in parts]:

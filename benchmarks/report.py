@@ -258,7 +258,7 @@ def render_speed(d: dict) -> str:
                      "the column says 1 thread. On this shared machine, whenever another process holds a core, two "
                      "OpenMP threads wait on each other at every op, and an image query takes 1-2 s instead of "
                      "~0.1-0.15 s; the 1-thread column is the stable figure. Text queries use the index's "
-                     "torch-free text export (retrieval/fast_text.py) when 'torch-free text' says yes.\n")
+                     "ONNX export (retrieval/onnx_runtime.py) when 'torch-free text' says yes.\n")
     cold = d.get("cold_cli")
     if cold:
         parts.append("#### Cold CLI search\n")
@@ -479,6 +479,9 @@ def build_report(out_dir: Path) -> str:
     ]
     if not m.get("gpu"):
         parts.append(f"**GPU:** {GPU_NOTE}\n")
+    notes = sorted(Path(__file__).resolve().parent.glob("RESULTS_*.md"))
+    if notes:
+        parts.append("**Notes by topic:** " + ", ".join(f"[{p.name}]({p.name})" for p in notes) + ".\n")
     head = headline(out_dir)
     if head:
         parts.append("## Headline figures\n\n" + head + "\n")

@@ -397,16 +397,18 @@ def task_rerun(t: dict) -> dict:
 
 
 def _identity_and_export(spec: str, root: Path):
-    """The model identity for the manifest, and the torch-free text export that run_index writes into every
-    index it builds (retrieval/fast_text.py), so that queries take the same path as on a real index."""
+    """The model identity for the manifest, and whether its ONNX export is in the cache (made here if not, as
+    run_index does), so that queries take the same path as on a real index."""
     from retrieval.encoders import load_encoder
+    from retrieval.onnx_export import ExportFailed, ensure_export
+    from retrieval.onnx_runtime import export_key
 
     enc = load_encoder(spec, device="cpu")
     try:
-        from retrieval.fast_text import ensure_text_export
-    except ImportError:  # an engine without the torch-free text path
-        return enc.identity, False
-    return enc.identity, bool(ensure_text_export(enc, root))
+        ensure_export(enc)
+    except ExportFailed:
+        return enc.identity, None
+    return enc.identity, export_key(enc.identity)
 
 
 def task_build(t: dict) -> dict:
@@ -422,7 +424,7 @@ def task_build(t: dict) -> dict:
     try:
         if t.get("create"):
             ident, export = _identity_and_export(t["model"], root)
-            res["text_export"] = export
+            res["text_export"] = export is not None
             dim = ident.dim
             s = time.perf_counter()
             allx = SV.make_vectors(n + t["queries"], dim, seed=t["seed"] + n)
@@ -433,6 +435,9 @@ def task_build(t: dict) -> dict:
             res["data_s"] = round(time.perf_counter() - s, 2)
             s = time.perf_counter()
             idx.set_model(ident)
+            if export is not None:
+                with idx.store.transaction():
+                    idx.store.set_manifest("onnx_export", {"key": export})
             store = idx.store
             now = time.time()
             step = 20_000

@@ -193,6 +193,8 @@ def make_plan(preprocess, target_size: int | None = None) -> Plan:
 def _validated(preprocess, plan: Plan) -> Plan:
     if not plan.pil and plan.finish is None:
         return plan
+    if getattr(preprocess, "returns_numpy", False):  # it runs exactly its declared plan (onnx_runtime.ImageTransform)
+        return plan
     try:
         import torch
     except ImportError:
@@ -380,9 +382,11 @@ class DecodeStream(Iterator[DecodeResult]):
             return DecodeResult(key, None, None, None, err)
         try:
             if complete and self._plan.finish is not None:
-                import torch
+                tensor = finish_array(arr, self._plan.finish)
+                if not getattr(self._preprocess, "returns_numpy", False):
+                    import torch
 
-                tensor = torch.from_numpy(finish_array(arr, self._plan.finish))
+                    tensor = torch.from_numpy(tensor)
             else:
                 tensor = self._preprocess(Image.fromarray(arr))
         except Exception as e:

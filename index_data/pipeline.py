@@ -17,7 +17,6 @@ from typing import Sequence
 
 from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.fast_text import ensure_text_export, export_is_current
 from retrieval.faults import checkpoint
 from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
 from retrieval.index import Index, default_index_dir, storage_error
@@ -44,6 +43,7 @@ class IndexOptions:
     workers: int | None = None
     device: str = "auto"
     decode: str = "auto"  # auto | cpu | gpu: see index_data/gpu_stream.py
+    runtime: str = "auto"  # auto | onnx | torch (retrieval/runtime.py)
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
@@ -135,9 +135,9 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         parse_spec(opts.model)
     preloaded = None
     if _needs_new_model(root):
-        from retrieval.encoders import load_encoder
+        from retrieval.runtime import index_encoder
 
-        preloaded = load_encoder(opts.model or DEFAULT_MODEL, device=opts.device)
+        preloaded = index_encoder(opts.model or DEFAULT_MODEL, opts.device, opts.runtime)
     idx = Index.open_for_write(root)
     dirty: set[int] = set()
     try:
@@ -152,8 +152,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         problems += [ScanProblem(p, f"listed in {listed} but not found") for p in missing]
         problems += [ScanProblem(p, f"listed in {listed} but is a folder, not an image") for p in folders]
         encoder = _prepare_model(idx, opts, preloaded)
-        if not export_is_current(idx.root, idx.identity):
-            ensure_text_export(encoder, idx.root)  # torch-free text queries (retrieval/fast_text.py)
+        _record_export(idx, encoder)
         for p in problems:
             report.errors.append((p.path, p.reason))
         with idx.store.transaction():
@@ -223,15 +222,46 @@ class _LazyEncoder:
     def __init__(self, load):
         self._load = load
         self._encoder = None
+        self.export_key = None
 
     def __getattr__(self, name):
         if self._encoder is None:
-            self._encoder = self._load()
+            self._encoder, self.export_key = self._load()
         return getattr(self._encoder, name)
 
 
+def _record_export(idx: Index, encoder) -> None:
+    """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
+    export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
+    loads no model when the export is recorded and in the cache."""
+    from retrieval.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
+
+    ident = idx.identity
+    key = export_key(ident) if ident is not None else None
+    recorded = (idx.store.get_manifest("onnx_export") or {}).get("key")
+    current = False
+    if key is not None and recorded == key:
+        try:  # files present at their recorded sizes; a query that cannot load one sets the export aside
+            current = read_meta(export_dir(key)) is not None
+        except ExportUnusable as e:
+            if "no ONNX export" not in str(e):
+                warn_once(f"{e}; exporting it again")
+    if not current:
+        getattr(encoder, "encode_texts")  # loads a lazy encoder, which exports the model when it can
+        key = getattr(encoder, "export_key", None)
+        if key is None:
+            return
+        with idx.store.transaction():
+            idx.store.set_manifest("onnx_export", {"key": key})
+    for p in idx.root.glob("text_encoder.*"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
-    from retrieval.encoders import load_encoder
+    from retrieval.runtime import index_encoder
 
     current = idx.identity
     if current is not None and opts.model and not opts.rebuild:
@@ -243,12 +273,16 @@ def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
     spec = opts.model or (current.spec if current else DEFAULT_MODEL)
     if current is not None and not opts.rebuild:
         def load():
-            encoder = load_encoder(spec, device=opts.device)
+            encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
             idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
-            return encoder
+            return encoder, key
 
         return _LazyEncoder(load)
-    encoder = preloaded if preloaded is not None and current is None else load_encoder(spec, device=opts.device)
+    if preloaded is not None and current is None:
+        encoder, key = preloaded
+    else:
+        encoder, key = index_encoder(spec, opts.device, opts.runtime)
+    encoder.export_key = key
     if current is not None:  # --rebuild
         _reset_for_rebuild(idx)
     idx.set_model(encoder.identity)
@@ -435,11 +469,16 @@ def _result_stream(jobs, encoder, opts: IndexOptions, workers: int):
 
 
 def _vectors(encoder, results):
+    """The batch's vectors: made on the cluster already (ray), or encoded here from the decoded inputs (numpy
+    arrays for the ONNX runtime, torch tensors for torch)."""
     import numpy as np
-    import torch
 
     if getattr(results[0], "vector", None) is not None:
         return np.stack([r.vector for r in results])
+    if encoder.runtime == "onnx":
+        return encoder.encode_image_tensors(np.stack([r.tensor for r in results]))
+    import torch
+
     return encoder.encode_image_tensors(torch.stack([r.tensor for r in results]))
 
 

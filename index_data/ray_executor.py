@@ -3,7 +3,7 @@
 The driver (index_data/pipeline.py) still scans, plans and writes; only the stage that turns work
 items into vectors runs here. Ray Data reads and decodes in CPU tasks (the same decode_file as the
 local decode workers, so a bad file gets the same reason), encodes in a fixed pool of actors that
-each load the index's model once (load_encoder: torch bf16 on a GPU, whatever CPU runtime it returns
+each load the index's model once (retrieval.runtime.index_encoder: torch bf16 on a GPU, onnxruntime on a CPU
 elsewhere), and streams (width, height, vector | error) rows back. The driver commits them in its own
 batches, so crash safety is the local executor's: SQLite holds every committed batch.
 
@@ -137,13 +137,20 @@ class EncodeActor:
     """Ray Data actor: one model per actor process, loaded once, checked against the index's model."""
 
     def __init__(self, spec: str, device: str, identity, finish, threads: float):
-        from retrieval.encoders import load_encoder
+        from retrieval.runtime import index_encoder
 
         if device == "cpu":
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(max(1, round(threads)))
+        # the index run's runtime choice: onnxruntime on a CPU node (the model's export, made on first use),
+        # torch with bf16 on a GPU node
+        self.encoder, _ = index_encoder(spec, device, "auto", expected=identity)
+        self.numpy = getattr(self.encoder, "runtime", "torch") == "onnx"
+        if not self.numpy and device == "cpu":
             import torch
 
             torch.set_num_threads(max(1, round(threads)))
-        self.encoder = load_encoder(spec, device=device)
         if not self.encoder.identity.matches(identity):
             raise RuntimeError(
                 f"this node's {spec} is not the index's model (weights sha256 "
@@ -151,18 +158,20 @@ class EncodeActor:
         self.finish = finish
 
     def _tensor(self, arr: np.ndarray, complete: bool):
-        import torch
         from PIL import Image
 
         from .decode import finish_array
 
         if complete and self.finish is not None:
-            return torch.from_numpy(finish_array(arr, self.finish))
+            x = finish_array(arr, self.finish)
+            if self.numpy:
+                return x
+            import torch
+
+            return torch.from_numpy(x)
         return self.encoder.preprocess(Image.fromarray(arr))
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
         from retrieval.faults import checkpoint
 
         n = len(batch["i"])
@@ -180,7 +189,13 @@ class EncodeActor:
                 errors[j] = f"preprocess failed: {type(e).__name__}: {e}"
         vecs = np.zeros((n, self.encoder.dim), dtype=np.float32)
         if tensors:
-            vecs[rows] = self.encoder.encode_image_tensors(torch.stack(tensors))
+            if self.numpy:
+                stacked = np.stack([np.asarray(t) for t in tensors])
+            else:
+                import torch
+
+                stacked = torch.stack(tensors)
+            vecs[rows] = self.encoder.encode_image_tensors(stacked)
         checkpoint("ray_encode")  # a test can kill this process here, mid-batch (retrieval/faults.py)
         return {"i": batch["i"], "w": batch["w"], "h": batch["h"], "error": np.array(errors, dtype=object),
                 "vec": vecs}

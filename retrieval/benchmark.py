@@ -180,14 +180,7 @@ def load_pairs(captions_file: str | os.PathLike, images_dir: str | None = None, 
 
 
 def _searcher_text_encoder(searcher):
-    """The text encoder ``Searcher.embed_text`` uses: the index's torch-free export when the Searcher takes it
-    (retrieval/fast_text.py), else the index's torch encoder. The Searcher makes the choice itself, once."""
-    choose = getattr(searcher, "_text_vector", None)
-    if choose is not None and hasattr(searcher, "_fast_text"):
-        choose("")
-        picked = searcher._fast_text
-        if picked is not None and picked[1] is not None:
-            return picked[1]
+    """The text encoder ``Searcher.embed_text`` uses: the index's encoder (its ONNX export on the CPU, else torch)."""
     return searcher.encoder
 
 

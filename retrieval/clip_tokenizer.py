@@ -1,11 +1,11 @@
 """open_clip's SimpleTokenizer (the CLIP BPE tokenizer), reproduced without torch or open_clip.
 
-`open_clip.tokenizer` imports torch at module level, so the fast query path (retrieval/fast_text.py)
+`open_clip.tokenizer` imports torch at module level, so the ONNX query path (retrieval/onnx_runtime.py)
 cannot use it. This module gives the same token ids for every input: the same cleaning
 (ftfy.fix_text, html.unescape twice, whitespace collapse, lowercase), the same pre-tokenizer regex
 (through the `regex` package), the same byte-level BPE over the merges in open_clip's bundled
 `bpe_simple_vocab_16e6.txt.gz`, `<start_of_text>` / `<end_of_text>`, and the same truncation (cut to
-context_length, then the last token becomes `<end_of_text>`). tests/test_fast_text.py checks token
+context_length, then the last token becomes `<end_of_text>`). tests/test_clip_tokenizer.py checks token
 equality against `open_clip.get_tokenizer(arch)` on a varied set of strings.
 
 Two load-time shortcuts, both exact:

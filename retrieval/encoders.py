@@ -50,6 +50,7 @@ class Encoder:
     identity: ModelIdentity
     image_size: int  # shorter side the model looks at; decoders may draft-decode down to it
     device: str = "cpu"
+    runtime: str = "torch"  # "onnx" for retrieval.onnx_runtime.OnnxEncoder
 
     @property
     def dim(self) -> int:
@@ -247,4 +248,6 @@ def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "
         weights_sha256=sha256_file(weights) if weights else None,
         dim=dim,
     )
-    return OpenClipEncoder(model, preprocess, tokenizer, identity, device, precision)
+    enc = OpenClipEncoder(model, preprocess, tokenizer, identity, device, precision)
+    enc.weights_path = weights  # the ONNX export records it, to find the export again without torch
+    return enc

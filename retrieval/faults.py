@@ -24,6 +24,7 @@ Checkpoints in the code base:
     publish         retrieval/index.py      new generation's files renamed into place, manifest not switched
     switch          retrieval/switch.py     a finished rebuild's files copied into the index, not switched in
     ray_encode      index_data/ray_executor.py  an encode actor made a batch's vectors, before returning them
+    onnx_export     retrieval/onnx_export.py  an export complete in its temp directory, not yet renamed into place
 """
 
 from __future__ import annotations

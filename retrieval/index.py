@@ -300,18 +300,37 @@ class Index:
     # -- encoder and fusion ---------------------------------------------------------------------
 
     def encoder(self, device: str = "auto"):
-        """The query encoder always comes from the manifest; its identity must still match."""
+        """The query encoder always comes from the manifest; its identity must still match. On the CPU it is
+        the model's ONNX export (retrieval/onnx_runtime.py, no torch import), else the torch model."""
         ident = self.identity
         # a rebuild with another model may have switched in since the encoder was loaded: load the new one
         if self._encoder is None or ident is None or not self._encoder.identity.matches(ident):
-            from .encoders import load_encoder
+            from .runtime import query_encoder
 
             if ident is None:
                 raise EmptyIndexError(f"the index at {self.root} has no model recorded")
-            enc = load_encoder(ident.spec, device=device)
-            self.check_identity(enc.identity)
+            enc = query_encoder(ident, device, (self.store.get_manifest("onnx_export") or {}).get("key"))
+            if enc is None:
+                enc = self._torch_encoder(device)
+            else:
+                enc.fallback = lambda: self._torch_encoder(device)
             self._encoder = enc
         return self._encoder
+
+    def _torch_encoder(self, device: str):
+        if getattr(self, "_torch", None) is None:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise RetrievalError(f"the model {self.identity.spec} has no usable ONNX export in this user's cache, and "
+                                     f"torch is not installed: run `retrieval index` with torch installed once "
+                                     f"(pip install 'retrieval-engine[torch]') to make it")
+            from .encoders import load_encoder
+
+            enc = load_encoder(self.identity.spec, device=device)
+            self.check_identity(enc.identity)
+            self._torch = enc
+        return self._torch
 
     def fusion(self):
         """The trained fusion in force for this generation, or None (identity)."""

@@ -98,7 +98,6 @@ class Searcher:
     def __init__(self, index: Index, device: str = "auto"):
         self.index = index
         self.device = device
-        self._fast_text = None  # (identity, numpy text encoder or None); see retrieval/fast_text.py
 
     @classmethod
     def open(cls, path=None, device: str = "auto") -> "Searcher":
@@ -120,14 +119,7 @@ class Searcher:
         return self.index.encoder(self.device)
 
     def _text_vector(self, text: str) -> np.ndarray:
-        """The index's text tower: its exported numpy copy when valid (no torch import), else torch."""
-        ident = self.index.identity
-        if self._fast_text is None or self._fast_text[0] != ident:
-            from .fast_text import load_fast_text_encoder
-
-            self._fast_text = (ident, load_fast_text_encoder(self.index.root, ident))
-        enc = self._fast_text[1] or self.encoder
-        return enc.encode_texts([text])[0]
+        return self.encoder.encode_texts([text])[0]
 
     def embed_text(self, text: str) -> np.ndarray:
         vec = self._text_vector(text)

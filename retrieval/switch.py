@@ -51,15 +51,6 @@ def _copy_file(src: Path, dest: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _text_export_files(root: Path) -> list[str]:
-    from .fast_text import CONFIG_NAME, read_export_config
-
-    cfg = read_export_config(root)
-    if not cfg:
-        return []
-    return [*sorted(cfg.get("files", {})), CONFIG_NAME]  # the config last: it names the others
-
-
 def keep_ids(main: Index, staging: Path) -> int:
     """Give each image of the staging index the id its path has in `main` (new paths get ids above both),
     so /file/ID links and a reader's in-flight results keep naming the same files across the switch.
@@ -100,12 +91,10 @@ def switch_in(main: Index, staging: Path) -> int:
             raise RetrievalError(f"the rebuild in {staging} is not complete ({problems[0]}); run the same command again")
         sgen = st.generation
     next_gen = main.generation + 1
-    # vector files and the text export go in place first: nothing names them until the commit below
+    # vector files go in place first: nothing names them until the commit below (the model's ONNX export
+    # lives in the per-user cache; the manifest copied below names it)
     for kind in ("images", "captions"):
         _copy_file(_vec_file(staging, kind, sgen), _vec_file(main.root, kind, next_gen))
-    exported = _text_export_files(staging)
-    for name in exported:
-        _copy_file(staging / name, main.root / name)
     fsync_dir(main.root)
     checkpoint("switch")
 
@@ -128,11 +117,9 @@ def switch_in(main: Index, staging: Path) -> int:
     main._fusion_cache = None
     main._encoder = None
     main._prune_generations(next_gen)
-    if not exported:
-        from .fast_text import remove_export
-
+    for p in main.root.glob("text_encoder.*"):  # an older version's per-index export of the old model
         try:
-            remove_export(main.root)  # the old model's export is of no use to the new model
+            p.unlink()
         except OSError:
             pass
     shutil.rmtree(staging, ignore_errors=True)

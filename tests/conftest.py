@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ONNX exports go to a cache shared by this test session (and its subprocesses), never the user's own
+if "RETRIEVAL_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-test-cache-")
 
 import pytest  # noqa: E402
 

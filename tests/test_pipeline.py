@@ -69,14 +69,14 @@ def test_unchanged_rerun_writes_no_generation(tmp_path):
 def test_model_is_loaded_only_when_something_needs_encoding(tmp_path, monkeypatch):
     """A re-run that finds nothing new (moves and deletions included) never loads the model; a new photo or
     a new caption does, and the index's model identity is still checked then."""
-    from retrieval import encoders
+    from retrieval import runtime
 
     folder = tmp_path / "p"
     photos = write_photos(folder, 4)
     build_index(tmp_path / "idx", [folder])
-    real = encoders.load_encoder
+    real = runtime.index_encoder
     loads = []
-    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(runtime, "index_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
     build_index(tmp_path / "idx", [folder], model=None)
     os.rename(photos[0], folder / "renamed.jpg")
     os.remove(photos[1])
@@ -161,7 +161,7 @@ def test_caption_corpus_and_sidecars(tmp_path):
 def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path, monkeypatch):
     """Captions and their text vectors commit together: a run that dies while encoding the texts leaves
     the index as it was (verify clean), and the next run attaches them."""
-    from retrieval import encoders
+    from retrieval import onnx_runtime
 
     folder = tmp_path / "p"
     write_photos(folder, 3)
@@ -171,14 +171,14 @@ def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path
     def boom(self, texts, batch_size=256):
         raise KeyboardInterrupt  # what a SIGINT in the middle of text encoding looks like
 
-    real = encoders.OpenClipEncoder.encode_texts
-    monkeypatch.setattr(encoders.OpenClipEncoder, "encode_texts", boom)
+    real = onnx_runtime.OnnxEncoder.encode_texts  # CPU indexing runs the model's ONNX export
+    monkeypatch.setattr(onnx_runtime.OnnxEncoder, "encode_texts", boom)
     with pytest.raises(KeyboardInterrupt):
         build_index(tmp_path / "idx", [folder])
     with Index.open(tmp_path / "idx") as idx:
         assert idx.store.count("captions") == 0
         assert idx.verify() == []
-    monkeypatch.setattr(encoders.OpenClipEncoder, "encode_texts", real)
+    monkeypatch.setattr(onnx_runtime.OnnxEncoder, "encode_texts", real)
     r = build_index(tmp_path / "idx", [folder])
     assert r.captions_added == 2
     with Index.open(tmp_path / "idx") as idx:
@@ -188,20 +188,20 @@ def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path
 def test_ctrl_c_after_encoding_still_publishes_what_was_committed(tmp_path, monkeypatch):
     """Ctrl-C while captions are being encoded: the photos this run already committed are published to
     FAISS before the run stops, so they are searchable and verify is clean."""
-    from retrieval import encoders
+    from retrieval import onnx_runtime
 
     folder = tmp_path / "p"
     write_photos(folder, 5)
     (folder / "img_0002.jpg.txt").write_text("a caption\n")
 
-    real = encoders.OpenClipEncoder.encode_texts
+    real = onnx_runtime.OnnxEncoder.encode_texts  # CPU indexing runs the model's ONNX export
 
     def interrupted(self, texts, batch_size=256):
-        if "a caption" in list(texts):  # the caption phase (not the text-export check)
+        if "a caption" in list(texts):  # the caption phase (not the export check)
             raise KeyboardInterrupt
         return real(self, texts, batch_size)
 
-    monkeypatch.setattr(encoders.OpenClipEncoder, "encode_texts", interrupted)
+    monkeypatch.setattr(onnx_runtime.OnnxEncoder, "encode_texts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_index(tmp_path / "idx", [folder])
     with Index.open(tmp_path / "idx") as idx:

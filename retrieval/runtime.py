@@ -1,0 +1,103 @@
+"""Which runtime encodes: onnxruntime on the CPU, torch on CUDA (bf16 autocast) and MPS.
+
+`index_encoder` is what `retrieval index` uses; `query_encoder` what every query path uses (the index's
+export in the cache, else torch with one line on stderr). Neither imports torch when the export is cached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .errors import ModelSpecError
+from .modelspec import ModelIdentity, parse_spec
+from .onnx_runtime import (
+    cache_root,
+    export_key,
+    find_by_spec,
+    load_for_identity,
+    open_export,
+    warn_once,
+)
+
+RUNTIMES = ("auto", "onnx", "torch")
+
+
+def resolve(runtime: str, device: str) -> tuple[str, str]:
+    """(runtime, device) to index with. auto: onnx on the CPU, torch on CUDA / MPS. Probes for a GPU
+    (importing torch) only when device is auto and torch is installed."""
+    if runtime not in RUNTIMES:
+        raise ModelSpecError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "onnx" and device not in ("auto", "cpu"):
+        raise ModelSpecError(f"--runtime onnx runs on the CPU; use --device cpu (or auto), not {device}")
+    if runtime == "torch" or device not in ("auto", "cpu"):
+        return "torch", device
+    if device == "auto" and runtime == "auto" and importlib.util.find_spec("torch") is not None:
+        from .encoders import pick_device
+
+        picked = pick_device("auto")
+        if picked != "cpu":
+            return "torch", picked
+    if importlib.util.find_spec("onnxruntime") is None:
+        if runtime == "onnx":
+            raise ModelSpecError("--runtime onnx needs onnxruntime: pip install onnxruntime")
+        return "torch", "cpu"
+    return "onnx", "cpu"
+
+
+def _export(torch_encoder):
+    """The encoder's export directory, or None after one line on stderr (the model cannot be exported)."""
+    from .onnx_export import ExportFailed, ensure_export
+
+    try:
+        return ensure_export(torch_encoder)
+    except ExportFailed as e:
+        warn_once(f"cannot export {torch_encoder.identity.spec} to ONNX ({e}); it runs on torch")
+        return None
+
+
+def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expected: ModelIdentity | None = None):
+    """The encoder an index run uses, and the key of the export now in the cache (or None).
+
+    onnx: the cached export when there is one (no torch import), else the torch model is loaded, exported
+    and checked, and the export encodes. torch: the torch model; it is exported too (from a CPU fp32 copy),
+    so that the index's queries run on onnxruntime."""
+    rt, dev = resolve(runtime, device)
+    if rt == "onnx":
+        d = None
+        if expected is not None:
+            enc = load_for_identity(expected, purpose="index", quiet=True)
+            d = enc.directory if enc is not None else None
+        else:
+            d = find_by_spec(str(parse_spec(spec)))
+        if d is not None:
+            enc = open_export(d, purpose="index")
+            try:
+                enc.check()
+                return enc, enc.key
+            except Exception as e:  # noqa: BLE001 - ExportUnusable: re-export below
+                warn_once(f"{e}; exporting it again")
+    if importlib.util.find_spec("torch") is None:
+        raise ModelSpecError(f"no ONNX export of {spec} in {cache_root()}, and making one needs torch: "
+                             f"pip install 'retrieval-engine[torch]'")
+    from .encoders import load_encoder
+
+    torch_enc = load_encoder(spec, device=dev)
+    d = _export(torch_enc)
+    if d is None:
+        return torch_enc, None
+    if rt == "onnx":
+        enc = open_export(d, purpose="index")
+        enc.fallback = lambda: torch_enc
+        return enc, enc.key
+    return torch_enc, export_key(torch_enc.identity)
+
+
+def query_encoder(identity: ModelIdentity, device: str = "auto", recorded_key: str | None = None):
+    """The encoder for queries on an index of identity: its ONNX export on the CPU when it is in the cache,
+    else None (the caller loads torch; one line on stderr said why). device cuda / mps asks for torch."""
+    if device not in ("auto", "cpu"):
+        return None
+    enc = load_for_identity(identity, purpose="query")
+    if enc is not None and recorded_key and enc.key != recorded_key:
+        warn_once(f"the index records ONNX export {recorded_key}, the cache holds {enc.key} for the same model; using it")
+    return enc

@@ -1,0 +1,288 @@
+"""ONNX Runtime as the CPU runtime (retrieval/onnx_export.py, onnx_runtime.py, runtime.py): exports match
+torch, every query path runs without importing torch, CPU indexing runs on onnxruntime, damaged exports and
+models that cannot be exported are reported in one line, and indexes of the older layout keep working."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, build_index, write_photos
+
+from retrieval.onnx_runtime import (
+    ENV_CACHE,
+    META_NAME,
+    cache_root,
+    export_dir,
+    export_key,
+    open_export,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
+    return env
+
+
+def _py(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=300)
+
+
+def _cli(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          env=_env(**env), cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_encoder):
+    from retrieval.onnx_export import ensure_export
+
+    return ensure_export(tiny_encoder)
+
+
+@pytest.fixture(scope="module")
+def onnx_index(tmp_path_factory, tiny_export):
+    root = tmp_path_factory.mktemp("onnx")
+    write_photos(root / "photos", 10)
+    (root / "photos" / "img_0000.jpg.txt").write_text("a red circle\na blue square\n")
+    build_index(root / "idx", [root / "photos"])
+    return root
+
+
+def test_export_matches_torch_with_dynamic_batch_and_length(tiny_encoder, tiny_export):
+    import torch
+
+    meta = json.loads((tiny_export / META_NAME).read_text())
+    assert meta["key"] == export_key(tiny_encoder.identity) and tiny_export == export_dir(meta["key"])
+    assert meta["text"]["dynamic_length"] and all(v <= meta["tolerance"] <= 1e-5 for v in meta["checks"].values())
+    enc = open_export(tiny_export)
+    texts = ["a dog", "an old photograph of a lighthouse at dusk, very long " * 3, "", "x y z"]
+    ref = tiny_encoder.encode_texts(texts)
+    np.testing.assert_allclose(enc.encode_texts(texts), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(enc.encode_texts(texts[1:2]), ref[1:2], atol=1e-5, rtol=0)
+    pixels = np.random.default_rng(3).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(enc.encode_image_tensors(pixels), tiny_encoder.encode_image_tensors(torch.from_numpy(pixels)),
+                               atol=1e-5, rtol=0)
+
+
+def test_preprocessing_equals_open_clips(tiny_encoder, tiny_export):
+    from PIL import Image
+
+    enc = open_export(tiny_export)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for w, h in ((97, 41), (32, 32), (33, 900), (640, 480), (31, 32)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for img in (im, im.convert("L"), im.convert("RGBA")):
+            worst = max(worst, float(np.abs(tiny_encoder.preprocess(img).numpy() - enc.preprocess(img)).max()))
+    assert worst == 0.0  # the same PIL resize and crop, then the same float32 arithmetic
+
+
+def test_starter_export_matches_torch(tmp_path):
+    """The starter's EfficientNet + ConSE (numpy) and MiniLM through onnxruntime give the torch vectors."""
+    import torch
+
+    from retrieval.encoders import load_encoder
+    from retrieval.onnx_export import ensure_export
+
+    starter = load_encoder("starter", device="cpu")
+    enc = open_export(ensure_export(starter))
+    texts = ["a cat on a sofa", "a red bicycle", "mountains " * 40]
+    np.testing.assert_allclose(enc.encode_texts(texts), starter.encode_texts(texts), atol=1e-5, rtol=0)
+    from retrieval.samples import write_sample_photos
+
+    photos = write_sample_photos(tmp_path / "p")[:3]
+    np.testing.assert_allclose(enc.encode_images(photos), starter.encode_images(photos), atol=1e-5, rtol=0)
+    assert torch  # imported here only to build the reference
+
+
+QUERY = """
+import sys, json
+from retrieval.search import Searcher
+s = Searcher.open(sys.argv[1])
+out = {
+    "text": [r.id for r in s.search("a red circle", k=3)],
+    "image": [r.id for r in s.search(image=sys.argv[2], k=3)],
+    "composite": [r.id for r in s.search("a red circle", image=sys.argv[2], k=3)],
+    "captions": [r.id for r in s.search("a blue square", to="captions", k=2)],
+    "runtime": s.encoder.runtime,
+}
+from fastapi.testclient import TestClient
+from retrieval.server import create_app
+c = TestClient(create_app(sys.argv[1]))
+out["serve"] = c.get("/api/search", params={"q": "a red circle", "k": 3}).status_code
+with open(sys.argv[2], "rb") as f:
+    out["serve_image"] = c.post("/api/search", files={"image": ("q.jpg", f, "image/jpeg")}, data={"k": "3"}).status_code
+out["torch"] = [m for m in ("torch", "open_clip", "torchvision") if m in sys.modules]
+print(json.dumps(out))
+"""
+
+
+def test_every_query_path_runs_without_torch(onnx_index, tiny_encoder):
+    idx, photo = onnx_index / "idx", onnx_index / "photos" / "img_0003.jpg"
+    p = subprocess.run([sys.executable, "-c", QUERY, str(idx), str(photo)], capture_output=True, text=True,
+                       env=_env(), cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["torch"] == [] and out["runtime"] == "onnx", out
+    assert out["serve"] == 200 and out["serve_image"] == 200, out
+    assert out["image"][0] == 4 and len(out["captions"]) == 2  # the photo itself first (ids start at 1)
+    for args in (["a red circle"], ["--image", str(photo)], ["a red circle", "--image", str(photo)],
+                 ["a blue square", "--to", "captions"]):
+        r = _cli("search", *args, "--index", str(idx), "--json", "-k", "3", PYTHONPROFILEIMPORTTIME="1")
+        assert r.returncode == 0, r.stderr[-2000:]
+        heavy = [ln for ln in r.stderr.splitlines() if ln.startswith("import time:") and ln.split("|")[-1].strip().split(".")[0] in ("torch", "open_clip")]
+        assert heavy == [], heavy[:3]
+    # the same top results as the torch encoder, scores within 1e-5
+    from retrieval.search import Searcher
+
+    with Searcher.open(idx) as s:
+        got = s.search("a red circle", k=5)
+        s.index._encoder = s.index._torch_encoder("cpu")
+        ref = s.search("a red circle", k=5)
+    assert [r.id for r in got] == [r.id for r in ref]
+    assert max(abs(a.score - b.score) for a, b in zip(got, ref)) <= 1e-5
+
+
+def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_export):
+    write_photos(tmp_path / "photos", 5)
+    code = (
+        "import sys\n"
+        "from index_data.pipeline import IndexOptions, run_index\n"
+        f"r = run_index(sys.argv[1], IndexOptions(paths=[sys.argv[2]], model='{TINY}', workers=1, progress=False, device='cpu'))\n"
+        "print(r.encoded, [m for m in ('torch', 'open_clip') if m in sys.modules])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx"), str(tmp_path / "photos")],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[0] == "5" and p.stdout.strip().endswith("[]"), p.stdout
+    db = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
+    (value,) = db.execute("SELECT value FROM manifest WHERE key = 'onnx_export'").fetchone()
+    assert json.loads(value)["key"] == tiny_export.name
+
+
+def test_onnx_and_torch_runtimes_store_the_same_vectors(tmp_path, tiny_export):
+    from retrieval.index import Index
+
+    write_photos(tmp_path / "photos", 6)
+    (tmp_path / "photos" / "img_0001.jpg.txt").write_text("a caption\n")
+    vecs = {}
+    for rt in ("onnx", "torch"):
+        build_index(tmp_path / rt, [tmp_path / "photos"], runtime=rt)
+        with Index.open(tmp_path / rt) as idx:
+            rows = idx.store.image_ids_with_hash()
+            vecs[rt] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
+            caps = idx.store.caption_ids_with_hash()
+            vecs[rt + "-text"] = idx.store.get_embeddings("text", [h for _, h in caps], idx.dim)
+    np.testing.assert_allclose(vecs["onnx"], vecs["torch"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(vecs["onnx-text"], vecs["torch-text"], atol=1e-5, rtol=0)
+    r = _cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "x"), "--model", TINY,
+             "--runtime", "onnx", "--device", "cuda")
+    assert r.returncode == 2 and "--runtime onnx runs on the CPU" in r.stderr
+
+
+def _private_cache(tmp_path, tiny_export) -> Path:
+    """A copy of the session's cache, so that damaging it does not touch the other tests' export."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_export, cache / "onnx" / tiny_export.name)
+    return cache
+
+
+def _search(index, monkeypatch, cache, **query):
+    from retrieval import onnx_runtime
+    from retrieval.search import Searcher
+
+    monkeypatch.setenv(ENV_CACHE, str(cache))
+    onnx_runtime._warned.clear()
+    with Searcher.open(index) as s:
+        return [r.id for r in s.search(k=2, **query)], s.index._encoder
+
+
+def test_damaged_export_is_reported_once_and_queries_still_answer(onnx_index, tmp_path, tiny_export, monkeypatch, capsys):
+    cache = _private_cache(tmp_path, tiny_export)
+    mine = cache / "onnx" / tiny_export.name
+    image = mine / "image.onnx"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    idx, photo = onnx_index / "idx", onnx_index / "photos" / "img_0003.jpg"
+    ids, enc = _search(idx, monkeypatch, cache, image=photo)
+    assert ids[0] == 4 and enc.runtime == "torch"  # answered by torch
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "damaged" in ln]
+    assert len(lines) == 1 and "image.onnx" in lines[0] and "running on torch" in lines[0], lines
+    assert not mine.exists()  # set aside, so that the next index run makes it again
+    build_index(idx, [onnx_index / "photos"])
+    assert (mine / META_NAME).is_file()
+    # the same size but garbage: onnxruntime cannot load it; reported once, and both queries still answer
+    text = mine / "text.onnx"
+    text.write_bytes(b"\0" * text.stat().st_size)
+    ids, enc = _search(idx, monkeypatch, cache, text="a red circle")
+    assert len(ids) == 2 and enc.runtime == "onnx"  # the export's image tower is fine; its text tower fell back
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "damaged" in ln]
+    assert len(err) == 1 and "text.onnx" in err[0] and "running on torch" in err[0], err
+    assert not mine.exists()
+
+
+def test_killed_export_leaves_nothing_that_is_used(tmp_path, onnx_index):
+    from retrieval.index import Index
+    from retrieval.onnx_runtime import load_for_identity
+
+    cache = tmp_path / "cache"
+    r = _cli("index", str(onnx_index / "photos"), "--index", str(tmp_path / "idx"), "--model", TINY, "-q",
+             **{ENV_CACHE: str(cache), "RETRIEVAL_FAULT": "onnx_export:1"})
+    assert r.returncode == -9
+    left = [p.name for p in (cache / "onnx").iterdir()]
+    assert len(left) == 1 and left[0].startswith(".") and left[0].endswith(".tmp")  # only the temp directory
+    with Index.open(onnx_index / "idx") as idx:
+        ident = idx.identity
+    os.environ[ENV_CACHE], old = str(cache), os.environ[ENV_CACHE]
+    try:
+        assert load_for_identity(ident, quiet=True) is None  # the temp directory is never read
+    finally:
+        os.environ[ENV_CACHE] = old
+
+
+def test_unexportable_model_says_so_once_and_runs_on_torch(tmp_path, capsys):
+    from retrieval import onnx_runtime, runtime
+    from retrieval.encoders import load_encoder
+
+    enc = load_encoder("tiny-clip-b:none", device="cpu")
+    enc.preprocess = lambda im: None  # a model whose preprocessing is no torchvision pipeline
+    os.environ[ENV_CACHE], old = str(tmp_path / "cache"), os.environ[ENV_CACHE]
+    try:
+        onnx_runtime._warned.clear()
+        assert runtime._export(enc) is None and runtime._export(enc) is None
+    finally:
+        os.environ[ENV_CACHE] = old
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot export tiny-clip-b:none to ONNX" in err[0] and "runs on torch" in err[0]
+    assert not (tmp_path / "cache" / "onnx").exists() or not any((tmp_path / "cache" / "onnx").iterdir())
+
+
+def test_index_of_the_older_layout_answers_and_is_migrated(tmp_path, tiny_export, monkeypatch):
+    """An index written before exports moved to the cache: per-index text_encoder.* files (formats 1 and 2), no
+    export recorded. Queries answer; the next index run records the export and removes those files."""
+    write_photos(tmp_path / "photos", 4)
+    idx = tmp_path / "idx"
+    build_index(idx, [tmp_path / "photos"])
+    db = sqlite3.connect(idx / "meta.sqlite")
+    with db:
+        db.execute("DELETE FROM manifest WHERE key = 'onnx_export'")
+    db.close()
+    for name, blob in (("text_encoder.json", b'{"format": "retrieval-text-encoder", "version": 2}'),
+                       ("text_encoder.safetensors", b"\0" * 64), ("text_encoder.bpe.txt", b"a b\n")):
+        (idx / name).write_bytes(blob)
+    for cache, runtime in ((cache_root().parent, "onnx"), (tmp_path / "empty", "torch")):  # export in the cache, or not
+        ids, enc = _search(idx, monkeypatch, cache, text="a photo")
+        assert len(ids) == 2 and enc.runtime == runtime
+    monkeypatch.setenv(ENV_CACHE, str(cache_root().parent))
+    build_index(idx, [tmp_path / "photos"])
+    assert not list(idx.glob("text_encoder.*"))
+    db = sqlite3.connect(idx / "meta.sqlite")
+    (value,) = db.execute("SELECT value FROM manifest WHERE key = 'onnx_export'").fetchone()
+    assert json.loads(value)["key"] == tiny_export.name
