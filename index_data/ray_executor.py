@@ -3,8 +3,8 @@
 The driver (index_data/pipeline.py) still scans, plans and writes; only the stage that turns work
 items into vectors runs here. Ray Data reads and decodes in CPU tasks (the same decode_file as the
 local decode workers, so a bad file gets the same reason), encodes in a fixed pool of actors that
-each load the index's model once (retrieval.runtime.index_encoder: torch bf16 on a GPU, onnxruntime on a CPU
-elsewhere), and streams (width, height, vector | error) rows back. The driver commits them in its own
+each load the index's model once (retrieval.runtime.index_encoder: torch bf16 on a GPU node, onnxruntime
+on a CPU node), and streams (width, height, vector | error) rows back. The driver commits them in its own
 batches, so crash safety is the local executor's: SQLite holds every committed batch.
 
 Only a row number and the path bytes are shipped per file; identical contents are encoded once.

@@ -210,15 +210,15 @@ def test_edited_photo_vector_is_republished_after_a_kill(tmp_path, monkeypatch, 
 
 def test_unchanged_bad_file_is_not_decoded_again_and_the_model_not_loaded(tmp_path, monkeypatch):
     from index_data import decode as D
-    from retrieval import encoders
+    from retrieval import runtime
 
     write_photos(tmp_path / "p", 2)
     (tmp_path / "p" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     r = build_index(tmp_path / "idx", [tmp_path / "p"])
     assert [os.path.basename(p) for p, _ in r.errors] == ["broken.jpg"]
     loads, decodes = [], []
-    real_load, real_decode = encoders.load_encoder, D.load_image_with_size
-    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load, real_decode = runtime.index_encoder, D.load_image_with_size
+    monkeypatch.setattr(runtime, "index_encoder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(D, "load_image_with_size", lambda p, *a: decodes.append(p) or real_decode(p, *a))
     r = build_index(tmp_path / "idx", [tmp_path / "p"], model=None)
     assert loads == [] and decodes == [] and r.still_skipped == 1

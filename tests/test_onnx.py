@@ -116,7 +116,7 @@ out = {
 }
 from fastapi.testclient import TestClient
 from retrieval.server import create_app
-c = TestClient(create_app(sys.argv[1]))
+c = TestClient(create_app(sys.argv[1], for_tests=True))
 out["serve"] = c.get("/api/search", params={"q": "a red circle", "k": 3}).status_code
 with open(sys.argv[2], "rb") as f:
     out["serve_image"] = c.post("/api/search", files={"image": ("q.jpg", f, "image/jpeg")}, data={"k": "3"}).status_code
