@@ -45,7 +45,7 @@ browser:
 
 demo: $(VENV)/.installed
 	rm -rf demo
-	$(PY) -m retrieval.samples demo/photos demo/captions.csv
+	$(PY) benchmarks/samples.py demo/photos demo/captions.csv
 	$(PY) cli.py index demo/photos --captions demo/captions.csv --index demo/index --model starter
 	$(PY) cli.py info --index demo/index
 	$(PY) cli.py search "a cat" --index demo/index -k 3

@@ -21,6 +21,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", os.path.join(ROOT, "tests", "model_configs"))  # the tests' tiny-clip architectures
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 

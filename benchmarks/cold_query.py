@@ -149,7 +149,7 @@ def build_checkpoint_index(root: Path) -> Path:
 
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.encoders import load_encoder
-    from retrieval.samples import write_sample_photos
+    from benchmarks.samples import write_sample_photos
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -192,7 +192,7 @@ def build_starter_index(root: Path) -> Path:
     import shutil
 
     from index_data.pipeline import IndexOptions, run_index
-    from retrieval.samples import write_sample_photos
+    from benchmarks.samples import write_sample_photos
 
     shutil.rmtree(root, ignore_errors=True)
     photos = write_sample_photos(root / "photos")

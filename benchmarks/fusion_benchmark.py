@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
 
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.fusion import Fusion
-    from retrieval.fusion_train import TrainConfig, evaluate_fusion, install_fusion, load_pairs, train_fusion
+    from retrieval.fusion_train import TrainConfig, evaluate_fusion, install_fusion, index_pairs, train_fusion
     from retrieval.index import Index
     from retrieval.search import Searcher
 
@@ -173,8 +174,8 @@ def main(argv=None) -> int:
         for row in store.iter_images():
             split_of[row.id] = Path(row.path).parent.name
         ids = {s: np.array(sorted(i for i, sp in split_of.items() if sp == s), np.int64) for s in ("train", "val", "test")}
-        train = load_pairs(store, idx.dim, ids["train"])
-        val = load_pairs(store, idx.dim, ids["val"])
+        train = index_pairs(store, idx.dim, ids["train"])
+        val = index_pairs(store, idx.dim, ids["val"])
 
         # held-out queries, encoded with the index's own encoder
         path_to_id = {store.images_by_ids([i])[i].path: i for i in ids["test"]}

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -122,7 +123,8 @@ def main() -> None:
     import ray
     from report import machine_info
 
-    from index_data.decode import decode_stream, default_workers
+    from index_data.decode import decode_stream
+    from index_data.workers import affinity_workers as default_workers
     from retrieval.encoders import load_encoder
 
     folder = _photos(Path(args.data), args.n)

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
 for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -30,8 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def write_samples(folder: Path) -> tuple[Path, str]:
-    """The scikit-image photos of retrieval/samples.py and their hand-written captions as a CSV corpus."""
-    from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos
+    """The scikit-image photos of benchmarks/samples.py and their hand-written captions as a CSV corpus."""
+    from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos
 
     paths = write_sample_photos(folder / "photos")
     caps = folder / "captions.csv"
@@ -42,7 +43,7 @@ def write_samples(folder: Path) -> tuple[Path, str]:
             for c in SAMPLE_CAPTIONS[p.name]:
                 w.writerow([f"photos/{p.name}", c])
     n_caps = sum(len(SAMPLE_CAPTIONS[p.name]) for p in paths)
-    return caps, f"scikit-image sample photos (retrieval/samples.py): {len(paths)} photos, {n_caps} hand-written captions"
+    return caps, f"scikit-image sample photos (benchmarks/samples.py): {len(paths)} photos, {n_caps} hand-written captions"
 
 
 def write_synthetic(folder: Path, n: int) -> tuple[Path, str]:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
 B = "benchmarks"
 
 

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
 for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -241,7 +242,7 @@ def task_indexing(t: dict) -> dict:
     t0 = time.perf_counter()
     import torch  # noqa: F401
 
-    from index_data.decode import default_workers
+    from index_data.workers import affinity_workers as default_workers
     from index_data.gpu_stream import choose_decode_stream, resolve_decode
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.encoders import load_encoder
@@ -890,7 +891,7 @@ def _dim(spec: str) -> int:
     if spec == "starter":
         return 384
     arch = spec.split(":")[0]
-    cfg = ROOT / "retrieval" / "model_configs" / f"{arch}.json"
+    cfg = ROOT / "tests" / "model_configs" / f"{arch}.json"
     if cfg.exists():
         return int(json.loads(cfg.read_text())["embed_dim"])
     try:

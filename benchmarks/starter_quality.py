@@ -1,6 +1,6 @@
 """Quality and speed of the offline starter model, and the sweep that chose its ConSE hyperparameters.
 
-Check set: the scikit-image photos of retrieval/samples.py (18 photos, 43 hand-written captions).
+Check set: the scikit-image photos of benchmarks/samples.py (18 photos, 43 hand-written captions).
   text->image: each caption is a query over the 18 photos; correct = its photo.
   image->text: each photo is a query over the 43 captions; hit@k = any of its captions in the top k.
 Ties count against the query (a tied wrong candidate ranks first), so degenerate settings that give several
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
 
     from retrieval import starter as S
     from retrieval.encoders import load_encoder
-    from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos
+    from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos
 
     template_sets = [t for t in S.TEMPLATE_SETS if not (args.quick and t == "openai")]
     with tempfile.TemporaryDirectory() as tmpd:
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
 
     result = {
         "machine": f"2-core CPU sandbox, no GPU ({platform.machine()}, {os.cpu_count()} CPUs)",
-        "check_set": {"photos": len(paths), "captions": len(captions), "source": "retrieval/samples.py (scikit-image)"},
+        "check_set": {"photos": len(paths), "captions": len(captions), "source": "benchmarks/samples.py (scikit-image)"},
         "identity": enc.identity.to_dict(),
         "default_config": dataclasses.asdict(d),
         "default_metrics_sweep": default_row,

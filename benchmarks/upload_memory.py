@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
 MACHINE = "2-core AMD EPYC CPU sandbox (no GPU), 24 GB RAM"
 
 

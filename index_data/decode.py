@@ -302,12 +302,6 @@ def _default_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def default_workers() -> int:
-    """Decode processes to use next to an encoder in the main process: cores - 1, at least 1, at most 8."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, n - 1))
-
-
 # ---------------------------------------------------------------------------------------------------
 
 

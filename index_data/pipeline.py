@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from retrieval.datasets import read_captions, read_sidecar, resolve_image_path
+from retrieval.datasets import read_caption_pairs, read_sidecar
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
@@ -25,7 +25,10 @@ from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 from .decode import DecodeWorkerError
 from .gpu_stream import choose_decode_stream
 from .photo_meta import fill_photo_meta
-from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, hash_file, scan
+from retrieval.hashing import hash_file
+
+from .workers import index_workers
+from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
@@ -110,10 +113,6 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
 def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexReport:
     if opts.rebuild:  # built aside and switched in at the end (index_data/rebuild.py)
         from .rebuild import run_rebuild
@@ -159,7 +158,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             for p in problems:
                 idx.store.record_error(p.path, p.reason)
         report.scanned = len(files)
-        work, dirty = _plan_and_apply_cheap_changes(idx, files, roots, report, opts.retry_errors)
+        work = _plan_and_apply_cheap_changes(idx, files, roots, report, opts.retry_errors)
         with _StopFlag() as stop:
             _encode(idx, encoder, work, opts, report, stop, dirty)
             report.interrupted = stop.set
@@ -264,47 +263,35 @@ def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
     from retrieval.runtime import index_encoder
 
     current = idx.identity
-    if current is not None and opts.model and not opts.rebuild:
+    # opts.rebuild is never set here: run_index hands --rebuild to index_data/rebuild.py, which builds aside
+    if current is not None and opts.model:
         if str(parse_spec(opts.model)) != current.spec:
             raise ModelMismatchError(
                 f"the index at {idx.root} uses {current.spec}; refusing to add vectors from {opts.model}. "
                 f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with the new one"
             )
     spec = opts.model or (current.spec if current else DEFAULT_MODEL)
-    if current is not None and not opts.rebuild:
+    if current is not None:
         def load():
             encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
             idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
             return encoder, key
 
         return _LazyEncoder(load)
-    if preloaded is not None and current is None:
+    if preloaded is not None:
         encoder, key = preloaded
     else:
         encoder, key = index_encoder(spec, opts.device, opts.runtime)
     encoder.export_key = key
-    if current is not None:  # --rebuild
-        _reset_for_rebuild(idx)
     idx.set_model(encoder.identity)
     return encoder
-
-
-def _reset_for_rebuild(idx: Index) -> None:
-    """--rebuild: every vector is re-made with the new model; the image list is re-scanned from PATHs."""
-    with idx.store.transaction():
-        idx.store.db.execute("DELETE FROM captions")
-        idx.store.db.execute("DELETE FROM images")
-        idx.store.clear_embeddings()
-        idx.store.set_manifest("fusion", None)
-        idx.store.set_manifest("model", None)
 
 
 def _read_corpus(opts: IndexOptions) -> dict[str, list[str]]:
     """Caption corpus grouped by resolved image path."""
     out: dict[str, list[str]] = {}
-    for rec in read_captions(opts.captions_file, opts.fmt, opts.split):
-        path = resolve_image_path(rec.image, opts.images_dir, opts.captions_file)
-        out.setdefault(os.path.abspath(path), []).append(rec.caption)
+    for path, caption in read_caption_pairs(opts.captions_file, opts.fmt, opts.split, opts.images_dir):
+        out.setdefault(path, []).append(caption)
     return out
 
 
@@ -332,7 +319,6 @@ def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, r
         gone_by_hash.setdefault(h, []).append(p)
 
     work: list[_Work] = []
-    dirty: set[int] = set()
     known_hashes = {h for (_, _, _, h) in existing.values()}
     with store.transaction():
         for f in files:
@@ -380,7 +366,7 @@ def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, r
             report.removed += len(gone)
         # a bad file that was since deleted is no longer skipped: forget it
         store.clear_errors([p for p in remembered if p not in seen and _under(p, abs_roots) and not os.path.lexists(p)])
-    return work, dirty
+    return work
 
 
 def _dims_for_hash(store, h: str):
@@ -394,7 +380,7 @@ def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: 
     from tqdm import tqdm
 
     store = idx.store
-    workers = default_workers() if opts.workers is None else opts.workers
+    workers = index_workers() if opts.workers is None else opts.workers
     jobs = [(w, w.file.path) for w in work]
     bar = tqdm(total=len(work), unit="img", disable=not opts.progress, desc="indexing", smoothing=0.1)
     batch: list = []

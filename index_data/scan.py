@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import os
 import re
 import stat as stat_mod
@@ -304,19 +303,3 @@ def _drop_raw_with_companion(files: list[ScannedFile]) -> list[ScannedFile]:
         return files
     return [f for f in files if not (os.path.splitext(f.path)[1].lower() in RAW_EXTENSIONS
                                      and os.path.splitext(f.path)[0].lower() in companions)]
-
-
-_CHUNK = 1 << 20
-
-
-def hash_file(path: str) -> str:
-    """Hex SHA-256 of the file's bytes (64 characters). Used to recognise moved, duplicate and changed
-    files. SHA-256 is used because with the CPU's SHA extensions it beats BLAKE2b here (see the report
-    in the decode/scan notes); any change of algorithm changes every stored hash."""
-    with open(path, "rb") as f:
-        if hasattr(hashlib, "file_digest"):
-            return hashlib.file_digest(f, "sha256").hexdigest()
-        h = hashlib.sha256()
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-        return h.hexdigest()

@@ -64,7 +64,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .datasets import read_captions, resolve_image_path
+from .datasets import read_caption_pairs
 from .errors import ModelMismatchError, RetrievalError
 from .evaluate import DEFAULT_KS, clip_benchmark_metrics
 
@@ -164,14 +164,12 @@ def load_pairs(captions_file: str | os.PathLike, images_dir: str | None = None, 
     Image references resolve exactly as the indexing pipeline resolves them (``resolve_image_path`` then
     ``abspath``), so they match the paths stored in the index.
     """
-    records = read_captions(captions_file, fmt, split)
     rows: dict[str, int] = {}
     captions: list[str] = []
     owner: list[int] = []
-    for rec in records:
-        path = os.path.abspath(resolve_image_path(rec.image, images_dir, captions_file))
+    for path, caption in read_caption_pairs(captions_file, fmt, split, images_dir):
         owner.append(rows.setdefault(path, len(rows)))
-        captions.append(rec.caption)
+        captions.append(caption)
     return RecallPairs(list(rows), captions, np.asarray(owner, dtype=np.int64), source=os.fspath(captions_file))
 
 

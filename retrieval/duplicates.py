@@ -140,7 +140,7 @@ def find_duplicates(index, threshold: float = DEFAULT_THRESHOLD, exact_max: int 
     """Near-duplicate groups of an open retrieval.index.Index, largest groups first."""
     if not (MIN_THRESHOLD <= threshold <= 1.0) or math.isnan(threshold):
         raise RetrievalError(f"--threshold must be between {MIN_THRESHOLD} and 1, got {threshold:g}")
-    from .search import _display
+    from .names import display_text
 
     store = index.store
     rows = list(store.db.execute("SELECT id, path_raw, hash, width, height, mtime_ns FROM images ORDER BY id"))
@@ -184,7 +184,7 @@ def find_duplicates(index, threshold: float = DEFAULT_THRESHOLD, exact_max: int 
             for r in members_of[node]:
                 members.append((quality(r), score, r))
         members.sort(key=lambda m: (m[0], m[1]), reverse=True)
-        out.append(DuplicateGroup([DuplicateMember(_display(path_from_db(r[1])), int(r[0]), round(float(s), 6),
+        out.append(DuplicateGroup([DuplicateMember(display_text(bytes(r[1])), int(r[0]), round(float(s), 6),
                                                    r[3], r[4]) for _, s, r in members]))
     out.sort(key=lambda g: (-len(g.members), g.members[0].path))
     return out

@@ -16,9 +16,13 @@ import numpy as np
 
 from .errors import ModelSpecError, OfflineWeightsError, OFFLINE_HELP
 from .images import load_image
-from .modelspec import ModelIdentity, ModelSpec, parse_spec, sha256_file
+from .hashing import sha256_file
+from .modelspec import ModelIdentity, ModelSpec, parse_spec
+from .vecmath import l2_normalize
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Extra open_clip architecture configs (a folder of ARCH.json files, several joined by os.pathsep): the test
+# suite's tiny models live under tests/model_configs and are never registered for users.
+CONFIG_DIRS_ENV = "RETRIEVAL_MODEL_CONFIGS"
 RANDOM_INIT_SEED = 0
 
 
@@ -36,12 +40,6 @@ def pick_device(device: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
 
 
 class Encoder:
@@ -129,13 +127,15 @@ _REGISTERED = False
 
 
 def register_model_configs() -> None:
-    """Make the project's own architectures (e.g. tiny-clip) known to open_clip's registry."""
+    """Make the architectures in $RETRIEVAL_MODEL_CONFIGS (e.g. the tests' tiny-clip) known to open_clip."""
     global _REGISTERED
     if _REGISTERED:
         return
     import open_clip
 
-    open_clip.add_model_config(CONFIG_DIR)
+    for folder in filter(None, os.environ.get(CONFIG_DIRS_ENV, "").split(os.pathsep)):
+        if Path(folder).is_dir():
+            open_clip.add_model_config(Path(folder))
     _REGISTERED = True
 
 

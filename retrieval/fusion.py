@@ -43,6 +43,11 @@ import numpy as np
 
 from .errors import RetrievalError
 from .modelspec import ModelIdentity
+from .vecmath import l2_normalize
+
+
+def _unit(x):
+    return l2_normalize(x, keep_unit=True)
 
 FORMAT_NAME = "retrieval-fusion"
 FORMAT_VERSION = 1
@@ -52,7 +57,6 @@ FILE_SUFFIX = ".safetensors"
 FILE_RE = re.compile(r"^fusion\.([0-9a-f]{8,64})\.safetensors$")
 CONFIG_RE = re.compile(r"^fusion\.([0-9a-f]{8,64})\.json$")
 ACTIVATIONS = ("none", "gelu_tanh")
-_UNIT_TOL = 1e-6  # rows whose norm is within this of 1 are left bit-identical by _normalize
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,7 @@ def init_params(config: FusionConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows to float32; rows already unit-norm (within 1e-6) are returned unchanged."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    scale = np.where(np.abs(n - 1.0) <= _UNIT_TOL, np.float32(1.0), 1.0 / np.maximum(n, 1e-12)).astype(np.float32)
-    return np.ascontiguousarray(x * scale, dtype=np.float32)
+
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -162,7 +161,7 @@ class Fusion:
         if self.config.activation == "gelu_tanh":
             h = _gelu_tanh(h)
         y = x + h @ p[f"{which}.up"].T + p[f"{which}.bias"]
-        return _normalize(y)
+        return _unit(y)
 
     def image_vectors(self, raw: np.ndarray) -> np.ndarray:
         return self._adapt(raw, "image")
@@ -194,7 +193,7 @@ class Fusion:
         a, t = self.query_image(img), self.query_text(txt)
         if a.shape != t.shape:
             raise ValueError(f"composite query: image {a.shape} and text {t.shape} differ")
-        return _normalize(w * a + (np.float32(1.0) - w) * t)
+        return _unit(w * a + (np.float32(1.0) - w) * t)
 
     # -- document fusion ------------------------------------------------------------------------
 
@@ -224,24 +223,17 @@ class Fusion:
         counts = np.array([len(cap_vecs[i]) for i in rows], dtype=np.int64)
         caps = self.caption_vectors(np.concatenate([_as_2d(cap_vecs[i], self.dim, "captions") for i in rows]))
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        cap_mean = _normalize(np.add.reduceat(caps, starts, axis=0) / counts[:, None].astype(np.float32))
+        cap_mean = _unit(np.add.reduceat(caps, starts, axis=0) / counts[:, None].astype(np.float32))
         img = a[rows]
         g = self.gates(img, cap_mean, counts)
         out = a.copy()
         on = g > 0
         if on.any():
             gg = g[on, None]
-            out[np.asarray(rows)[on]] = _normalize((1.0 - gg) * img[on] + gg * cap_mean[on])
+            out[np.asarray(rows)[on]] = _unit((1.0 - gg) * img[on] + gg * cap_mean[on])
         return out
 
     # -- variants and description ---------------------------------------------------------------
-
-    def without_document_fusion(self) -> "Fusion":
-        """The same adapters with the document gate closed (every item indexed by its image vector)."""
-        p = {k: v.copy() for k, v in self.params.items()}
-        p["gate.bias"][:] = 0
-        p["gate.weight"][:] = 0
-        return Fusion(self.config, p, self.identity, {**self.info, "document_fusion": False})
 
     def describe(self) -> dict:
         p = self.params

@@ -115,7 +115,7 @@ def pairs_from_rows(store, dim: int, rows) -> PairData:
     return PairData(image_keys, image_vecs, text_vecs, np.asarray(cap_image, np.int64))
 
 
-def load_pairs(store, dim: int, image_ids=None) -> PairData:
+def index_pairs(store, dim: int, image_ids=None) -> PairData:
     """All (image, caption) pairs of an index; optionally only those of the given image ids."""
     rows = store.caption_pairs()
     if image_ids is not None:
@@ -520,7 +520,7 @@ def train_fusion_for_index(index_dir, *, epochs: int | None = None, seed: int = 
         ident = idx.identity
         if ident is None or idx.dim == 0:
             raise EmptyIndexError(f"the index at {idx.root} has no model recorded; index something first")
-        data = load_pairs(idx.store, idx.dim)
+        data = index_pairs(idx.store, idx.dim)
         check_enough(data)
         train, val = split_by_image(data, val_fraction, seed)
         notes = []

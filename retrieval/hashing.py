@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from pathlib import Path
 
 _CHUNK = 1 << 20
 
@@ -19,3 +22,30 @@ def hash_file(path) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
         return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, *, cache: bool = True) -> str:
+    """sha256 of a weights file, cached beside it (or in ~/.cache) keyed by size and mtime."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "retrieval" / "sha256.json"
+    table: dict = {}
+    if cache:
+        try:
+            table = json.loads(cache_file.read_text())
+            if key in table:
+                return table[key]
+        except (OSError, ValueError):
+            table = {}
+    digest = hash_file(path)
+    if cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            table[key] = digest
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return digest

@@ -55,13 +55,7 @@ def load_image_with_size(source, target_size: int | None = None) -> tuple[Image.
         check_decoder(name)
         with Image.open(source) as im:
             w, h = im.size
-            if w <= 0 or h <= 0:
-                raise ImageDecodeError(f"{name}: invalid dimensions {w}x{h}")
-            if w * h > MAX_PIXELS:
-                raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)")
-            if max(w, h) > MAX_ASPECT * min(w, h):
-                # resizing the shorter side to the model's input would blow the longer one up to millions of pixels
-                raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
+            check_size(name, w, h)
             if getattr(im, "is_animated", False):
                 im.seek(0)
             if target_size and im.format == "JPEG":
@@ -116,10 +110,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def is_image_name(path: str | os.PathLike) -> bool:
-    return Path(os.fsdecode(path)).suffix.lower() in IMAGE_EXTENSIONS
-
-
 # Query uploads are decoded for one embedding only, so far fewer pixels are needed than for indexing.
 UPLOAD_MAX_PIXELS = 32_000_000  # pixels actually decoded (after JPEG draft); keeps a request under ~300 MB
 UPLOAD_SIDE = 512  # decoded images are reduced to about this shorter side (any model's input is smaller)
@@ -141,6 +131,17 @@ def _reduce_in_strips(im: Image.Image, factor: int, rows: int = 64) -> Image.Ima
     return out
 
 
+def check_size(name: str, w: int, h: int) -> None:
+    """Refuse sizes no photo has: empty, decompression bombs, extreme aspect ratios (resizing the shorter side
+    to the model's input would blow the longer one up to millions of pixels)."""
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"{name}: invalid dimensions {w}x{h}")
+    if w * h > MAX_PIXELS:
+        raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
+
+
 def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_SIDE) -> Image.Image:
     """Decode an uploaded query image with bounded memory: JPEGs in draft mode (the decoder scales by up
     to 1/8), other formats refused when their full decode exceeds `max_pixels`, and every image reduced
@@ -150,12 +151,7 @@ def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_
     try:
         with Image.open(source) as im:
             w, h = im.size
-            if w <= 0 or h <= 0:
-                raise ImageDecodeError(f"{name}: invalid dimensions {w}x{h}")
-            if w * h > MAX_PIXELS:
-                raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit (decompression bomb?)")
-            if max(w, h) > MAX_ASPECT * min(w, h):
-                raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
+            check_size(name, w, h)
             if getattr(im, "is_animated", False):
                 im.seek(0)
             if im.format == "JPEG":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -91,32 +90,3 @@ class ModelIdentity:
         return self.pretrained == other.pretrained
 
 
-def sha256_file(path: str | os.PathLike, *, cache: bool = True) -> str:
-    """sha256 of a weights file, cached beside it (or in ~/.cache) keyed by size and mtime."""
-    path = Path(path)
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "retrieval" / "sha256.json"
-    table: dict = {}
-    if cache:
-        try:
-            table = json.loads(cache_file.read_text())
-            if key in table:
-                return table[key]
-        except (OSError, ValueError):
-            table = {}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if cache:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            table[key] = digest
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass
-    return digest

@@ -13,6 +13,11 @@ import os
 _NAMED = {0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v", 0x0C: "\\f", 0x0D: "\\r", 0x1B: "\\e"}
 
 
+def display_text(path: str | bytes) -> str:
+    """A path as UTF-8 text for people and JSON: bytes that are not UTF-8 become U+FFFD."""
+    return (path if isinstance(path, bytes) else os.fsencode(path)).decode("utf-8", "replace")
+
+
 def result_bytes(path: str, path_b64: str | None) -> bytes:
     """The exact name of a search result: `path_b64` when the name is not UTF-8, else `path` itself."""
     return base64.b64decode(path_b64) if path_b64 else path.encode("utf-8", "surrogateescape")

@@ -294,7 +294,7 @@ def _verify(encoder, ref_model, onnx: OnnxEncoder) -> dict:
                 enc = load_starter(device="cpu", config=encoder.config)
             ref_img = enc.encode_image_tensors(torch.from_numpy(pixels))
             ref_txt = enc.encode_texts(texts)
-    from .encoders import l2_normalize
+    from .vecmath import l2_normalize
 
     for name, ref, got in (("image", ref_img, onnx.encode_image_tensors(pixels)),
                            ("image_one", ref_img[:1], onnx.encode_image_tensors(pixels[:1])),
@@ -365,7 +365,7 @@ def ensure_export(encoder) -> Path:
             sources = meta.pop("_sources")
         else:
             raise ExportFailed(f"{type(encoder).__name__} has no ONNX exporter")
-        from .modelspec import sha256_file
+        from .hashing import sha256_file
 
         meta.update(format=FORMAT, version=FORMAT_VERSION, key=key, identity=encoder.identity.to_dict(),
                     sources={p: sha256_file(p) for p in sources}, tolerance=TOLERANCE, opset=OPSET,

@@ -28,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoders import Encoder, l2_normalize
+from .encoders import Encoder
+from .vecmath import l2_normalize
 from .images import load_image
-from .modelspec import ModelIdentity, sha256_file
+from .hashing import sha256_file
+from .modelspec import ModelIdentity
+from .preprocess import resize_crop_normalize
 
 FORMAT = "retrieval-onnx"
 FORMAT_VERSION = 2  # 2: weights in <tower>.onnx.data beside each graph
@@ -161,23 +164,7 @@ class ImageTransform:
                 (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())))
 
     def __call__(self, image) -> np.ndarray:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize, int(self.resize * long / short)
-        new = (new_short, new_long) if w <= h else (new_long, new_short)
-        if new != (w, h):
-            image = image.resize(new, self.resample)
-        w, h = image.size
-        ch, cw = self.crop
-        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-        image = image.crop((left, top, left + cw, top + ch))
-        x = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
-        x /= np.float32(255)
-        x -= self.mean
-        x /= self.std
-        return x
+        return resize_crop_normalize(image, self.resize, self.crop, self.resample, self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.to_meta()})"

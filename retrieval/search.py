@@ -19,10 +19,12 @@ from typing import Union
 import numpy as np
 
 from .errors import EmptyIndexError, RetrievalError
+from .names import display_text
 from .index import Index
 from .photo_filters import PhotoFilter
 from .query_math import QueryTerm, parse_terms, weighted_sum
 from .store import path_from_db
+from .vecmath import l2_normalize
 
 MAX_OVERFETCH_ROUNDS = 8
 
@@ -69,10 +71,6 @@ class CaptionResult:
 
 
 Result = Union[ImageResult, CaptionResult]
-
-
-def _display(path: str) -> str:
-    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _path_b64(path: str) -> str | None:
@@ -152,7 +150,7 @@ class Searcher:
         if fusion is not None:
             return fusion.query_composite(img[None], txt[None], weight)[0]
         q = weight * img + (1.0 - weight) * txt
-        return (q / max(np.linalg.norm(q), 1e-12)).astype(np.float32)
+        return l2_normalize(q)
 
     def apply_terms(self, base: np.ndarray | None, terms) -> np.ndarray:
         """The normalised sum of `base` (weight 1; None for none) and each QueryTerm's vector times its weight."""
@@ -286,7 +284,7 @@ class Searcher:
                         continue
                     seen.add(row.hash)
                 meta = metas.get(i)
-                out.append(ImageResult(len(out) + 1, s, i, _display(row.path), row.hash, row.width, row.height,
+                out.append(ImageResult(len(out) + 1, s, i, display_text(row.path), row.hash, row.width, row.height,
                                        [t for _, t in caps.get(i, [])], path_b64=_path_b64(row.path),
                                        **(meta.to_dict() if meta else {})))
                 if len(out) == k:
@@ -310,7 +308,7 @@ class Searcher:
                     if key in seen_text:
                         continue
                     seen_text.add(key)
-                out.append(CaptionResult(len(out) + 1, s, i, text, image_id, _display(img.path) if img else None, source,
+                out.append(CaptionResult(len(out) + 1, s, i, text, image_id, display_text(img.path) if img else None, source,
                                          path_b64=_path_b64(img.path) if img else None))
                 if len(out) == k:
                     break

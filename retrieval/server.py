@@ -41,10 +41,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-from .photo_filters import PhotoFilter
-from .query_math import parse_terms
 from .errors import (
     EmptyIndexError,
     ImageDecodeError,
@@ -58,7 +56,7 @@ from .errors import (
 from .served_files import CheckedFile, FileChanged, open_indexed
 
 try:
-    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from fastapi.staticfiles import StaticFiles
@@ -68,22 +66,14 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"the web server needs the [serve] extra ({e.name} is missing): pip install 'retrieval-engine[serve]'"
     ) from None
 
+from .search_params import SearchParams, form_params, query_params  # noqa: E402 - after the [serve] check
+
 log = logging.getLogger("retrieval.server")
 
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # form fields and multipart boundaries around the uploaded file
 THUMB_SIZE = 256
-MAX_K = 1000
-AFTER_HELP = "Only photos taken on or after this ISO date (2019, 2019-06, 2019-06-21)"
-BEFORE_HELP = "Only photos taken on or before this ISO date (the whole period named)"
-CAMERA_HELP = "Only photos whose camera make or model contains this text (any case)"
-NEAR_HELP = "LAT,LON: only photos taken within km of this point (EXIF GPS)"
-KM_HELP = "Radius for near, in kilometres (default 10)"
-ADD_HELP = "Query arithmetic (repeatable): [WEIGHT:]TEXT or [WEIGHT:]id:IMAGE_ID added to the query, e.g. 2:sunset"
-SUBTRACT_HELP = "Query arithmetic (repeatable): [WEIGHT:]TEXT or [WEIGHT:]id:IMAGE_ID subtracted from the query"
-MAX_TERMS = 32
-PROBES_HELP = "ANN effort for this query: IVF lists probed or HNSW efSearch (default: the index's setting)"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 TEST_HOST = "testserver"  # the Host header of Starlette's TestClient: accepted only by create_app(for_tests=True)
 UPLOAD_DECODES = 2  # query uploads decoded at the same time; more wait (each may take up to ~150 MB)
@@ -353,13 +343,6 @@ class _Service:
             return self._dup_cache[1]
 
 
-def _terms(add, subtract):
-    """Query terms from HTTP parameters: text or id:N, never a path on the server."""
-    if len(add) + len(subtract) > MAX_TERMS:
-        raise RetrievalError(f"at most {MAX_TERMS} add/subtract terms")
-    return parse_terms([a for a in add if a.strip()], [x for x in subtract if x.strip()], allow_paths=False)
-
-
 def _result_dict(r, base: str) -> dict:
     d = r.to_dict()
     image_id = d["id"] if d.get("kind") == "image" else d.get("image_id")
@@ -476,60 +459,27 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
     @app.get("/api/search", summary="Search by text, by an indexed image id (more like this), or both")
     def api_search(
         request: Request,
-        q: Optional[str] = Query(None, max_length=2000, description="Query text"),
         id: Optional[int] = Query(None, ge=0, le=2**62, description="Id of an indexed image: more like this"),
-        k: int = Query(10, ge=1, le=MAX_K),
-        to: Literal["images", "captions"] = Query("images"),
-        weight: float = Query(0.5, ge=0.0, le=1.0, description="Image share of a composite (id + q) query"),
-        min_score: Optional[float] = Query(None, ge=-1.0, le=1.0),
-        under: Optional[str] = Query(None, max_length=4096),
-        glob: Optional[str] = Query(None, max_length=1024),
-        exclude_self: bool = Query(False, description="With id: leave out that image and identical copies"),
-        probes: Optional[int] = Query(None, ge=1, le=65536, description=PROBES_HELP),
-        after: Optional[str] = Query(None, max_length=40, description=AFTER_HELP),
-        before: Optional[str] = Query(None, max_length=40, description=BEFORE_HELP),
-        camera: Optional[str] = Query(None, max_length=200, description=CAMERA_HELP),
-        near: Optional[str] = Query(None, max_length=80, description=NEAR_HELP),
-        km: Optional[float] = Query(None, gt=0, le=40075, description=KM_HELP),
-        add: list[str] = Query([], max_length=2000, description=ADD_HELP),
-        subtract: list[str] = Query([], max_length=2000, description=SUBTRACT_HELP),
+        p: SearchParams = Depends(query_params),
     ):
-        text = q if q and q.strip() else None
-        terms = _terms(add, subtract)
-        if text is None and id is None and not terms:
+        terms = p.terms()
+        if p.text is None and id is None and not terms:
             raise RetrievalError("give a query: q=TEXT, id=IMAGE_ID, add=TERM, or several")
-        photo = PhotoFilter.make(after, before, camera, near, km)
+        photo = p.photo()
         t0 = time.perf_counter()
-        results = service.search(text=text, image_id=id, weight=weight, to=to, k=k, min_score=min_score,
-                                 under=under or None, glob=glob or None, exclude_self=exclude_self, probes=probes,
-                                 photo=photo, terms=terms)
+        results = service.search(text=p.text, image_id=id, photo=photo, terms=terms, **p.search_kwargs())
         return _results(request, results, t0)
 
     @app.post("/api/search", summary="Search by an uploaded image, optionally combined with text")
     def api_search_upload(
         request: Request,
         image: UploadFile = File(..., description="Query image"),
-        q: Optional[str] = Form(None, max_length=2000),
-        k: int = Form(10, ge=1, le=MAX_K),
-        to: Literal["images", "captions"] = Form("images"),
-        weight: float = Form(0.5, ge=0.0, le=1.0, description="Image share of a composite query"),
-        min_score: Optional[float] = Form(None, ge=-1.0, le=1.0),
-        under: Optional[str] = Form(None, max_length=4096),
-        glob: Optional[str] = Form(None, max_length=1024),
-        exclude_self: bool = Form(False, description="Leave out indexed copies of the uploaded file"),
-        probes: Optional[int] = Form(None, ge=1, le=65536, description=PROBES_HELP),
-        after: Optional[str] = Form(None, max_length=40, description=AFTER_HELP),
-        before: Optional[str] = Form(None, max_length=40, description=BEFORE_HELP),
-        camera: Optional[str] = Form(None, max_length=200, description=CAMERA_HELP),
-        near: Optional[str] = Form(None, max_length=80, description=NEAR_HELP),
-        km: Optional[float] = Form(None, gt=0, le=40075, description=KM_HELP),
-        add: list[str] = Form([], max_length=2000, description=ADD_HELP),
-        subtract: list[str] = Form([], max_length=2000, description=SUBTRACT_HELP),
+        p: SearchParams = Depends(form_params),
     ):
         from .images import load_upload
 
-        photo = PhotoFilter.make(after, before, camera, near, km)
-        terms = _terms(add, subtract)
+        photo = p.photo()
+        terms = p.terms()
 
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -541,12 +491,10 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         buf.name = name
         with service.decodes:  # bounded: a few huge uploads at once must not take all memory
             pil = load_upload(buf)
-        text = q if q and q.strip() else None
         t0 = time.perf_counter()
-        results = service.search(text=text, image=pil, weight=weight, to=to, k=k, min_score=min_score,
-                                 under=under or None, glob=glob or None, exclude_self=exclude_self,
-                                 image_hash=hashlib.sha256(data).hexdigest() if exclude_self else None, probes=probes,
-                                 photo=photo, terms=terms)
+        results = service.search(text=p.text, image=pil, photo=photo, terms=terms,
+                                 image_hash=hashlib.sha256(data).hexdigest() if p.exclude_self else None,
+                                 **p.search_kwargs())
         return _results(request, results, t0)
 
     @app.get("/duplicates", include_in_schema=False)

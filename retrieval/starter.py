@@ -22,7 +22,7 @@ tokenizer, the class names and the templates; without a cache it is simply recom
 
 The hyperparameters in ConseConfig (top-T, temperature, template set, input normalisation, crop) were chosen
 by measurement with `python benchmarks/starter_quality.py` on the scikit-image check set of
-`retrieval/samples.py` (18 photos, 43 captions). That set is tiny (one query moves a recall by 2 to 6 points),
+`benchmarks/samples.py` (18 photos, 43 captions). That set is tiny (one query moves a recall by 2 to 6 points),
 so the choice is made to be robust rather than to win it:
   1. top-T and temperature are picked by the mean score pooled over all 16 (template set x normalisation x
      crop) variants and smoothed over grid neighbours, so they must be good everywhere, not in one lucky
@@ -60,7 +60,10 @@ from torch import nn
 
 from .encoders import Encoder, pick_device
 from .errors import ModelSpecError
-from .modelspec import ModelIdentity, sha256_file
+from .hashing import sha256_file
+from .vecmath import l2_normalize
+from .modelspec import ModelIdentity
+from .preprocess import resize_crop_normalize
 
 VERSION = "effnet-lite0+minilm-l6-v2/conse-v1"
 DIM = 384
@@ -224,21 +227,7 @@ class StarterTransform:
                 (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())))
 
     def __call__(self, image) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize, int(self.resize * long / short)
-        new = (new_short, new_long) if w <= h else (new_long, new_short)
-        if new != (w, h):
-            image = image.resize(new, self.RESAMPLE)
-        w, h = image.size
-        top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
-        image = image.crop((left, top, left + self.size, top + self.size))
-        x = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
-        x /= np.float32(255)
-        x -= self.mean
-        x /= self.std
+        x = resize_crop_normalize(image, self.resize, (self.size, self.size), self.RESAMPLE, self.mean, self.std)
         return torch.from_numpy(x)
 
     def __repr__(self) -> str:
@@ -413,7 +402,7 @@ def compute_class_embeddings(text: TextTower, templates: str) -> np.ndarray:
     classes, temps = imagenet_classnames(), template_strings(templates)
     prompts = [t.replace("{c}", c) for c in classes for t in temps]
     emb = text.encode(prompts, batch_size=512).reshape(len(classes), len(temps), DIM).mean(axis=1)
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    return l2_normalize(emb)
 
 
 def class_embeddings(files: StarterFiles, text: TextTower, templates: str, use_cache: bool = True) -> tuple[np.ndarray, bool]:
@@ -478,12 +467,6 @@ class StarterEncoder(Encoder):
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         return self.text.encode(texts, batch_size=batch_size)
 
-    def top_classes(self, batch, k: int = 5) -> list[list[tuple[str, float]]]:
-        """The classifier's top-k ImageNet classes per image (for explaining a result)."""
-        probs = torch.softmax(self.image_logits(batch), -1)
-        names = imagenet_classnames()
-        v, i = probs.topk(k, -1)
-        return [[(names[j], float(p)) for p, j in zip(vr.tolist(), ir.tolist())] for vr, ir in zip(v, i)]
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .faults import checkpoint
+from .names import display_text
 
 SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
@@ -26,7 +27,7 @@ DB_NAME = "meta.sqlite"
 def path_to_db(path: str) -> tuple[str, bytes]:
     """(display text, exact bytes). Non-UTF-8 names keep their bytes; the text is for people."""
     raw = os.fsencode(path)
-    return raw.decode("utf-8", "replace"), raw
+    return display_text(raw), raw
 
 
 def path_from_db(raw: bytes) -> str:
@@ -204,9 +205,6 @@ class Store:
     def iter_images(self) -> Iterator[ImageRow]:
         for row in self.db.execute(f"SELECT {self._IMAGE_COLS} FROM images ORDER BY id"):
             yield self._image(row)
-
-    def image_ids(self) -> np.ndarray:
-        return np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
 
     def image_ids_with_hash(self) -> list[tuple[int, str]]:
         return list(self.db.execute("SELECT id, hash FROM images ORDER BY id"))

@@ -1,4 +1,4 @@
-"""Test configuration: never touch the network; register the tiny model."""
+"""Test configuration: never touch the network; register the tiny models."""
 
 import os
 
@@ -11,6 +11,16 @@ if "RETRIEVAL_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-test-cache-")
+
+# The tiny test architectures (tiny-clip, tiny-clip-b), for this process and every CLI subprocess it spawns
+os.environ["RETRIEVAL_MODEL_CONFIGS"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+import sys  # noqa: E402
+
+# benchmarks/ (demo samples, benchmark scripts) is imported as a namespace package from the repository root
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import pytest  # noqa: E402
 

@@ -160,7 +160,7 @@ def test_exact_on_flat_and_hnsw(corpus):
 
 def test_cli_json_keys_and_exact(corpus):
     root, caps, _, _ = corpus
-    from cli import main
+    from retrieval.cli import main
 
     res = CliRunner().invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"),
                                     "--json", "--exact"])
@@ -180,7 +180,7 @@ def test_cli_json_keys_and_exact(corpus):
 
 def test_cli_builds_when_no_index(corpus, tmp_path):
     root, caps, _, _ = corpus
-    from cli import main
+    from retrieval.cli import main
 
     # --index naming nothing yet: built there and kept
     res = CliRunner().invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(tmp_path / "new"),
@@ -205,7 +205,7 @@ def test_cli_builds_when_no_index(corpus, tmp_path):
 
 def test_cli_errors(corpus, tmp_path):
     root, caps, _, _ = corpus
-    from cli import main
+    from retrieval.cli import main
 
     runner = CliRunner()
     res = runner.invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"), "--k", "0,5"])
@@ -318,7 +318,7 @@ def test_index_without_the_files_captions_encodes_them(corpus, tmp_path):
     assert r.missing_captions == 0 and r.extra["captions_encoded"] == pairs.n_captions
     assert r.metrics == pytest.approx(direct.metrics, abs=1e-12)
     assert r.metrics["text_retrieval_recall@10"] > 0
-    res = CliRunner().invoke(__import__("cli").main, ["benchmark", "recall", "--captions", str(caps), "--index",
+    res = CliRunner().invoke(__import__("retrieval.cli", fromlist=["main"]).main, ["benchmark", "recall", "--captions", str(caps), "--index",
                                                        str(tmp_path / "photos_only"), "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["captions_encoded"] == pairs.n_captions

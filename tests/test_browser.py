@@ -42,7 +42,7 @@ def _find(path_or_name: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def demo_index(tmp_path_factory):
-    from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos
+    from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos
 
     root = tmp_path_factory.mktemp("browser")
     photos = write_sample_photos(root / "photos")
@@ -233,7 +233,7 @@ def photo_library(tmp_path_factory):
     from PIL import Image, ImageEnhance
 
     from photo_files import make_exif_jpeg
-    from retrieval.samples import write_sample_photos
+    from benchmarks.samples import write_sample_photos
 
     root = tmp_path_factory.mktemp("library")
     photos = root / "photos"

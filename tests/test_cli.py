@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from retrieval.cli import main
 from conftest import TINY, write_photos
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import faultkit as fk
-from cli import main
+from retrieval.cli import main
 from conftest import TINY, build_index, write_photos
 from retrieval.index import Index
 from retrieval.search import Searcher

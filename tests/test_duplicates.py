@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageEnhance
 
-from cli import main
+from retrieval.cli import main
 from conftest import build_index
 from retrieval.duplicates import find_duplicates, leader_groups, neighbours
 from retrieval.index import Index
@@ -58,7 +58,7 @@ def test_leader_groups_do_not_chain():
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    from retrieval.samples import write_sample_photos
+    from benchmarks.samples import write_sample_photos
 
     root = tmp_path_factory.mktemp("dups")
     photos = root / "photos"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from retrieval.cli import main
 from conftest import build_index, write_photos
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.fusion import FILE_RE, Fusion, fusion_files, load_fusion, save_fusion

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, build_index, draw_scene, write_photos
 
-from cli import main
+from retrieval.cli import main
 from retrieval.errors import RetrievalError
 from retrieval.index import Index
 from retrieval.search import Searcher

@@ -96,7 +96,7 @@ def test_starter_export_matches_torch(tmp_path):
     enc = open_export(ensure_export(starter))
     texts = ["a cat on a sofa", "a red bicycle", "mountains " * 40]
     np.testing.assert_allclose(enc.encode_texts(texts), starter.encode_texts(texts), atol=1e-5, rtol=0)
-    from retrieval.samples import write_sample_photos
+    from benchmarks.samples import write_sample_photos
 
     photos = write_sample_photos(tmp_path / "p")[:3]
     np.testing.assert_allclose(enc.encode_images(photos), starter.encode_images(photos), atol=1e-5, rtol=0)

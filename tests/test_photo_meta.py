@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
+from retrieval.cli import main
 from conftest import build_index, draw_scene
 from photo_files import make_exif_jpeg
 from retrieval.errors import EmptyIndexError, RetrievalError

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
+from retrieval.cli import main
 from conftest import build_index, write_photos
 from photo_files import make_heic
 from retrieval.preview import detect, iterm2_escape, kitty_escape, thumbnail_png

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from retrieval.cli import main
 from conftest import build_index, write_photos
 from retrieval.errors import RetrievalError
 from retrieval.query_math import QueryTerm, parse_term, weighted_sum

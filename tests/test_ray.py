@@ -175,7 +175,7 @@ def test_driver_sigkill_then_rerun_resumes_without_duplicates(tmp_path, ray_addr
 
 
 def test_missing_ray_is_a_one_line_error(tmp_path, monkeypatch):
-    from cli import main
+    from retrieval.cli import main
 
     write_photos(tmp_path / "photos", 1)
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the [distributed] extra sees
@@ -188,7 +188,7 @@ def test_missing_ray_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_ray_actors_needs_the_ray_executor(tmp_path):
-    from cli import main
+    from retrieval.cli import main
 
     r = CliRunner().invoke(main, ["index", str(tmp_path), "--index", str(tmp_path / "idx"), "--ray-actors", "2"])
     assert r.exit_code == 2 and r.output.strip() == "error: --ray-actors only applies with --executor ray"

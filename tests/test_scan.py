@@ -10,7 +10,8 @@ import pytest
 
 from corpus import LONG_NAME, NON_UTF8_NAME, make_jpeg, make_png, make_text_file
 from index_data import scan as scan_mod
-from index_data.scan import ScannedFile, ScanProblem, hash_file, scan
+from index_data.scan import ScannedFile, ScanProblem, scan
+from retrieval.hashing import hash_file
 from retrieval.errors import RetrievalError
 from retrieval.images import load_image
 

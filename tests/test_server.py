@@ -23,7 +23,7 @@ import fastapi  # noqa: E402,F401 - part of the [test] extra: missing, this modu
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cli import main  # noqa: E402
+from retrieval.cli import main  # noqa: E402
 from conftest import TINY, build_index, draw_scene, write_photos  # noqa: E402
 from retrieval.errors import EmptyIndexError, IndexNotFoundError, RetrievalError  # noqa: E402
 from retrieval.server import create_app, status_for  # noqa: E402

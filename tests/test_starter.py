@@ -1,6 +1,6 @@
 """The offline starter model: interface contract, determinism, identity, and real semantics on real photos.
 
-Semantics are checked on the scikit-image photos of retrieval/samples.py (18 photos, 43 captions), the
+Semantics are checked on the scikit-image photos of benchmarks/samples.py (18 photos, 43 captions), the
 same check set that benchmarks/starter_quality.py uses to choose the ConSE hyperparameters.
 """
 
@@ -22,7 +22,7 @@ import skimage  # noqa: E402,F401
 from retrieval import starter as S  # noqa: E402
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
 from retrieval.errors import ModelSpecError  # noqa: E402
-from retrieval.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
+from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
 
 # Measured with the shipped defaults (benchmarks/out/starter_quality.json, 2-core CPU sandbox):
 #   text->image R@1 = 0.605 (26/43), R@5 = 0.907 (39/43); image->text R@1 = 0.556 (10/18), R@5 = 0.611 (11/18).

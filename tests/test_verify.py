@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from retrieval.cli import main
 from conftest import build_index, write_photos
 from retrieval.index import Index
 from retrieval.search import Searcher

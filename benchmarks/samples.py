@@ -1,6 +1,6 @@
 """Real sample photos that ship inside scikit-image, with hand-written captions.
 
-Used by the demo, the tests and benchmarks/starter_quality.py as a small real-semantics check set.
+Demo data, not part of the library: used by `make demo`, the tests and the benchmarks as a small real-semantics check set.
 Nothing is committed as an image: `write_sample_photos` writes JPEGs at run time from `skimage.data`
 (the files live inside the scikit-image wheel, so no download happens). scikit-image is in the `test`
 and `demo` extras.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import RetrievalError
+from retrieval.errors import RetrievalError
 
 # file name -> (skimage.data loader name, captions)
 _SAMPLES: dict[str, tuple[str, list[str]]] = {
@@ -158,11 +158,11 @@ def write_sample_captions(csv_path, photos_dir) -> Path:
     return csv_path
 
 
-if __name__ == "__main__":  # python -m retrieval.samples DEST_DIR [CAPTIONS_CSV]
+if __name__ == "__main__":  # python benchmarks/samples.py DEST_DIR [CAPTIONS_CSV]
     import sys
 
     if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m retrieval.samples DEST_DIR [CAPTIONS_CSV]")
+        sys.exit("usage: python benchmarks/samples.py DEST_DIR [CAPTIONS_CSV]")
     written = write_sample_photos(sys.argv[1])
     print(f"wrote {len(written)} sample photos to {sys.argv[1]}")
     if len(sys.argv) == 3:
