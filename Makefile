@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, write sample photos, index them with the offline starter model, search
 #   make test   set up and run the test suite
+#   make lint   ruff check and ruff format --check (CI runs it before the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed explicitly first: pip takes these from local files on the dev machines; elsewhere
@@ -13,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 # tests/test_browser.py drives headless Chromium through its driver (Debian packages, never downloaded)
 CHROMIUM_PACKAGES ?= chromium chromium-driver
 
-.PHONY: install test demo bench clean browser
+.PHONY: install test lint demo bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# ruff comes with the test extra; settings in pyproject.toml [tool.ruff]
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: browser $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider

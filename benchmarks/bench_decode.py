@@ -21,7 +21,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", os.path.join(ROOT, "tests", "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", os.path.join(ROOT, "tests", "model_configs")
+)  # the tests' tiny-clip architectures
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
@@ -131,7 +133,10 @@ def main():
 
     from retrieval.encoders import load_encoder
 
-    print(f"python={sys.version.split()[0]} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} load={os.getloadavg()[0]:.2f} n={len(paths)}")
+    print(
+        f"python={sys.version.split()[0]} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
+        f"load={os.getloadavg()[0]:.2f} n={len(paths)}"
+    )
     for spec in args.models.split(","):
         enc = load_encoder(spec, device="cpu")
         enc.encode_image_tensors(torch.zeros(2, 3, enc.image_size, enc.image_size))  # parent has run torch ops
@@ -141,14 +146,22 @@ def main():
             print(f"decode-only  workers={w} fork        {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img")
         for w in (1, 2) if not args.skip_decode else ():
             r = med(lambda: run_stream(paths, enc, w, method="forkserver"), args.repeat)
-            print(f"decode-only  workers={w} forkserver  {r:7.1f} img/s (incl. start)  cpu n/a (forkserver's children are not ours to reap)")
+            print(
+                f"decode-only  workers={w} forkserver  {r:7.1f} img/s (incl. start)  cpu n/a (forkserver's "
+                f"children are not ours to reap)"
+            )
         if not args.skip_alternatives and not args.skip_decode:
             for w in (0, 2):
                 r = med(lambda: run_stream(paths, enc, w, parent_torch=True), args.repeat)
-                print(f"decode-only  workers={w} parent-torch-preprocess {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img")
+                print(
+                    f"decode-only  workers={w} parent-torch-preprocess {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img"
+                )
             for w in (1, 2):
                 st, r = bench_torch_in_workers(paths, enc, w, "spawn")
-                print(f"decode-only  workers={w} torch-in-workers/spawn {r:7.1f} img/s after a pool start of {st:.1f} s  cpu {LAST_CPU_MS[0]:5.1f} ms/img incl. start")
+                print(
+                    f"decode-only  workers={w} torch-in-workers/spawn {r:7.1f} img/s after a pool start of "
+                    f"{st:.1f} s  cpu {LAST_CPU_MS[0]:5.1f} ms/img incl. start"
+                )
         n = len(paths) if enc.image_size < 100 else min(len(paths), args.n_e2e_big)
         rep = args.repeat if enc.image_size < 100 else 1
         threads0 = torch.get_num_threads()
@@ -156,7 +169,10 @@ def main():
             torch.set_num_threads(th)
             for w in (0, 1, 2):
                 r = med(lambda: run_stream(paths[:n], enc, w, encode=True), rep)
-                print(f"end-to-end   workers={w} torch_threads={th} {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} ms/img  (n={n})")
+                print(
+                    f"end-to-end   workers={w} torch_threads={th} {r:7.1f} img/s  cpu {LAST_CPU_MS[0]:5.1f} "
+                    f"ms/img  (n={n})"
+                )
         torch.set_num_threads(threads0)
     print(f"\nload={os.getloadavg()[0]:.2f}")
 

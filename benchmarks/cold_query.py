@@ -55,14 +55,41 @@ QUERY = "a dog running on the beach at sunset"
 SPEC = "ViT-B-32:none"
 K = 10
 WARM_TEMPLATES = [
-    "a photo of {}", "a close-up picture of {}", "{} at night", "two {} in the snow", "a drawing of {}",
-    "a blurry photo of {} on a table", "{} next to a red car", "an old photograph of {}",
+    "a photo of {}",
+    "a close-up picture of {}",
+    "{} at night",
+    "two {} in the snow",
+    "a drawing of {}",
+    "a blurry photo of {} on a table",
+    "{} next to a red car",
+    "an old photograph of {}",
 ]
 WARM_THINGS = [
-    "a dog", "a cat", "a bicycle", "the sea", "a mountain lake", "a birthday cake", "a city street", "a child",
-    "an airplane", "a cup of coffee", "a horse", "a bridge", "flowers", "a laptop", "a bowl of soup", "a train",
-    "a lighthouse", "a forest path", "a snowman", "a sailing boat", "a guitar", "an old church", "a parrot",
-    "fireworks", "a football match",
+    "a dog",
+    "a cat",
+    "a bicycle",
+    "the sea",
+    "a mountain lake",
+    "a birthday cake",
+    "a city street",
+    "a child",
+    "an airplane",
+    "a cup of coffee",
+    "a horse",
+    "a bridge",
+    "flowers",
+    "a laptop",
+    "a bowl of soup",
+    "a train",
+    "a lighthouse",
+    "a forest path",
+    "a snowman",
+    "a sailing boat",
+    "a guitar",
+    "an old church",
+    "a parrot",
+    "fireworks",
+    "a football match",
 ]
 
 
@@ -88,8 +115,14 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
     from retrieval.vectors import choose_config
 
     # the vector layer's current defaults are part of the key: an index built under older ones is rebuilt
-    want = {"spec": SPEC, "n": n, "seed": seed, "index_type": index_type, "version": 1,
-            "vectors": choose_config(n, 512, index_type).to_dict()}
+    want = {
+        "spec": SPEC,
+        "n": n,
+        "seed": seed,
+        "index_type": index_type,
+        "version": 1,
+        "vectors": choose_config(n, 512, index_type).to_dict(),
+    }
     if _meta_ok(root, want) and (root / "meta.sqlite").is_file():
         from retrieval.onnx_export import usable_export
 
@@ -119,11 +152,15 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
                 store.db.conn.executemany(
                     "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) "
                     "VALUES (?,?,?,?,?,?,?,?, 'ok')",
-                    [(p, p.encode(), 1000, 0, h, 640, 480, 0.0)
-                     for p, h in ((f"/synthetic/photos/img_{i:07d}.jpg", hashes[i - s]) for i in range(s, e))],
+                    [
+                        (p, p.encode(), 1000, 0, h, 640, 480, 0.0)
+                        for p, h in ((f"/synthetic/photos/img_{i:07d}.jpg", hashes[i - s]) for i in range(s, e))
+                    ],
                 )
         del vecs
-        print(f"  {n} rows written in {time.perf_counter() - t0:.0f}s; building vectors ...", file=sys.stderr, flush=True)
+        print(
+            f"  {n} rows written in {time.perf_counter() - t0:.0f}s; building vectors ...", file=sys.stderr, flush=True
+        )
         idx.sync_vectors(requested_type=index_type)
         ensure_export(encoder)
         with idx.store.transaction():
@@ -147,9 +184,9 @@ def build_checkpoint_index(root: Path) -> Path:
 
     from safetensors.torch import save_file
 
+    from benchmarks.samples import write_sample_photos
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.encoders import load_encoder
-    from benchmarks.samples import write_sample_photos
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -157,8 +194,10 @@ def build_checkpoint_index(root: Path) -> Path:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     del model
     write_sample_photos(root / "photos")
-    run_index(root / "index", IndexOptions(paths=[str(root / "photos")], model=f"ViT-B-32:{ckpt}", workers=0,
-                                           progress=False, device="cpu"))
+    run_index(
+        root / "index",
+        IndexOptions(paths=[str(root / "photos")], model=f"ViT-B-32:{ckpt}", workers=0, progress=False, device="cpu"),
+    )
     (root / "bench_meta.json").write_text(json.dumps(want))
     return root / "index"
 
@@ -179,10 +218,16 @@ def cold_image_checkpoint(index: Path, image: Path, runs: int, pycache: Path) ->
             t[name][0].append(wall)
             t[name][1].append(cpu)
             rows[name] = res
-        print(f"[cold] image checkpoint: run {i + 1}/{runs} {t['before'][0][-1]:.2f}s / {t['after'][0][-1]:.2f}s",
-              file=sys.stderr, flush=True)
-    return {"before_init": summary(*t["before"]), "after_no_init": summary(*t["after"]),
-            "results": compare(rows["before"], rows["after"])}
+        print(
+            f"[cold] image checkpoint: run {i + 1}/{runs} {t['before'][0][-1]:.2f}s / {t['after'][0][-1]:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "before_init": summary(*t["before"]),
+        "after_no_init": summary(*t["after"]),
+        "results": compare(rows["before"], rows["after"]),
+    }
 
 
 def build_starter_index(root: Path) -> Path:
@@ -191,12 +236,15 @@ def build_starter_index(root: Path) -> Path:
         return root / "index"
     import shutil
 
-    from index_data.pipeline import IndexOptions, run_index
     from benchmarks.samples import write_sample_photos
+    from index_data.pipeline import IndexOptions, run_index
 
     shutil.rmtree(root, ignore_errors=True)
     photos = write_sample_photos(root / "photos")
-    run_index(root / "index", IndexOptions(paths=[str(root / "photos")], model="starter", workers=0, progress=False, device="cpu"))
+    run_index(
+        root / "index",
+        IndexOptions(paths=[str(root / "photos")], model="starter", workers=0, progress=False, device="cpu"),
+    )
     (root / "bench_meta.json").write_text(json.dumps(want))
     assert photos
     return root / "index"
@@ -263,8 +311,13 @@ def compare(a: list[dict], b: list[dict]) -> dict:
 
 
 def summary(times: list[float], cpu: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "runs": [round(t, 3) for t in times], "cpu_median_s": statistics.median(cpu)}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": [round(t, 3) for t in times],
+        "cpu_median_s": statistics.median(cpu),
+    }
 
 
 def cold_pair(index: Path, args: list[str], runs: int, pycache: Path, label: str) -> dict:
@@ -281,14 +334,28 @@ def cold_pair(index: Path, args: list[str], runs: int, pycache: Path, label: str
         wall, _, _, cpu = run_cli(base, child_env(pycache, False))
         after.append(wall)
         after_cpu.append(cpu)
-        print(f"[cold] {label}: run {i + 1}/{runs} torch {before[-1]:.2f}s fast {after[-1]:.2f}s", file=sys.stderr, flush=True)
+        print(
+            f"[cold] {label}: run {i + 1}/{runs} torch {before[-1]:.2f}s fast {after[-1]:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
     imports = run_cli(base, child_env(pycache, False, importtime=True))[2]
-    heavy = sorted({ln.split("|")[-1].strip() for ln in imports.splitlines() if ln.startswith("import time:")
-                    and ln.split("|")[-1].strip().split(".")[0] in ("torch", "open_clip", "torchvision", "transformers")})
+    heavy = sorted(
+        {
+            ln.split("|")[-1].strip()
+            for ln in imports.splitlines()
+            if ln.startswith("import time:")
+            and ln.split("|")[-1].strip().split(".")[0] in ("torch", "open_clip", "torchvision", "transformers")
+        }
+    )
     return {
-        "index": str(index), "args": args, "before_torch": summary(before, before_cpu), "after_fast": summary(after, after_cpu),
+        "index": str(index),
+        "args": args,
+        "before_torch": summary(before, before_cpu),
+        "after_fast": summary(after, after_cpu),
         "speedup_median": statistics.median(before) / statistics.median(after),
-        "results": compare(before_res, after_res), "heavy_imports_on_fast_path": heavy,
+        "results": compare(before_res, after_res),
+        "heavy_imports_on_fast_path": heavy,
     }
 
 
@@ -309,13 +376,17 @@ def write_jpegs(folder: Path, n: int) -> Path:
     yy, xx = np.mgrid[0:1200, 0:1600].astype(np.float32)
     for i in range(n):
         c = rng.uniform(0, 255, (3, 3)).astype(np.float32)
-        arr = np.stack([c[k, 0] + (c[k, 1] - c[k, 0]) * xx / 1600 + (c[k, 2] - c[k, 0]) * yy / 1200 / 2 for k in range(3)], -1)
+        arr = np.stack(
+            [c[k, 0] + (c[k, 1] - c[k, 0]) * xx / 1600 + (c[k, 2] - c[k, 0]) * yy / 1200 / 2 for k in range(3)], -1
+        )
         im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
         d = ImageDraw.Draw(im)
         for _ in range(6):
             x0, y0 = int(rng.integers(0, 1400)), int(rng.integers(0, 1000))
-            d.ellipse([x0, y0, x0 + int(rng.integers(50, 400)), y0 + int(rng.integers(50, 400))],
-                      fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            d.ellipse(
+                [x0, y0, x0 + int(rng.integers(50, 400)), y0 + int(rng.integers(50, 400))],
+                fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+            )
         im.save(folder / f"photo_{i:05d}.jpg", quality=90)
     done.write_text(str(n))
     return folder
@@ -331,8 +402,13 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
     # make sure the export is in the cache before timing (made once per user; not part of an index run)
     warm = workdir / "index-warmup"
     shutil.rmtree(warm, ignore_errors=True)
-    subprocess.run(cli_command() + ["index", str(photos), "--index", str(warm), "--model", SPEC, "-q", "--device", "cpu"],
-                   env=env, check=True, cwd=str(ROOT), capture_output=True)
+    subprocess.run(
+        cli_command() + ["index", str(photos), "--index", str(warm), "--model", SPEC, "-q", "--device", "cpu"],
+        env=env,
+        check=True,
+        cwd=str(ROOT),
+        capture_output=True,
+    )
     times: dict = {}
     vectors: dict = {}
     for r in range(rounds):
@@ -341,22 +417,53 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
                 target = workdir / f"index-{rt}"
                 shutil.rmtree(target, ignore_errors=True)
                 t = time.perf_counter()
-                subprocess.run(cli_command() + ["index", str(photos), "--index", str(target), "--model", SPEC, "-q",
-                                                "--device", "cpu", "--runtime", rt, *extra],
-                               env=env, check=True, cwd=str(ROOT), capture_output=True)
+                subprocess.run(
+                    cli_command()
+                    + [
+                        "index",
+                        str(photos),
+                        "--index",
+                        str(target),
+                        "--model",
+                        SPEC,
+                        "-q",
+                        "--device",
+                        "cpu",
+                        "--runtime",
+                        rt,
+                        *extra,
+                    ],
+                    env=env,
+                    check=True,
+                    cwd=str(ROOT),
+                    capture_output=True,
+                )
                 wall = time.perf_counter() - t
                 times.setdefault(f"{rt} {name}", []).append(wall)
-                print(f"[index] round {r + 1}/{rounds} {rt} {name}: {n / wall:.1f} images/s", file=sys.stderr, flush=True)
+                print(
+                    f"[index] round {r + 1}/{rounds} {rt} {name}: {n / wall:.1f} images/s", file=sys.stderr, flush=True
+                )
                 if r == 0 and name == "default":
                     from retrieval.index import Index
 
                     with Index.open(target) as idx:
                         rows = sorted(idx.store.image_ids_with_hash(), key=lambda x: x[1])
                         vectors[rt] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
-    out = {"images": n, "size": "1600x1200 JPEG", "model": SPEC, "rounds": rounds,
-           "max_abs_diff_onnx_vs_torch": float(np.abs(vectors["onnx"] - vectors["torch"]).max())}
-    out["runs"] = {k: {"median_s": statistics.median(v), "images_per_s": n / statistics.median(v),
-                       "runs_s": [round(x, 2) for x in v]} for k, v in times.items()}
+    out = {
+        "images": n,
+        "size": "1600x1200 JPEG",
+        "model": SPEC,
+        "rounds": rounds,
+        "max_abs_diff_onnx_vs_torch": float(np.abs(vectors["onnx"] - vectors["torch"]).max()),
+    }
+    out["runs"] = {
+        k: {
+            "median_s": statistics.median(v),
+            "images_per_s": n / statistics.median(v),
+            "runs_s": [round(x, 2) for x in v],
+        }
+        for k, v in times.items()
+    }
     return out
 
 
@@ -398,12 +505,18 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
             qvecs.append(q)
             assert len(res) == min(K, vi.ntotal)
         ms = lambda a, p: float(np.percentile(np.array(a) * 1e3, p))  # noqa: E731
-        out.update({
-            "queries": len(items),
-            "total_p50_ms": ms(tot, 50), "total_p95_ms": ms(tot, 95),
-            "encode_p50_ms": ms(enc, 50), "encode_p95_ms": ms(enc, 95),
-            "search_join_p50_ms": ms(vec, 50), "search_join_p95_ms": ms(vec, 95), "cpu_p50_ms": ms(cpu, 50),
-        })
+        out.update(
+            {
+                "queries": len(items),
+                "total_p50_ms": ms(tot, 50),
+                "total_p95_ms": ms(tot, 95),
+                "encode_p50_ms": ms(enc, 50),
+                "encode_p95_ms": ms(enc, 95),
+                "search_join_p50_ms": ms(vec, 50),
+                "search_join_p95_ms": ms(vec, 95),
+                "cpu_p50_ms": ms(cpu, 50),
+            }
+        )
         # ANN recall@10 of these queries against exact search over the raw embeddings in SQLite (what the
         # vector file holds when no fusion is trained, as here)
         Q = np.ascontiguousarray(np.stack(qvecs), dtype=np.float32)
@@ -442,7 +555,12 @@ def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
             s.search_vector(q, k=K, probes=value)
             t.append(time.perf_counter() - t0)
         _, found = vi.search(Q, K, probes=value)
-        row = {key: value, "recall_at_10": recall(found), "search_join_p50_ms": ms(t, 50), "search_join_p95_ms": ms(t, 95)}
+        row = {
+            key: value,
+            "recall_at_10": recall(found),
+            "search_join_p50_ms": ms(t, 50),
+            "search_join_p95_ms": ms(t, 95),
+        }
         rows.append(row)
         if row["recall_at_10"] >= 0.98:
             tot = []
@@ -459,8 +577,13 @@ def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
 def run_warm(index: Path, mode: str, n_queries: int, image: Path, pycache: Path) -> dict:
     print(f"[warm] {index.name}: {mode}", file=sys.stderr, flush=True)
     env = child_env(pycache, torch_path=mode.endswith("torch"))
-    p = subprocess.run([sys.executable, __file__, "--_warm", str(index), mode, str(n_queries), str(image)],
-                       env=env, capture_output=True, text=True, cwd=str(ROOT))
+    p = subprocess.run(
+        [sys.executable, __file__, "--_warm", str(index), mode, str(n_queries), str(image)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+    )
     if p.returncode != 0:
         raise RuntimeError(f"warm worker failed: {p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -477,58 +600,98 @@ def load_average() -> list[float]:
 def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-    lines = [f"# Query latency and CPU indexing ({MACHINE})", "", f"`{cmd}`", "",
-             f"Load average at start / end: {res['load_start']} / {res['load_end']} (2 cores, shared with other work).",
-             "Cold = new process to printed results (`retrieval search ... --json -k 10`), interleaved runs. CPU = the",
-             "child's user+sys seconds (what the work costs, whatever the load); wall = what a user waits.", "",
-             "| index | query | before: torch, median [min-max] s | after: onnxruntime, median [min-max] s | speedup | CPU s before / after | same top-10 | max score diff | torch imported on the onnx path |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Query latency and CPU indexing ({MACHINE})",
+        "",
+        f"`{cmd}`",
+        "",
+        f"Load average at start / end: {res['load_start']} / {res['load_end']} (2 cores, shared with other work).",
+        "Cold = new process to printed results (`retrieval search ... --json -k 10`), interleaved runs. CPU = the",
+        "child's user+sys seconds (what the work costs, whatever the load); wall = what a user waits.",
+        "",
+        "| index | query | before: torch, median [min-max] s | after: onnxruntime, median [min-max] s | speedup "
+        "| CPU s before / after | same top-10 | max score diff | torch imported on the onnx path |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in res["cold"] + res.get("cold_image", []):
         b, a = c["before_torch"], c["after_fast"]
         query = "image" if "--image" in c["args"] else "text"
-        lines.append(f"| {c['label']} | {query} | {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | "
-                     f"{a['median_s']:.2f} [{a['min_s']:.2f}-{a['max_s']:.2f}] | {c['speedup_median']:.1f}x | "
-                     f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | "
-                     f"{c['results']['same_top10']} | {c['results']['max_score_diff']:.1e} | "
-                     f"{'no' if not c['heavy_imports_on_fast_path'] else ', '.join(c['heavy_imports_on_fast_path'][:3])} |")
+        lines.append(
+            f"| {c['label']} | {query} | {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | "
+            f"{a['median_s']:.2f} [{a['min_s']:.2f}-{a['max_s']:.2f}] | {c['speedup_median']:.1f}x | "
+            f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | "
+            f"{c['results']['same_top10']} | {c['results']['max_score_diff']:.1e} | "
+            f"{'no' if not c['heavy_imports_on_fast_path'] else ', '.join(c['heavy_imports_on_fast_path'][:3])} |"
+        )
     ix = res.get("index")
     if ix:
-        lines += ["", f"`retrieval index` end to end (new process, new index, model {ix['model']}, export already in the "
-                  f"cache) over {ix['images']} {ix['size']}s, {ix['rounds']} interleaved rounds; max abs difference of the "
-                  f"stored vectors onnx vs torch: {ix['max_abs_diff_onnx_vs_torch']:.1e}.", "",
-                  "| runtime, settings | median s | images/s | runs s |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"`retrieval index` end to end (new process, new index, model {ix['model']}, export already in the "
+            f"cache) over {ix['images']} {ix['size']}s, {ix['rounds']} interleaved rounds; max abs difference of the "
+            f"stored vectors onnx vs torch: {ix['max_abs_diff_onnx_vs_torch']:.1e}.",
+            "",
+            "| runtime, settings | median s | images/s | runs s |",
+            "|---|---|---|---|",
+        ]
         for k, v in ix["runs"].items():
             lines.append(f"| {k} | {v['median_s']:.1f} | {v['images_per_s']:.1f} | {v['runs_s']} |")
     ck = res.get("cold_image_checkpoint")
     if ck:
         b, a = ck["before_init"], ck["after_no_init"]
-        lines += ["", f"Cold image query, {ck['label']}: random init then load (before) vs building without init "
-                  "(after), interleaved:", "",
-                  "| before, median [min-max] s | after, median [min-max] s | CPU s before / after | same top-10 | max score diff |",
-                  "|---|---|---|---|---|",
-                  f"| {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | {a['median_s']:.2f} [{a['min_s']:.2f}-{a['max_s']:.2f}] | "
-                  f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | {ck['results']['same_top10']} | "
-                  f"{ck['results']['max_score_diff']:.1e} |"]
-    lines += ["", "Warm: one process, Searcher.search end to end (encode + FAISS + SQLite join), distinct queries;",
-              "CPU p50 = process CPU time per query (all threads).", "",
-              "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | FAISS+SQLite p50 ms | recall@10 vs exact |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Cold image query, {ck['label']}: random init then load (before) vs building without init "
+            "(after), interleaved:",
+            "",
+            "| before, median [min-max] s | after, median [min-max] s | CPU s before / after | same top-10 | "
+            "max score diff |",
+            "|---|---|---|---|---|",
+            f"| {b['median_s']:.2f} [{b['min_s']:.2f}-{b['max_s']:.2f}] | {a['median_s']:.2f} "
+            f"[{a['min_s']:.2f}-{a['max_s']:.2f}] | "
+            f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | {ck['results']['same_top10']} | "
+            f"{ck['results']['max_score_diff']:.1e} |",
+        ]
+    lines += [
+        "",
+        "Warm: one process, Searcher.search end to end (encode + FAISS + SQLite join), distinct queries;",
+        "CPU p50 = process CPU time per query (all threads).",
+        "",
+        "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | "
+        "FAISS+SQLite p50 ms | recall@10 vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for w in res["warm"]:
-        mode = {"fast": "text, onnxruntime", "torch": "text, torch", "image": "image, onnxruntime",
-                "image-torch": "image, torch"}[w["mode"]]
-        lines.append(f"| {w['label']} | {w['n_vectors']:,} | {w['index_kind']} | {mode} | {w['queries']} | {w['total_p50_ms']:.1f} | "
-                     f"{w['total_p95_ms']:.1f} | {w['cpu_p50_ms']:.1f} | {w['encode_p50_ms']:.1f} | {w['search_join_p50_ms']:.2f} | {w['recall_at_10']:.3f} |")
+        mode = {
+            "fast": "text, onnxruntime",
+            "torch": "text, torch",
+            "image": "image, onnxruntime",
+            "image-torch": "image, torch",
+        }[w["mode"]]
+        lines.append(
+            f"| {w['label']} | {w['n_vectors']:,} | {w['index_kind']} | {mode} | {w['queries']} | "
+            f"{w['total_p50_ms']:.1f} | "
+            f"{w['total_p95_ms']:.1f} | {w['cpu_p50_ms']:.1f} | {w['encode_p50_ms']:.1f} | "
+            f"{w['search_join_p50_ms']:.2f} | {w['recall_at_10']:.3f} |"
+        )
     sweeps = [w for w in res["warm"] if w.get("sweep")]
     if sweeps:
-        lines += ["", "Search-time knob raised until recall@10 >= 0.98 on the same queries (FAISS+SQLite timed alone; "
-                  "end to end re-timed at the first setting that reaches it):", "",
-                  "| index | query | setting | recall@10 | FAISS+SQLite p50 / p95 ms | end-to-end p50 / p95 ms |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Search-time knob raised until recall@10 >= 0.98 on the same queries (FAISS+SQLite timed alone; "
+            "end to end re-timed at the first setting that reaches it):",
+            "",
+            "| index | query | setting | recall@10 | FAISS+SQLite p50 / p95 ms | end-to-end p50 / p95 ms |",
+            "|---|---|---|---|---|---|",
+        ]
         for w in sweeps:
             for r in w["sweep"]:
                 knob = next(k for k in ("nprobe", "efSearch") if k in r)
                 e2e = f"{r['total_p50_ms']:.1f} / {r['total_p95_ms']:.1f}" if "total_p50_ms" in r else ""
-                lines.append(f"| {w['label']} | {w['mode']} | {knob}={r[knob]} | {r['recall_at_10']:.3f} | "
-                             f"{r['search_join_p50_ms']:.2f} / {r['search_join_p95_ms']:.2f} | {e2e} |")
+                lines.append(
+                    f"| {w['label']} | {w['mode']} | {knob}={r[knob]} | {r['recall_at_10']:.3f} | "
+                    f"{r['search_join_p50_ms']:.2f} / {r['search_join_p95_ms']:.2f} | {e2e} |"
+                )
     lines.append("")
     (out / f"{name}.md").write_text("\n".join(lines))
 
@@ -540,12 +703,20 @@ def main(argv=None) -> int:
     ap.add_argument("--image-runs", type=int, default=3, help="cold image-query runs")
     ap.add_argument("--warm-queries", type=int, default=200)
     ap.add_argument("--warm-n", default="", help="extra index sizes for warm queries only, e.g. 1000000")
-    ap.add_argument("--warm-index-types", default="auto", help="vector index kinds for the --warm-n indexes, e.g. auto,ivfflat")
-    ap.add_argument("--modes", default="fast,torch,image,image-torch",
-                    help="warm query modes: fast (text, onnx), torch (text, torch), image (onnx), image-torch")
+    ap.add_argument(
+        "--warm-index-types", default="auto", help="vector index kinds for the --warm-n indexes, e.g. auto,ivfflat"
+    )
+    ap.add_argument(
+        "--modes",
+        default="fast,torch,image,image-torch",
+        help="warm query modes: fast (text, onnx), torch (text, torch), image (onnx), image-torch",
+    )
     ap.add_argument("--skip-starter", action="store_true")
-    ap.add_argument("--parts", default="cold,image,image-checkpoint,warm",
-                    help="comma-separated subset of cold,image,image-checkpoint,warm")
+    ap.add_argument(
+        "--parts",
+        default="cold,image,image-checkpoint,warm",
+        help="comma-separated subset of cold,image,image-checkpoint,warm",
+    )
     ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
     ap.add_argument("--index-n", type=int, default=200, help="1600x1200 JPEGs for --parts index")
     ap.add_argument("--index-rounds", type=int, default=2, help="interleaved rounds of --parts index")
@@ -558,10 +729,21 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pycache = workdir / "pycache"
-    cmd = "python benchmarks/cold_query.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    res: dict = {"machine": MACHINE, "platform": platform.platform(), "python": platform.python_version(),
-                 "cpus": os.cpu_count(), "query": QUERY, "command": cmd, "load_start": load_average(),
-                 "cold": [], "cold_image": [], "warm": []}
+    cmd = "python benchmarks/cold_query.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    res: dict = {
+        "machine": MACHINE,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "query": QUERY,
+        "command": cmd,
+        "load_start": load_average(),
+        "cold": [],
+        "cold_image": [],
+        "warm": [],
+    }
     image = query_image(workdir)
 
     parts = set(args.parts.split(","))
@@ -605,7 +787,13 @@ def main(argv=None) -> int:
         warm_sets.append((starter, "starter, 18"))
     for index, label in warm_sets:
         for mode in args.modes.split(","):
-            w = run_warm(index, mode, args.warm_queries if mode.startswith("fast") else max(20, args.warm_queries // 4), image, pycache)
+            w = run_warm(
+                index,
+                mode,
+                args.warm_queries if mode.startswith("fast") else max(20, args.warm_queries // 4),
+                image,
+                pycache,
+            )
             w["label"] = label
             res["warm"].append(w)
 

@@ -6,7 +6,8 @@ resized copies and light edits score with CLIP). They are written to a real inde
 embeddings, no encoder), and `find_duplicates` runs on it end to end: reading the vectors from SQLite, the FAISS
 range search (IVF above EXACT_MAX distinct images), leader grouping and building the result rows.
 
-Reported: seconds for the whole call and for the pair search (retrieval.duplicates.neighbours) alone, groups found, and how many planted copies
+Reported: seconds for the whole call and for the pair search (retrieval.duplicates.neighbours) alone, groups
+found, and how many planted copies
 landed in their original's group (recall), plus pairs found by exact search that the IVF search missed, checked
 on a subset small enough to search exactly.
 
@@ -73,8 +74,11 @@ def fake_index(root: Path, vecs: np.ndarray, widths):
         store.db.conn.executemany(
             "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) "
             "VALUES (?,?,?,?,?,?,?,0,'ok')",
-            [(f"/photos/{i:07d}.jpg", f"/photos/{i:07d}.jpg".encode(), 1000, i, f"{i:064x}", w, 3 * w // 4)
-             for i, w in enumerate(widths)])
+            [
+                (f"/photos/{i:07d}.jpg", f"/photos/{i:07d}.jpg".encode(), 1000, i, f"{i:064x}", w, 3 * w // 4)
+                for i, w in enumerate(widths)
+            ],
+        )
         store.put_embeddings("image", [f"{i:064x}" for i in range(n)], vecs)
         store.set_manifest("dim", int(vecs.shape[1]))
     return SimpleNamespace(store=store, dim=int(vecs.shape[1]))
@@ -86,8 +90,15 @@ def run(n: int, dim: int, threshold: float, fraction: float, check: int) -> dict
     from retrieval import duplicates as dup
 
     vecs, planted = plant_duplicates(make_vectors(n, dim), fraction)
-    out = {"n": n, "dim": dim, "threshold": threshold, "planted_groups": int(planted.max() + 1),
-           "planted_rows": int((planted >= 0).sum()), "exact_max": dup.EXACT_MAX, "nprobe": dup.DUP_NPROBE}
+    out = {
+        "n": n,
+        "dim": dim,
+        "threshold": threshold,
+        "planted_groups": int(planted.max() + 1),
+        "planted_rows": int((planted >= 0).sum()),
+        "exact_max": dup.EXACT_MAX,
+        "nprobe": dup.DUP_NPROBE,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         # originals full size, their copies half size (resized copies, the usual case)
@@ -123,7 +134,7 @@ def run(n: int, dim: int, threshold: float, fraction: float, check: int) -> dict
     sub = vecs[:m]
     exact = dup.neighbours(sub, threshold, exact_max=m)
     ivf = dup.neighbours(sub, threshold, exact_max=0)
-    pairs = lambda lims, ids: {(i, int(j)) for i in range(len(lims) - 1) for j in ids[lims[i]:lims[i + 1]]}  # noqa: E731
+    pairs = lambda lims, ids: {(i, int(j)) for i in range(len(lims) - 1) for j in ids[lims[i] : lims[i + 1]]}  # noqa: E731
     pe, pi = pairs(*exact[:2]), pairs(*ivf[:2])
     out["subset_checked"] = m
     out["subset_exact_pairs"] = len(pe)
@@ -135,19 +146,22 @@ def run(n: int, dim: int, threshold: float, fraction: float, check: int) -> dict
 
 def markdown(doc: dict) -> str:
     r = doc["result"]
-    return "\n".join([
-        "# Near-duplicate grouping speed",
-        "",
-        f"Machine: {doc['machine']}; faiss {r['faiss_version']}. Command: `{doc['command']}`",
-        "",
-        "| images | dim | threshold | find_duplicates (s) | pair search alone (s) | groups | planted copies found | "
-        f"IVF pair recall vs exact ({r['subset_checked']} images) |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {r['n']} | {r['dim']} | {r['threshold']} | {r['find_duplicates_s']} | {r['range_search_s']} | "
-        f"{r['groups_found']} ({r['planted_groups']} planted) | {r['planted_copies_recall']} | "
-        f"{r['subset_ivf_pair_recall']} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Near-duplicate grouping speed",
+            "",
+            f"Machine: {doc['machine']}; faiss {r['faiss_version']}. Command: `{doc['command']}`",
+            "",
+            "| images | dim | threshold | find_duplicates (s) | pair search alone (s) | groups | planted copies "
+            "found | "
+            f"IVF pair recall vs exact ({r['subset_checked']} images) |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {r['n']} | {r['dim']} | {r['threshold']} | {r['find_duplicates_s']} | {r['range_search_s']} | "
+            f"{r['groups_found']} ({r['planted_groups']} planted) | {r['planted_copies_recall']} | "
+            f"{r['subset_ivf_pair_recall']} |",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -163,8 +177,11 @@ def main(argv=None) -> int:
     if a.tiny:
         a.n, a.dim, a.check = 2000, 32, 2000
     command = "python benchmarks/duplicates.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    doc = {"machine": f"{MACHINE}, {platform.processor() or platform.machine()}", "command": command,
-           "result": run(a.n, a.dim, a.threshold, a.dup_fraction, a.check)}
+    doc = {
+        "machine": f"{MACHINE}, {platform.processor() or platform.machine()}",
+        "command": command,
+        "result": run(a.n, a.dim, a.threshold, a.dup_fraction, a.check),
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "duplicates.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,7 +70,9 @@ def plan_captions(corpus: Path, doc_caps: int, doc_fraction: float, seed: int):
     data = json.loads((corpus / "captions.json").read_text())
     rng = np.random.default_rng(seed + 1)
     test = [im for im in data["images"] if im["split"] == "test"]
-    with_docs = set(im["filename"] for im in rng.permutation(np.array(test, dtype=object))[: int(round(doc_fraction * len(test)))])
+    with_docs = set(
+        im["filename"] for im in rng.permutation(np.array(test, dtype=object))[: int(round(doc_fraction * len(test)))]
+    )
     index_images, queries = [], []
     for im in data["images"]:
         sents = [s["raw"] for s in im["sentences"]]
@@ -83,7 +87,11 @@ def plan_captions(corpus: Path, doc_caps: int, doc_fraction: float, seed: int):
             queries.append((path, s))
     index_file = corpus / f"index_captions.d{doc_caps}.f{doc_fraction}.s{seed}.json"
     index_file.write_text(json.dumps({"images": index_images}))
-    return index_file, queries, {str((corpus / im["filepath"] / im["filename"]).resolve()) for im in test if im["filename"] in with_docs}
+    return (
+        index_file,
+        queries,
+        {str((corpus / im["filepath"] / im["filename"]).resolve()) for im in test if im["filename"] in with_docs},
+    )
 
 
 def faiss_vectors(idx, ids: np.ndarray) -> np.ndarray:
@@ -124,8 +132,11 @@ def signal_diagnostics(train, q_raw: np.ndarray, q_img: np.ndarray, img_raw: np.
     P = np.c_[q_raw, np.ones(len(q_raw))] @ W
     P /= np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
     probe = float(np.mean((P @ img_raw.T).argmax(1) == q_img))
-    return {"paraphrase_t2t_r1": round(para, 4), "linear_probe_t2i_r1": round(probe, 4),
-            "chance_t2i_r1": round(1.0 / len(img_raw), 4)}
+    return {
+        "paraphrase_t2t_r1": round(para, 4),
+        "linear_probe_t2i_r1": round(probe, 4),
+        "chance_t2i_r1": round(1.0 / len(img_raw), 4),
+    }
 
 
 def main(argv=None) -> int:
@@ -135,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val", type=int, default=200)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--captions", type=int, default=5)
-    ap.add_argument("--doc-captions", type=int, default=2, help="captions attached in the index to a test image with documents")
+    ap.add_argument(
+        "--doc-captions", type=int, default=2, help="captions attached in the index to a test image with documents"
+    )
     ap.add_argument("--doc-fraction", type=float, default=0.5, help="share of test images that have document captions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=40)
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
 
     from index_data.pipeline import IndexOptions, run_index
     from retrieval.fusion import Fusion
-    from retrieval.fusion_train import TrainConfig, evaluate_fusion, install_fusion, index_pairs, train_fusion
+    from retrieval.fusion_train import TrainConfig, evaluate_fusion, index_pairs, install_fusion, train_fusion
     from retrieval.index import Index
     from retrieval.search import Searcher
 
@@ -163,8 +176,17 @@ def main(argv=None) -> int:
         install_fusion(idx0, None) if idx0.store.get_manifest("fusion") else None  # start from (a)
     finally:
         idx0.close()
-    rep = run_index(index_dir, IndexOptions(paths=[str(corpus / "images")], captions_file=str(index_file),
-                                            fmt="karpathy", model=a.model, device="cpu", progress=not a.quiet))
+    rep = run_index(
+        index_dir,
+        IndexOptions(
+            paths=[str(corpus / "images")],
+            captions_file=str(index_file),
+            fmt="karpathy",
+            model=a.model,
+            device="cpu",
+            progress=not a.quiet,
+        ),
+    )
     index_seconds = time.perf_counter() - t0
 
     idx = Index.open_for_write(index_dir, create=False)
@@ -173,7 +195,9 @@ def main(argv=None) -> int:
         split_of = {}
         for row in store.iter_images():
             split_of[row.id] = Path(row.path).parent.name
-        ids = {s: np.array(sorted(i for i, sp in split_of.items() if sp == s), np.int64) for s in ("train", "val", "test")}
+        ids = {
+            s: np.array(sorted(i for i, sp in split_of.items() if sp == s), np.int64) for s in ("train", "val", "test")
+        }
         train = index_pairs(store, idx.dim, ids["train"])
         val = index_pairs(store, idx.dim, ids["val"])
 
@@ -186,13 +210,17 @@ def main(argv=None) -> int:
         q_raw = enc.encode_texts([t for _, t in queries])
         img_hash = {i: store.images_by_ids([i])[i].hash for i in test_ids}
         img_raw = store.get_embeddings("image", [img_hash[int(i)] for i in test_ids], idx.dim)
-        has_docs = np.array([store.images_by_ids([int(test_ids[r])])[int(test_ids[r])].path in docs_images for r in q_img])
+        has_docs = np.array(
+            [store.images_by_ids([int(test_ids[r])])[int(test_ids[r])].path in docs_images for r in q_img]
+        )
         masks = {"with_doc_captions": has_docs, "without_captions": ~has_docs}
 
         # 2. train on the train split, early stopping on val
         cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
         t0 = time.perf_counter()
-        f_b, h_b = train_fusion(train, val, TrainConfig(**{**cfg.__dict__, "document_fusion": False}), idx.identity, progress=not a.quiet)
+        f_b, h_b = train_fusion(
+            train, val, TrainConfig(**{**cfg.__dict__, "document_fusion": False}), idx.identity, progress=not a.quiet
+        )
         f_c, h_c = train_fusion(train, val, cfg, idx.identity, progress=not a.quiet)
         train_seconds = time.perf_counter() - t0
 
@@ -201,8 +229,12 @@ def main(argv=None) -> int:
         blend = Fusion.untrained(idx.dim, idx.identity)
         blend.params["gate.bias"][:] = 0.5
         blend.info = {"fixed_blend": 0.5}
-        variants = [("a", "no fusion", None), ("a+", "untrained 50/50 image/caption blend", blend),
-                    ("b", "trained adapters", f_b), ("c", "adapters + document fusion", f_c)]
+        variants = [
+            ("a", "no fusion", None),
+            ("a+", "untrained 50/50 image/caption blend", blend),
+            ("b", "trained adapters", f_b),
+            ("c", "adapters + document fusion", f_c),
+        ]
         results = {}
         for key, label, fusion in variants:
             install_fusion(idx, fusion, {"benchmark_variant": key})
@@ -211,8 +243,15 @@ def main(argv=None) -> int:
             caps = store.captions_for_images([int(i) for i in test_ids])
             from retrieval.store import text_hash
 
-            expect = f.document_vectors(img_raw, [store.get_embeddings("text", [text_hash(t) for _, t in caps[int(i)]], idx.dim)
-                                                  if caps.get(int(i)) else None for i in test_ids])
+            expect = f.document_vectors(
+                img_raw,
+                [
+                    store.get_embeddings("text", [text_hash(t) for _, t in caps[int(i)]], idx.dim)
+                    if caps.get(int(i))
+                    else None
+                    for i in test_ids
+                ],
+            )
             max_diff = float(np.abs(D - expect).max())
             Q = f.query_text(q_raw)
             m = recall_rows(D, Q, q_img, f.query_image(img_raw), f.caption_vectors(q_raw), masks)
@@ -225,29 +264,53 @@ def main(argv=None) -> int:
                     res = s.search(queries[j][1], k=1, under=str(corpus / "images" / "test"), dedupe=False)
                     agree += int(res and res[0].id == int(test_ids[top_matrix[j]]))
             val_metrics = evaluate_fusion(fusion, val)
-            results[key] = {"label": label, "metrics": {k: round(v, 4) for k, v in m.items()},
-                            "val_score": val_metrics["score"], "faiss_vs_fusion_max_abs_diff": max_diff,
-                            "searcher_top1_agreement": f"{agree}/{n_check}",
-                            "fusion": fusion.describe() if fusion is not None else None}
+            results[key] = {
+                "label": label,
+                "metrics": {k: round(v, 4) for k, v in m.items()},
+                "val_score": val_metrics["score"],
+                "faiss_vs_fusion_max_abs_diff": max_diff,
+                "searcher_top1_agreement": f"{agree}/{n_check}",
+                "fusion": fusion.describe() if fusion is not None else None,
+            }
             if not a.quiet:
-                print(f"({key}) {label}: t2i R@1 {m['image_retrieval_recall@1']:.3f}  i2t R@1 "
-                      f"{m['text_retrieval_recall@1']:.3f}  [searcher agrees {agree}/{n_check}]", file=sys.stderr)
+                print(
+                    f"({key}) {label}: t2i R@1 {m['image_retrieval_recall@1']:.3f}  i2t R@1 "
+                    f"{m['text_retrieval_recall@1']:.3f}  [searcher agrees {agree}/{n_check}]",
+                    file=sys.stderr,
+                )
         install_fusion(idx, None)  # leave the benchmark index as built
     finally:
         idx.close()
 
-    cmd = "python benchmarks/fusion_benchmark.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    cmd = "python benchmarks/fusion_benchmark.py " + " ".join(
+        shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])
+    )
     gain = results["c"]["metrics"]["image_retrieval_recall@1"] - results["a"]["metrics"]["image_retrieval_recall@1"]
     gain_b = results["b"]["metrics"]["image_retrieval_recall@1"] - results["a"]["metrics"]["image_retrieval_recall@1"]
     out = {
-        "benchmark": "fusion", "model": a.model, "machine": MACHINE, "python": platform.python_version(),
-        "corpus": {**spec, "doc_captions": a.doc_captions, "doc_fraction": a.doc_fraction,
-                   "test_images": int(len(test_ids)), "test_queries": len(queries),
-                   "test_images_with_doc_captions": len(docs_images), "train_pairs": train.n_captions,
-                   "train_images": train.n_images, "val_pairs": val.n_captions, "val_images": val.n_images},
-        "training": {"config": cfg.__dict__, "b": {"epochs_run": h_b.epochs_run, "best_epoch": h_b.best_epoch, "seconds": round(h_b.seconds, 1)},
-                     "c": {"epochs_run": h_c.epochs_run, "best_epoch": h_c.best_epoch, "seconds": round(h_c.seconds, 1)}},
-        "index_seconds": round(index_seconds, 1), "train_seconds": round(train_seconds, 1),
+        "benchmark": "fusion",
+        "model": a.model,
+        "machine": MACHINE,
+        "python": platform.python_version(),
+        "corpus": {
+            **spec,
+            "doc_captions": a.doc_captions,
+            "doc_fraction": a.doc_fraction,
+            "test_images": int(len(test_ids)),
+            "test_queries": len(queries),
+            "test_images_with_doc_captions": len(docs_images),
+            "train_pairs": train.n_captions,
+            "train_images": train.n_images,
+            "val_pairs": val.n_captions,
+            "val_images": val.n_images,
+        },
+        "training": {
+            "config": cfg.__dict__,
+            "b": {"epochs_run": h_b.epochs_run, "best_epoch": h_b.best_epoch, "seconds": round(h_b.seconds, 1)},
+            "c": {"epochs_run": h_c.epochs_run, "best_epoch": h_c.best_epoch, "seconds": round(h_c.seconds, 1)},
+        },
+        "index_seconds": round(index_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "images_encoded": rep.encoded,
         "results": results,
@@ -269,33 +332,45 @@ def markdown(o: dict) -> str:
     lines = [
         f"### Learned fusion, `{o['model']}` — held-out test split ({MACHINE})",
         "",
-        f"Synthetic corpus: {c['images']} PIL scenes x {c['captions_per_image']} paraphrased captions (seed {c['seed']}); "
+        f"Synthetic corpus: {c['images']} PIL scenes x {c['captions_per_image']} paraphrased captions (seed "
+        f"{c['seed']}); "
         f"fusion trained on {c['train_pairs']} train pairs ({c['train_images']} images), early-stopped on "
-        f"{c['val_images']} val images; scored on {c['test_queries']} held-out queries over {c['test_images']} test images "
-        f"({c['test_images_with_doc_captions']} of them indexed with {c['doc_captions']} document captions, disjoint from the queries).",
+        f"{c['val_images']} val images; scored on {c['test_queries']} held-out queries over {c['test_images']} "
+        f"test images "
+        f"({c['test_images_with_doc_captions']} of them indexed with {c['doc_captions']} document captions, "
+        f"disjoint from the queries).",
         "",
-        "| variant | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 with doc captions | t2i R@1 without |",
+        "| variant | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 with doc captions | "
+        "t2i R@1 without |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in o["results"].items():
         m = r["metrics"]
         lines.append(
-            f"| ({key}) {r['label']} | " + " | ".join(f"{100 * m[f'image_retrieval_recall@{k}']:.1f}" for k in KS) + " | "
-            + " | ".join(f"{100 * m[f'text_retrieval_recall@{k}']:.1f}" for k in KS) + " | "
+            f"| ({key}) {r['label']} | "
+            + " | ".join(f"{100 * m[f'image_retrieval_recall@{k}']:.1f}" for k in KS)
+            + " | "
+            + " | ".join(f"{100 * m[f'text_retrieval_recall@{k}']:.1f}" for k in KS)
+            + " | "
             + f"{100 * m.get('image_retrieval_recall@1/with_doc_captions', float('nan')):.1f} | "
-            + f"{100 * m.get('image_retrieval_recall@1/without_captions', float('nan')):.1f} |")
+            + f"{100 * m.get('image_retrieval_recall@1/without_captions', float('nan')):.1f} |"
+        )
     g = o["t2i_r1_gain_points"]
     fc = o["results"]["c"]["fusion"] or {}
     lines += [
         "",
         f"Held-out text->image R@1 gain over (a): (b) {g['b_vs_a']:+.1f} points, (c) {g['c_vs_a']:+.1f} points. "
-        f"Trained gate bias {fc.get('gate_bias')}, gate weights {fc.get('gate_weight')}, default composite image weight "
+        f"Trained gate bias {fc.get('gate_bias')}, gate weights {fc.get('gate_weight')}, default composite "
+        f"image weight "
         f"{fc.get('default_composite_image_weight')}, temperature {fc.get('temperature')}.",
         f"Signal in the raw embeddings: paraphrase text->text R@1 {100 * o['diagnostics']['paraphrase_t2t_r1']:.1f}%, "
         f"linear-probe text->image R@1 {100 * o['diagnostics']['linear_probe_t2i_r1']:.1f}% "
         f"(chance {100 * o['diagnostics']['chance_t2i_r1']:.1f}%).",
-        f"Index build {o['index_seconds']} s ({o['images_encoded']} images encoded in this run), training (b)+(c) {o['train_seconds']} s, total {o['total_seconds']} s. "
-        f"Searcher top-1 agreement with the matrix scores: " + ", ".join(f"({k}) {r['searcher_top1_agreement']}" for k, r in o["results"].items()) + ".",
+        f"Index build {o['index_seconds']} s ({o['images_encoded']} images encoded in this run), training "
+        f"(b)+(c) {o['train_seconds']} s, total {o['total_seconds']} s. "
+        f"Searcher top-1 agreement with the matrix scores: "
+        + ", ".join(f"({k}) {r['searcher_top1_agreement']}" for k, r in o["results"].items())
+        + ".",
         "",
         f"Reproduce: `{o['command']}`",
         "",

@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -35,9 +37,9 @@ TINY_MODEL = "tiny-clip:none"
 
 @dataclass
 class Case:
-    case: str        # what is odd about it
-    name: str        # path relative to the corpus folder (os.fsdecode form)
-    expected: str    # "indexed", "skipped", or "folder" (walked as a folder, not a file)
+    case: str  # what is odd about it
+    name: str  # path relative to the corpus folder (os.fsdecode form)
+    expected: str  # "indexed", "skipped", or "folder" (walked as a folder, not a file)
     outcome: str = ""
     reason: str = ""
     detail: str = ""
@@ -82,7 +84,9 @@ def build_corpus(d: Path, sidecar_bytes: int) -> list[Case]:
     add("non-UTF-8 file name", c.NON_UTF8_NAME, "indexed", c.make_jpeg, seed=4)
     add("250-byte file name", c.LONG_NAME, "indexed", c.make_jpeg, seed=5)
     deep = c.make_deep_path(d / "deep", 4200)
-    cases.append(Case("path longer than PATH_MAX (4200 bytes)", os.fsdecode(deep[len(os.fsencode(d)) + 1:]), "skipped"))
+    cases.append(
+        Case("path longer than PATH_MAX (4200 bytes)", os.fsdecode(deep[len(os.fsencode(d)) + 1 :]), "skipped")
+    )
     add("mode 000 (unreadable, even for root)", "unreadable.jpg", "skipped", c.make_unreadable)
     add("FIFO named .jpg", "fifo.jpg", "skipped", c.make_fifo)
     add("directory symlink to its own parent", "loop", "skipped", c.make_symlink_loop)
@@ -100,16 +104,27 @@ def build_corpus(d: Path, sidecar_bytes: int) -> list[Case]:
 def run(workdir: Path, sidecar_bytes: int = 5 * 2**20, workers: int = 1) -> dict:
     """Build the corpus under `workdir`, index it, and fill in each case's outcome."""
     from click.testing import CliRunner
+    from faultkit import no_dac_override
 
     import cli
-    from faultkit import no_dac_override
     from retrieval.datasets import SIDECAR_MAX_LINES
     from retrieval.index import Index
 
     folder, index_dir = workdir / "corpus", workdir / "index"
     cases = build_corpus(folder, sidecar_bytes)
-    argv = ["index", str(folder), "--index", str(index_dir), "--model", TINY_MODEL, "--workers", str(workers),
-            "--device", "cpu", "-q"]
+    argv = [
+        "index",
+        str(folder),
+        "--index",
+        str(index_dir),
+        "--model",
+        TINY_MODEL,
+        "--workers",
+        str(workers),
+        "--device",
+        "cpu",
+        "-q",
+    ]
     try:
         with no_dac_override():  # so that mode 000 means unreadable for root too
             t0 = time.perf_counter()
@@ -122,7 +137,9 @@ def run(workdir: Path, sidecar_bytes: int = 5 * 2**20, workers: int = 1) -> dict
 
     with Index.open(index_dir) as idx:
         db = idx.store.db
-        images = {bytes(raw): (w, h, i) for raw, w, h, i in db.execute("SELECT path_raw, width, height, id FROM images")}
+        images = {
+            bytes(raw): (w, h, i) for raw, w, h, i in db.execute("SELECT path_raw, width, height, id FROM images")
+        }
         errors = {bytes(raw): reason for raw, reason in db.execute("SELECT path_raw, reason FROM errors")}
         caps = idx.store.captions_for_images([v[2] for v in images.values()])
         problems = idx.verify()
@@ -162,7 +179,9 @@ def run(workdir: Path, sidecar_bytes: int = 5 * 2**20, workers: int = 1) -> dict
         "errors_recorded": n_errors,
         "verify": problems,
         # names as text: a non-UTF-8 byte shows as \xe9
-        "cases": [dict(asdict(c), name=os.fsencode(c.name).decode("utf-8", "backslashreplace"), ok=c.ok) for c in cases],
+        "cases": [
+            dict(asdict(c), name=os.fsencode(c.name).decode("utf-8", "backslashreplace"), ok=c.ok) for c in cases
+        ],
     }
 
 
@@ -185,7 +204,7 @@ def markdown(doc: dict) -> str:
         f"Machine: {doc['machine']}. One `retrieval index` run (tiny model, 1 decode worker) over one file per case; "
         f"exit code {doc['exit_code']}, {doc['errors_recorded']} reasons recorded in the `errors` table, "
         f"`verify`: {'clean' if not doc['verify'] else doc['verify']}. The same command again: exit code "
-        f"{doc['rerun_exit_code']}, \"{doc['rerun_report']}\". "
+        f'{doc["rerun_exit_code"]}, "{doc["rerun_report"]}". '
         f"Reproduce: `python benchmarks/malformed_report.py --out benchmarks/out`.",
         "",
         "| case | file | outcome | reason recorded / detail | as expected |",
@@ -196,8 +215,10 @@ def markdown(doc: dict) -> str:
         what = "; ".join(filter(None, [c["reason"], c["detail"]]))
         if c["outcome"] == "skipped" and c["in_report"]:
             what += " (also in the run report)"
-        lines.append(f"| {_md_escape(c['case'])} | `{_md_escape(name)}` | {c['outcome']} | {_md_escape(what)} | "
-                     f"{'yes' if c['ok'] else '**no**'} |")
+        lines.append(
+            f"| {_md_escape(c['case'])} | `{_md_escape(name)}` | {c['outcome']} | {_md_escape(what)} | "
+            f"{'yes' if c['ok'] else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,13 +50,25 @@ def _photos(data: Path, n: int) -> Path:
 def _index(folder: Path, index_dir: Path, model: str, executor: str, actors, batch_size: int) -> dict:
     from index_data.pipeline import IndexOptions, run_index
 
-    opts = IndexOptions(paths=[str(folder)], model=model, device="cpu", progress=False, batch_size=batch_size,
-                        executor=executor, ray_actors=actors)
+    opts = IndexOptions(
+        paths=[str(folder)],
+        model=model,
+        device="cpu",
+        progress=False,
+        batch_size=batch_size,
+        executor=executor,
+        ray_actors=actors,
+    )
     t0 = time.perf_counter()
     r = run_index(index_dir, opts)
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 2), "encoded": r.encoded, "images_total": r.images_total,
-            "errors": len(r.errors), "images_per_s": round(r.encoded / wall, 2) if wall else None}
+    return {
+        "wall_s": round(wall, 2),
+        "encoded": r.encoded,
+        "images_total": r.images_total,
+        "errors": len(r.errors),
+        "images_per_s": round(r.encoded / wall, 2) if wall else None,
+    }
 
 
 def _vectors(index_dir: Path) -> dict:
@@ -91,9 +105,15 @@ def scaling_model(args, startup_s: float, commit_rate: float) -> list[dict]:
         decode = nodes * args.cores_per_node * args.decode_img_s_per_core
         rate = min(encode, decode, commit_rate)
         bound = {encode: "GPU encode", decode: "decode CPUs", commit_rate: "driver commit"}[rate]
-        rows.append({"nodes": nodes, "gpus": nodes * args.gpus_per_node, "images_per_s": round(rate),
-                     "bound_by": bound,
-                     "hours_for_photos": round((startup_s + args.model_photos / rate) / 3600, 2)})
+        rows.append(
+            {
+                "nodes": nodes,
+                "gpus": nodes * args.gpus_per_node,
+                "images_per_s": round(rate),
+                "bound_by": bound,
+                "hours_for_photos": round((startup_s + args.model_photos / rate) / 3600, 2),
+            }
+        )
     return rows
 
 
@@ -102,19 +122,30 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="photos (1600x1200 JPEG)")
     ap.add_argument("--model", default="tiny-clip:none")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch threads of the local run (default: torch's, the core count); Ray's CPU actors "
-                         "use their CPU share")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads of the local run (default: torch's, the core count); Ray's CPU actors use their CPU share",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="alternated local/ray pairs; medians are reported")
     ap.add_argument("--ray-actors", type=int, default=None)
     ap.add_argument("--data", default=str(ROOT / "benchmarks" / "data" / "ray_index"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
-    ap.add_argument("--gpu-img-s", type=float, default=2000.0,
-                    help="per-GPU encode images/s for the model (placeholder until the GPU issue measures it)")
+    ap.add_argument(
+        "--gpu-img-s",
+        type=float,
+        default=2000.0,
+        help="per-GPU encode images/s for the model (placeholder until the GPU issue measures it)",
+    )
     ap.add_argument("--gpus-per-node", type=int, default=1)
     ap.add_argument("--cores-per-node", type=int, default=16)
-    ap.add_argument("--decode-img-s-per-core", type=float, default=None,
-                    help="default: this run's local decode rate per core (measured on 1600x1200 JPEGs)")
+    ap.add_argument(
+        "--decode-img-s-per-core",
+        type=float,
+        default=None,
+        help="default: this run's local decode rate per core (measured on 1600x1200 JPEGs)",
+    )
     ap.add_argument("--nodes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--model-photos", type=int, default=50_000_000, help="photo count for the hours column")
     args = ap.parse_args()
@@ -144,7 +175,7 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     runs = {"local": [], "ray": [], "startup": []}
     max_diff = 0.0
-    for rep in range(args.repeat):  # alternated, so both executors meet the same machine load
+    for _rep in range(args.repeat):  # alternated, so both executors meet the same machine load
         with tempfile.TemporaryDirectory(prefix="rb", dir="/tmp") as tmp:
             tmp = Path(tmp)
             runs["local"].append(_index(folder, tmp / "local", args.model, "local", None, args.batch_size))
@@ -172,40 +203,85 @@ def main() -> None:
     commit = driver_commit_rate(enc.dim)
     overhead = on_ray["wall_s"] - local["wall_s"]
     doc = {
-        "title": "Indexing: local executor vs Ray executor", "command": cmd, "machine": machine_info(),
-        "photos": args.n, "size": "1600x1200 JPEG q90", "model": args.model, "decode_workers_local": default_workers(),
-        "torch_threads_local": torch.get_num_threads(), "repeat": args.repeat,
-        "all_runs": {"local_wall_s": [r["wall_s"] for r in runs["local"]],
-                     "ray_wall_s": [r["wall_s"] for r in runs["ray"]],
-                     "ray_startup_s": [round(x, 2) for x in runs["startup"]]},
-        "local": local, "ray": {**on_ray, "startup_s": round(startup, 2), "resources": resources,
-                                "actors": settings.actors, "batch_size": settings.batch_size},
-        "ray_overhead_s": round(overhead + startup, 2), "ray_overhead_after_startup_s": round(overhead, 2),
+        "title": "Indexing: local executor vs Ray executor",
+        "command": cmd,
+        "machine": machine_info(),
+        "photos": args.n,
+        "size": "1600x1200 JPEG q90",
+        "model": args.model,
+        "decode_workers_local": default_workers(),
+        "torch_threads_local": torch.get_num_threads(),
+        "repeat": args.repeat,
+        "all_runs": {
+            "local_wall_s": [r["wall_s"] for r in runs["local"]],
+            "ray_wall_s": [r["wall_s"] for r in runs["ray"]],
+            "ray_startup_s": [round(x, 2) for x in runs["startup"]],
+        },
+        "local": local,
+        "ray": {
+            **on_ray,
+            "startup_s": round(startup, 2),
+            "resources": resources,
+            "actors": settings.actors,
+            "batch_size": settings.batch_size,
+        },
+        "ray_overhead_s": round(overhead + startup, 2),
+        "ray_overhead_after_startup_s": round(overhead, 2),
         "max_abs_vector_diff": max_diff,
         "driver_commit_images_per_s": round(commit),
-        "scaling_params": {"gpu_img_s": args.gpu_img_s, "gpus_per_node": args.gpus_per_node,
-                           "cores_per_node": args.cores_per_node, "decode_img_s_per_core": args.decode_img_s_per_core,
-                           "startup_s": round(startup, 2), "gpu_figure": "placeholder (not measured)"},
+        "scaling_params": {
+            "gpu_img_s": args.gpu_img_s,
+            "gpus_per_node": args.gpus_per_node,
+            "cores_per_node": args.cores_per_node,
+            "decode_img_s_per_core": args.decode_img_s_per_core,
+            "startup_s": round(startup, 2),
+            "gpu_figure": "placeholder (not measured)",
+        },
         "scaling": scaling_model(args, startup, commit),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = args.model.replace(":", "_").replace("/", "_")
     (out / f"ray_index_{slug}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = [f"# {doc['title']}", "", f"`{cmd}` on {doc['machine'].get('cpu')} ({doc['machine'].get('cores')} cores)", "",
-          (f"{args.n} photos, {doc['size']}, model {args.model}, fresh index each; median of {args.repeat} alternated "
-           f"local/ray pairs (all walls: local {doc['all_runs']['local_wall_s']}, ray {doc['all_runs']['ray_wall_s']})."), "",
-          "| executor | wall s | images/s |", "|---|---|---|",
-          f"| local ({doc['decode_workers_local']} decode workers, {doc['torch_threads_local']} torch threads) | {local['wall_s']} | {local['images_per_s']} |",
-          (f"| ray ({settings.actors} actor(s) of {settings.num_cpus:g} CPU, batch {settings.batch_size}, {resources}) | {on_ray['wall_s']} "
-           f"(+{startup:.1f} s Ray start-up) | {on_ray['images_per_s']} |"), "",
-          (f"Ray overhead: {doc['ray_overhead_s']} s in all, {doc['ray_overhead_after_startup_s']} s after start-up. "
-           f"Max |vector difference|: {max_diff:.2e}. Driver commit ceiling: {doc['driver_commit_images_per_s']} images/s."), "",
-          (f"## Scaling model ({args.gpus_per_node} GPU(s) of {args.gpu_img_s:g} img/s per node - placeholder; "
-           f"{args.cores_per_node} decode cores of {args.decode_img_s_per_core} img/s), {args.model_photos:,} photos"), "",
-          "| nodes | GPUs | images/s | bound by | hours |", "|---|---|---|---|---|"]
-    md += [f"| {r['nodes']} | {r['gpus']} | {r['images_per_s']} | {r['bound_by']} | {r['hours_for_photos']} |"
-           for r in doc["scaling"]]
+    md = [
+        f"# {doc['title']}",
+        "",
+        f"`{cmd}` on {doc['machine'].get('cpu')} ({doc['machine'].get('cores')} cores)",
+        "",
+        (
+            f"{args.n} photos, {doc['size']}, model {args.model}, fresh index each; median of {args.repeat} alternated "
+            f"local/ray pairs (all walls: local {doc['all_runs']['local_wall_s']}, ray "
+            f"{doc['all_runs']['ray_wall_s']})."
+        ),
+        "",
+        "| executor | wall s | images/s |",
+        "|---|---|---|",
+        f"| local ({doc['decode_workers_local']} decode workers, {doc['torch_threads_local']} torch threads) | "
+        f"{local['wall_s']} | {local['images_per_s']} |",
+        (
+            f"| ray ({settings.actors} actor(s) of {settings.num_cpus:g} CPU, batch {settings.batch_size}, "
+            f"{resources}) | {on_ray['wall_s']} "
+            f"(+{startup:.1f} s Ray start-up) | {on_ray['images_per_s']} |"
+        ),
+        "",
+        (
+            f"Ray overhead: {doc['ray_overhead_s']} s in all, {doc['ray_overhead_after_startup_s']} s after start-up. "
+            f"Max |vector difference|: {max_diff:.2e}. Driver commit ceiling: "
+            f"{doc['driver_commit_images_per_s']} images/s."
+        ),
+        "",
+        (
+            f"## Scaling model ({args.gpus_per_node} GPU(s) of {args.gpu_img_s:g} img/s per node - placeholder; "
+            f"{args.cores_per_node} decode cores of {args.decode_img_s_per_core} img/s), {args.model_photos:,} photos"
+        ),
+        "",
+        "| nodes | GPUs | images/s | bound by | hours |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['nodes']} | {r['gpus']} | {r['images_per_s']} | {r['bound_by']} | {r['hours_for_photos']} |"
+        for r in doc["scaling"]
+    ]
     (out / f"ray_index_{slug}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"\nreproduce: {cmd}")

@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -43,7 +45,10 @@ def write_samples(folder: Path) -> tuple[Path, str]:
             for c in SAMPLE_CAPTIONS[p.name]:
                 w.writerow([f"photos/{p.name}", c])
     n_caps = sum(len(SAMPLE_CAPTIONS[p.name]) for p in paths)
-    return caps, f"scikit-image sample photos (benchmarks/samples.py): {len(paths)} photos, {n_caps} hand-written captions"
+    return (
+        caps,
+        f"scikit-image sample photos (benchmarks/samples.py): {len(paths)} photos, {n_caps} hand-written captions",
+    )
 
 
 def write_synthetic(folder: Path, n: int) -> tuple[Path, str]:
@@ -63,7 +68,10 @@ def write_synthetic(folder: Path, n: int) -> tuple[Path, str]:
         d.ellipse([x, y, x + 30, y + 30], fill=colours[c])
         name = f"syn_{i:05d}.jpg"
         im.save(folder / "photos" / name, quality=90)
-        rows += [(f"photos/{name}", f"a {colours[c]} circle, picture {i}"), (f"photos/{name}", f"synthetic scene number {i}")]
+        rows += [
+            (f"photos/{name}", f"a {colours[c]} circle, picture {i}"),
+            (f"photos/{name}", f"synthetic scene number {i}"),
+        ]
     caps = folder / "captions.csv"
     with open(caps, "w", newline="") as f:
         w = csv.writer(f)
@@ -90,8 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = ap.parse_args(argv)
 
-    from index_data.pipeline import IndexOptions, run_index
     from report import machine_info
+
+    from index_data.pipeline import IndexOptions, run_index
     from retrieval.benchmark import run_recall_benchmark
 
     cmd = "python benchmarks/recall.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
@@ -115,8 +124,18 @@ def main(argv=None) -> int:
             name = args.name or "samples"
         runs = []
         for spec in models:
-            r = run_recall_benchmark(caps, index_dir=args.index, images_dir=args.images, fmt=args.fmt, split=args.split,
-                                     model=spec, ks=args.k, exact=args.exact, device=args.device, build=build)
+            r = run_recall_benchmark(
+                caps,
+                index_dir=args.index,
+                images_dir=args.images,
+                fmt=args.fmt,
+                split=args.split,
+                model=spec,
+                ks=args.k,
+                exact=args.exact,
+                device=args.device,
+                build=build,
+            )
             d = r.to_dict()
             runs.append(d)
             keys = [k for k in d if "_recall@" in k]
@@ -124,9 +143,16 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"title": f"Recall: {name}", "command": cmd, "dataset": dataset, "machine": machine_info(), "runs": runs,
-           "note": "Random-init models (ARCH:none) measure chance level, not a real model."
-           if any(m.endswith(":none") for m in models) else None}
+    doc = {
+        "title": f"Recall: {name}",
+        "command": cmd,
+        "dataset": dataset,
+        "machine": machine_info(),
+        "runs": runs,
+        "note": "Random-init models (ARCH:none) measure chance level, not a real model."
+        if any(m.endswith(":none") for m in models)
+        else None,
+    }
     path = out / f"recall_{name}.json"
     path.write_text(json.dumps(doc, indent=1))
     print(f"wrote {path}")

@@ -70,8 +70,12 @@ def machine_info() -> dict:
     try:
         import subprocess
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if out.returncode == 0 and out.stdout.strip():
             gpu = "; ".join(s.strip() for s in out.stdout.strip().splitlines())
     except Exception:
@@ -102,9 +106,11 @@ def machine_info() -> dict:
 
 def machine_line(m: dict) -> str:
     gpu = m.get("gpu") or "no GPU"
-    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {gpu}; "
-            f"torch {m.get('torch')}, faiss {m.get('faiss')}, open_clip {m.get('open_clip')}, "
-            f"Python {m.get('python')}")
+    return (
+        f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {gpu}; "
+        f"torch {m.get('torch')}, faiss {m.get('faiss')}, open_clip {m.get('open_clip')}, "
+        f"Python {m.get('python')}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,7 +151,11 @@ def table(rows: list[dict], cols: list[str] | None = None, headers: dict | None 
         cols = []
         for r in rows:
             for k, v in r.items():
-                if k not in cols and not isinstance(v, (dict,)) and not (isinstance(v, list) and v and isinstance(v[0], dict)):
+                if (
+                    k not in cols
+                    and not isinstance(v, (dict,))
+                    and not (isinstance(v, list) and v and isinstance(v[0], dict))
+                ):
                     cols.append(k)
     headers = headers or {}
     out = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
@@ -167,8 +177,12 @@ def render_generic(obj, level: int = 3, max_rows: int = 60) -> str:
     """Any JSON: scalars as a key/value table, lists of objects as tables, nested objects as sub-sections."""
     parts: list[str] = []
     if isinstance(obj, dict):
-        scalars = {k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or
-                   (isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v))}
+        scalars = {
+            k: v
+            for k, v in obj.items()
+            if not isinstance(v, (dict, list))
+            or (isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v))
+        }
         if scalars:
             parts.append("| key | value |\n|---|---|\n" + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in scalars.items()))
         for k, v in obj.items():
@@ -197,82 +211,175 @@ def render_speed(d: dict) -> str:
     parts = []
     cmds = {k: [v] if isinstance(v, str) else list(v) for k, v in (d.get("commands") or {}).items()}
     if len({c for v in cmds.values() for c in v}) > 1:
-        parts.append("Reproduce (parts were run separately and merged):\n\n"
-                     + "".join(f"- {k}: " + "; ".join(f"`{c}`" for c in v) + "\n" for k, v in cmds.items()))
+        parts.append(
+            "Reproduce (parts were run separately and merged):\n\n"
+            + "".join(f"- {k}: " + "; ".join(f"`{c}`" for c in v) + "\n" for k, v in cmds.items())
+        )
     elif d.get("command"):
         parts.append(f"Reproduce: `{d['command']}`\n")
     if d.get("machine"):
-        parts.append(f"Measured on: {machine_line(d['machine'])}; load average at start "
-                     f"{_fmt(d['machine'].get('loadavg'))} (the machine is shared: treat small differences as noise).\n")
+        parts.append(
+            f"Measured on: {machine_line(d['machine'])}; load average at start "
+            f"{_fmt(d['machine'].get('loadavg'))} (the machine is shared: treat small differences as noise).\n"
+        )
     idx = d.get("indexing") or []
     if idx:
         parts.append("#### Indexing throughput (end to end through `run_index`)\n")
         parts.append(
             f"{idx[0].get('n_images')} generated {idx[0].get('image_size', '1600x1200')} JPEGs "
-            f"(quality 90, photographic-looking; mean {_fmt(idx[0].get('jpeg_mean_kb'))} KB). End to end = scan + hash + "
+            f"(quality 90, photographic-looking; mean {_fmt(idx[0].get('jpeg_mean_kb'))} KB). End to end = scan "
+            f"+ hash + "
             "decode (worker processes) + encode + SQLite + FAISS publish, wall clock, model load included; "
             "'excl. load' subtracts the model load measured in the same process. Model-only = "
             "`encode_image_tensors` on preprocessed batches. Decode-only = `decode_stream` with the same workers. "
             "Torch threads: torch's default (2 here) or 1 (`--torch-threads`); which wins depends on what else runs: "
             "with the machine to itself 2 threads win, while another process holds a core 2 threads lose badly "
-            "(see the load average per row in the JSON).\n")
-        parts.append(table(idx, ["model", "device", "precision", "batch_size", "workers", "torch_threads", "images_per_s",
-                                 "images_per_s_excl_load", "model_only_images_per_s", "decode_only_images_per_s",
-                                 "model_load_s", "wall_s", "rerun_unchanged_s", "peak_rss_mb"],
-                           {"images_per_s": "end-to-end img/s", "images_per_s_excl_load": "img/s excl. load",
-                            "model_only_images_per_s": "model-only img/s", "decode_only_images_per_s": "decode-only img/s",
-                            "model_load_s": "model load s", "wall_s": "wall s", "rerun_unchanged_s": "unchanged re-run s",
-                            "peak_rss_mb": "peak RSS MB", "batch_size": "batch", "workers": "decode workers",
-                            "torch_threads": "torch threads"}))
+            "(see the load average per row in the JSON).\n"
+        )
+        parts.append(
+            table(
+                idx,
+                [
+                    "model",
+                    "device",
+                    "precision",
+                    "batch_size",
+                    "workers",
+                    "torch_threads",
+                    "images_per_s",
+                    "images_per_s_excl_load",
+                    "model_only_images_per_s",
+                    "decode_only_images_per_s",
+                    "model_load_s",
+                    "wall_s",
+                    "rerun_unchanged_s",
+                    "peak_rss_mb",
+                ],
+                {
+                    "images_per_s": "end-to-end img/s",
+                    "images_per_s_excl_load": "img/s excl. load",
+                    "model_only_images_per_s": "model-only img/s",
+                    "decode_only_images_per_s": "decode-only img/s",
+                    "model_load_s": "model load s",
+                    "wall_s": "wall s",
+                    "rerun_unchanged_s": "unchanged re-run s",
+                    "peak_rss_mb": "peak RSS MB",
+                    "batch_size": "batch",
+                    "workers": "decode workers",
+                    "torch_threads": "torch threads",
+                },
+            )
+        )
     rr = d.get("rerun")
     if rr:
         parts.append("#### Unchanged re-run\n")
-        parts.append(f"{_fmt(rr.get('files'))} small JPEGs indexed once with {rr.get('model')}, then `run_index` on the "
-                     "same folder again with nothing changed (scan + stat compare + sidecar check + vector sync; "
-                     "the model is still loaded).\n")
-        parts.append(table([rr], ["files", "first_index_s", "rerun_unchanged_s", "rerun_runs_s", "scan_only_s",
-                                  "model_load_s"],
-                           {"first_index_s": "first index s", "rerun_unchanged_s": "unchanged re-run s (median)",
-                            "rerun_runs_s": "runs", "scan_only_s": "scan only s", "model_load_s": "model load s"}))
+        parts.append(
+            f"{_fmt(rr.get('files'))} small JPEGs indexed once with {rr.get('model')}, then `run_index` on the "
+            "same folder again with nothing changed (scan + stat compare + sidecar check + vector sync; "
+            "the model is still loaded).\n"
+        )
+        parts.append(
+            table(
+                [rr],
+                ["files", "first_index_s", "rerun_unchanged_s", "rerun_runs_s", "scan_only_s", "model_load_s"],
+                {
+                    "first_index_s": "first index s",
+                    "rerun_unchanged_s": "unchanged re-run s (median)",
+                    "rerun_runs_s": "runs",
+                    "scan_only_s": "scan only s",
+                    "model_load_s": "model load s",
+                },
+            )
+        )
     lat = d.get("latency") or []
     if lat:
         parts.append("#### Query latency through the Searcher\n")
-        parts.append("Synthetic CLIP-like vectors (speed_vectors.make_vectors) written into a real index (SQLite rows "
-                     "+ raw embeddings, vectors published by `Index.sync_vectors`), queried in a fresh process with "
-                     f"{lat[0].get('model')}. Text/image end to end = `Searcher.search` (encode + fusion + FAISS + "
-                     "SQLite join), k=10, warm; 'search+join' = `search_vector` without the encoder; recall@10 vs "
-                     "exact on held-out text-like synthetic queries. Engine default parameters per kind.\n")
-        parts.append(table(lat, ["size", "kind", "params", "text_export", "text_p50_ms", "text_p95_ms", "image_p50_ms", "image_p95_ms",
-                                 "image_p50_ms_1_torch_thread", "encode_text_p50_ms", "search_join_p50_ms", "search_join_p95_ms", "recall_at_10",
-                                 "first_query_s", "bytes_per_vector", "sqlite_bytes_per_image", "build_s",
-                                 "build_peak_rss_mb", "query_peak_rss_mb"],
-                           {"text_p50_ms": "text p50 ms", "text_p95_ms": "text p95 ms", "image_p50_ms": "image p50 ms",
-                            "image_p95_ms": "image p95 ms",
-                            "image_p50_ms_1_torch_thread": "image p50 ms (1 torch thread)", "encode_text_p50_ms": "text encode p50 ms",
-                            "search_join_p50_ms": "search+join p50 ms", "search_join_p95_ms": "search+join p95 ms",
-                            "recall_at_10": "recall@10 vs exact", "first_query_s": "first query s (model load)",
-                            "bytes_per_vector": "FAISS B/vec", "sqlite_bytes_per_image": "SQLite B/image",
-                            "build_s": "build s", "build_peak_rss_mb": "build peak RSS MB", "text_export": "torch-free text",
-                            "query_peak_rss_mb": "query peak RSS MB"}))
-        parts.append("Image queries run the torch image encoder with torch's default thread count (2 here) unless "
-                     "the column says 1 thread. On this shared machine, whenever another process holds a core, two "
-                     "OpenMP threads wait on each other at every op, and an image query takes 1-2 s instead of "
-                     "~0.1-0.15 s; the 1-thread column is the stable figure. Text queries use the index's "
-                     "ONNX export (retrieval/onnx_runtime.py) when 'torch-free text' says yes.\n")
+        parts.append(
+            "Synthetic CLIP-like vectors (speed_vectors.make_vectors) written into a real index (SQLite rows "
+            "+ raw embeddings, vectors published by `Index.sync_vectors`), queried in a fresh process with "
+            f"{lat[0].get('model')}. Text/image end to end = `Searcher.search` (encode + fusion + FAISS + "
+            "SQLite join), k=10, warm; 'search+join' = `search_vector` without the encoder; recall@10 vs "
+            "exact on held-out text-like synthetic queries. Engine default parameters per kind.\n"
+        )
+        parts.append(
+            table(
+                lat,
+                [
+                    "size",
+                    "kind",
+                    "params",
+                    "text_export",
+                    "text_p50_ms",
+                    "text_p95_ms",
+                    "image_p50_ms",
+                    "image_p95_ms",
+                    "image_p50_ms_1_torch_thread",
+                    "encode_text_p50_ms",
+                    "search_join_p50_ms",
+                    "search_join_p95_ms",
+                    "recall_at_10",
+                    "first_query_s",
+                    "bytes_per_vector",
+                    "sqlite_bytes_per_image",
+                    "build_s",
+                    "build_peak_rss_mb",
+                    "query_peak_rss_mb",
+                ],
+                {
+                    "text_p50_ms": "text p50 ms",
+                    "text_p95_ms": "text p95 ms",
+                    "image_p50_ms": "image p50 ms",
+                    "image_p95_ms": "image p95 ms",
+                    "image_p50_ms_1_torch_thread": "image p50 ms (1 torch thread)",
+                    "encode_text_p50_ms": "text encode p50 ms",
+                    "search_join_p50_ms": "search+join p50 ms",
+                    "search_join_p95_ms": "search+join p95 ms",
+                    "recall_at_10": "recall@10 vs exact",
+                    "first_query_s": "first query s (model load)",
+                    "bytes_per_vector": "FAISS B/vec",
+                    "sqlite_bytes_per_image": "SQLite B/image",
+                    "build_s": "build s",
+                    "build_peak_rss_mb": "build peak RSS MB",
+                    "text_export": "torch-free text",
+                    "query_peak_rss_mb": "query peak RSS MB",
+                },
+            )
+        )
+        parts.append(
+            "Image queries run the torch image encoder with torch's default thread count (2 here) unless "
+            "the column says 1 thread. On this shared machine, whenever another process holds a core, two "
+            "OpenMP threads wait on each other at every op, and an image query takes 1-2 s instead of "
+            "~0.1-0.15 s; the 1-thread column is the stable figure. Text queries use the index's "
+            "ONNX export (retrieval/onnx_runtime.py) when 'torch-free text' says yes.\n"
+        )
     cold = d.get("cold_cli")
     if cold:
         parts.append("#### Cold CLI search\n")
-        parts.append(f"`{cold.get('command')}`: a new process each time, from start to printed results, on a "
-                     f"{_fmt(cold.get('size'))}-vector {cold.get('kind')} index (synthetic vectors, "
-                     f"{cold.get('model')} identity); median of {cold.get('runs')} runs. The OS page cache is warm "
-                     "(dropping it would disturb other users of this machine).\n")
-        parts.append(table([cold], ["search_median_s", "search_runs_s", "info_median_s"],
-                           {"search_median_s": "search median s", "search_runs_s": "runs s", "info_median_s": "`info` median s"}))
+        parts.append(
+            f"`{cold.get('command')}`: a new process each time, from start to printed results, on a "
+            f"{_fmt(cold.get('size'))}-vector {cold.get('kind')} index (synthetic vectors, "
+            f"{cold.get('model')} identity); median of {cold.get('runs')} runs. The OS page cache is warm "
+            "(dropping it would disturb other users of this machine).\n"
+        )
+        parts.append(
+            table(
+                [cold],
+                ["search_median_s", "search_runs_s", "info_median_s"],
+                {"search_median_s": "search median s", "search_runs_s": "runs s", "info_median_s": "`info` median s"},
+            )
+        )
         if cold.get("breakdown"):
             parts.append("Where the time goes (one fresh process, stage by stage):\n")
             bd = cold["breakdown"]
-            parts.append(table([{"stage": k, "seconds": v} for k, v in bd.items() if isinstance(v, (int, float))
-                                and not isinstance(v, bool)]))
+            parts.append(
+                table(
+                    [
+                        {"stage": k, "seconds": v}
+                        for k, v in bd.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    ]
+                )
+            )
             if "torch imported" in bd:
                 parts.append(f"torch imported by the query: {_fmt(bd['torch imported'])}\n")
     for png in d.get("plots") or []:
@@ -292,8 +399,13 @@ def render_recall(d: dict) -> str:
     rows = []
     for r in runs:
         ks = r.get("k") or [1, 5, 10]
-        row = {"model": r.get("model"), "index": r.get("index_type"), "fusion": r.get("fusion"),
-               "images": r.get("n_images"), "captions": r.get("n_captions")}
+        row = {
+            "model": r.get("model"),
+            "index": r.get("index_type"),
+            "fusion": r.get("fusion"),
+            "images": r.get("n_images"),
+            "captions": r.get("n_captions"),
+        }
         for k in ks:
             row[f"t2i R@{k}"] = _pct(r.get(f"image_retrieval_recall@{k}"))
         for k in ks:
@@ -305,8 +417,10 @@ def render_recall(d: dict) -> str:
                 row[f"exact i2t R@{k}"] = _pct(r["exact"].get(f"text_retrieval_recall@{k}"))
         row["eval s"] = r.get("eval_seconds")
         rows.append(row)
-    parts.append("Recall in % (t2i = `image_retrieval_recall@K`, text→image; i2t = `text_retrieval_recall@K`, "
-                 "image→text), measured through the engine's query path (`retrieval benchmark recall`).\n")
+    parts.append(
+        "Recall in % (t2i = `image_retrieval_recall@K`, text→image; i2t = `text_retrieval_recall@K`, "
+        "image→text), measured through the engine's query path (`retrieval benchmark recall`).\n"
+    )
     parts.append(table(rows))
     if d.get("note"):
         parts.append(f"_{d['note']}_\n")
@@ -321,19 +435,30 @@ def render_speed_vectors(d: dict) -> str:
     parts = []
     if d.get("command"):
         parts.append(f"Reproduce: `{d['command']}`\n")
-    parts.append(f"Vector layer only (no encoder, no SQLite): faiss {d.get('faiss_version')}, k={d.get('k')}, "
-                 f"{d.get('queries')} queries, target recall {d.get('target_recall')}. Written by "
-                 "benchmarks/speed_vectors.py; the columns are its own.\n")
+    parts.append(
+        f"Vector layer only (no encoder, no SQLite): faiss {d.get('faiss_version')}, k={d.get('k')}, "
+        f"{d.get('queries')} queries, target recall {d.get('target_recall')}. Written by "
+        "benchmarks/speed_vectors.py; the columns are its own.\n"
+    )
     try:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import speed_vectors  # noqa: PLC0415
 
         parts.append(speed_vectors.fmt_table(d.get("results") or []) + "\n")
     except Exception:
-        rows = [{"size": r.get("size"), "kind": r.get("kind"), "build_s": r.get("build_s"),
-                 "bytes_per_vector": r.get("bytes_per_vector"), "p50_ms": _get(r, "tuned.p50_ms"),
-                 "p95_ms": _get(r, "tuned.p95_ms"), "recall_at_10": _get(r, "tuned.recall_at_10"),
-                 "peak_rss_mb": r.get("peak_rss_mb")} for r in d.get("results") or []]
+        rows = [
+            {
+                "size": r.get("size"),
+                "kind": r.get("kind"),
+                "build_s": r.get("build_s"),
+                "bytes_per_vector": r.get("bytes_per_vector"),
+                "p50_ms": _get(r, "tuned.p50_ms"),
+                "p95_ms": _get(r, "tuned.p95_ms"),
+                "recall_at_10": _get(r, "tuned.recall_at_10"),
+                "peak_rss_mb": r.get("peak_rss_mb"),
+            }
+            for r in d.get("results") or []
+        ]
         parts.append(table(rows))
     for png in d.get("plots") or []:
         parts.append(f"![{Path(png).stem}]({_rel_png(png)})\n")
@@ -345,8 +470,10 @@ def render_starter(d: dict) -> str:
     if d.get("reproduce"):
         parts.append(f"Reproduce: `{d['reproduce']}`\n")
     cs = d.get("check_set") or {}
-    parts.append(f"Check set: {cs.get('photos')} photos, {cs.get('captions')} captions ({cs.get('source')}). "
-                 f"Machine: {d.get('machine')}.\n")
+    parts.append(
+        f"Check set: {cs.get('photos')} photos, {cs.get('captions')} captions ({cs.get('source')}). "
+        f"Machine: {d.get('machine')}.\n"
+    )
     m = d.get("default_metrics_encode_images") or {}
     if m:
         parts.append("Shipped configuration, through `encode_images` (recall in %):\n")
@@ -354,8 +481,11 @@ def render_starter(d: dict) -> str:
     if d.get("speed"):
         parts.append("Speed:\n")
         parts.append(render_generic(d["speed"], 5))
-    rest = {k: v for k, v in d.items() if k not in ("sweep", "speed", "default_metrics_encode_images", "reproduce",
-                                                    "check_set", "machine")}
+    rest = {
+        k: v
+        for k, v in d.items()
+        if k not in ("sweep", "speed", "default_metrics_encode_images", "reproduce", "check_set", "machine")
+    }
     parts.append("<details><summary>Everything else in the file (the full sweep is in the JSON)</summary>\n")
     parts.append(render_generic(rest, 5))
     parts.append("</details>\n")
@@ -375,8 +505,9 @@ RENDERERS = [
 ]
 
 
-FAULTS_REPRODUCE = ("FAULTS_OUT=benchmarks/out python -m pytest -q tests/test_kill.py tests/test_concurrency.py "
-                    "tests/test_diskfull.py")
+FAULTS_REPRODUCE = (
+    "FAULTS_OUT=benchmarks/out python -m pytest -q tests/test_kill.py tests/test_concurrency.py tests/test_diskfull.py"
+)
 
 
 def render_file(path: Path) -> str:
@@ -389,8 +520,10 @@ def render_file(path: Path) -> str:
             if match(path.name, d) and isinstance(d, dict):
                 return f"## {title or _title(path, d)}\n\n_Source: `benchmarks/out/{path.name}`_\n\n" + fn(d)
         except Exception as e:  # a file that looks known but is not: fall back to the generic view
-            return (f"## {_title(path, d)}\n\n_Source: `benchmarks/out/{path.name}` (rendered generically: {e})_\n\n"
-                    + render_generic(d))
+            return (
+                f"## {_title(path, d)}\n\n_Source: `benchmarks/out/{path.name}` (rendered generically: {e})_\n\n"
+                + render_generic(d)
+            )
     how = ""
     if path.name.startswith("faults_"):
         how = f"Reproduce: `{FAULTS_REPRODUCE}` (or `python benchmarks/run_all.py --only faults,report`)\n\n"
@@ -424,23 +557,32 @@ def headline(out_dir: Path) -> str:
         try:
             d = json.loads(sp.read_text())
             for r in d.get("indexing") or []:
-                lines.append(f"- Indexing {r.get('n_images')} {r.get('image_size', '1600x1200')} JPEGs with `{r['model']}` "
-                             f"({r.get('device')}, torch threads: {r.get('torch_threads')}): **{_fmt(r.get('images_per_s'))} images/s** end to end "
-                             f"({_fmt(r.get('images_per_s_excl_load'))} excluding the model load); model only "
-                             f"{_fmt(r.get('model_only_images_per_s'))} images/s; decode only "
-                             f"{_fmt(r.get('decode_only_images_per_s'))} images/s.")
+                lines.append(
+                    f"- Indexing {r.get('n_images')} {r.get('image_size', '1600x1200')} JPEGs with `{r['model']}` "
+                    f"({r.get('device')}, torch threads: {r.get('torch_threads')}): "
+                    f"**{_fmt(r.get('images_per_s'))} images/s** end to end "
+                    f"({_fmt(r.get('images_per_s_excl_load'))} excluding the model load); model only "
+                    f"{_fmt(r.get('model_only_images_per_s'))} images/s; decode only "
+                    f"{_fmt(r.get('decode_only_images_per_s'))} images/s."
+                )
             if d.get("rerun"):
                 rr = d["rerun"]
-                lines.append(f"- Unchanged re-run over {_fmt(rr.get('files'))} files: **{_fmt(rr.get('rerun_unchanged_s'))} s**.")
+                lines.append(
+                    f"- Unchanged re-run over {_fmt(rr.get('files'))} files: **{_fmt(rr.get('rerun_unchanged_s'))} s**."
+                )
             if d.get("cold_cli"):
                 c = d["cold_cli"]
-                lines.append(f"- Cold `search` on a {_fmt(c.get('size'))}-vector {c.get('kind')} index: "
-                             f"**{_fmt(c.get('search_median_s'))} s** median from process start to printed results.")
+                lines.append(
+                    f"- Cold `search` on a {_fmt(c.get('size'))}-vector {c.get('kind')} index: "
+                    f"**{_fmt(c.get('search_median_s'))} s** median from process start to printed results."
+                )
             for r in d.get("latency") or []:
                 if r.get("size") == max(x.get("size", 0) for x in d["latency"]):
-                    lines.append(f"- {r['kind']} at {_fmt(r['size'])} vectors: text query p50 {_fmt(r.get('text_p50_ms'))} ms "
-                                 f"end to end (search+join {_fmt(r.get('search_join_p50_ms'))} ms, recall@10 vs exact "
-                                 f"{_fmt(r.get('recall_at_10'))}).")
+                    lines.append(
+                        f"- {r['kind']} at {_fmt(r['size'])} vectors: text query p50 {_fmt(r.get('text_p50_ms'))} ms "
+                        f"end to end (search+join {_fmt(r.get('search_join_p50_ms'))} ms, recall@10 vs exact "
+                        f"{_fmt(r.get('recall_at_10'))})."
+                    )
         except Exception:
             pass
     for p in sorted(out_dir.glob("cold_query*.json")):
@@ -448,20 +590,24 @@ def headline(out_dir: Path) -> str:
             d = json.loads(p.read_text())
             for w in d.get("warm") or []:
                 if w.get("mode") == "fast" and w.get("n_vectors", 0) >= 100_000:
-                    lines.append(f"- Warm text query, numpy text encoder ({p.stem}), {_fmt(w['n_vectors'])} vectors, "
-                                 f"{w.get('index_kind')}: **p50 {_fmt(w.get('total_p50_ms'))} ms** end to end (encode "
-                                 f"{_fmt(w.get('encode_p50_ms'))} ms, FAISS + SQLite {_fmt(w.get('search_join_p50_ms'))} ms), "
-                                 f"recall@10 vs exact {_fmt(w.get('recall_at_10'))}.")
+                    lines.append(
+                        f"- Warm text query, numpy text encoder ({p.stem}), {_fmt(w['n_vectors'])} vectors, "
+                        f"{w.get('index_kind')}: **p50 {_fmt(w.get('total_p50_ms'))} ms** end to end (encode "
+                        f"{_fmt(w.get('encode_p50_ms'))} ms, FAISS + SQLite {_fmt(w.get('search_join_p50_ms'))} ms), "
+                        f"recall@10 vs exact {_fmt(w.get('recall_at_10'))}."
+                    )
         except Exception:
             pass
     for p in sorted(out_dir.glob("recall*.json")):
         try:
             d = json.loads(p.read_text())
-            for r in (d.get("runs") if isinstance(d.get("runs"), list) else [d]):
+            for r in d.get("runs") if isinstance(d.get("runs"), list) else [d]:
                 if "image_retrieval_recall@1" in r:
-                    lines.append(f"- Recall ({p.stem}, `{r.get('model')}`, {r.get('n_images')} images): text→image R@1 "
-                                 f"{_pct(r['image_retrieval_recall@1'])}%, image→text R@1 "
-                                 f"{_pct(r.get('text_retrieval_recall@1'))}%.")
+                    lines.append(
+                        f"- Recall ({p.stem}, `{r.get('model')}`, {r.get('n_images')} images): text→image R@1 "
+                        f"{_pct(r['image_retrieval_recall@1'])}%, image→text R@1 "
+                        f"{_pct(r.get('text_retrieval_recall@1'))}%."
+                    )
         except Exception:
             pass
     return "\n".join(lines)
@@ -485,7 +631,9 @@ def build_report(out_dir: Path) -> str:
     head = headline(out_dir)
     if head:
         parts.append("## Headline figures\n\n" + head + "\n")
-    texts = [p for p in (sorted(out_dir.glob("*.txt")) if out_dir.is_dir() else []) if p.stem not in {f.stem for f in files}]
+    texts = [
+        p for p in (sorted(out_dir.glob("*.txt")) if out_dir.is_dir() else []) if p.stem not in {f.stem for f in files}
+    ]
     parts.append("## Contents\n\n" + "".join(f"- `{p.name}`\n" for p in files + texts))
     for p in files:
         parts.append(render_file(p))
@@ -496,7 +644,9 @@ def build_report(out_dir: Path) -> str:
         body = txt.read_text(errors="replace").rstrip()
         if len(body) > 20000:
             body = body[:20000] + "\n… (cut; the whole output is in the file)"
-        parts.append(f"## {_title(txt, None)} (text output)\n\n_Source: `benchmarks/out/{txt.name}`_\n\n```\n{body}\n```\n")
+        parts.append(
+            f"## {_title(txt, None)} (text output)\n\n_Source: `benchmarks/out/{txt.name}`_\n\n```\n{body}\n```\n"
+        )
     pngs = sorted(out_dir.glob("*.png")) if out_dir.is_dir() else []
     linked = "\n".join(parts)
     rest = [p for p in pngs if f"out/{p.name}" not in linked]
@@ -508,8 +658,12 @@ def build_report(out_dir: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT), help="folder of JSON results (default benchmarks/out)")
-    ap.add_argument("--results", default=None, help="Markdown file to write (default benchmarks/RESULTS.md, or "
-                                                      "RESULTS.md next to --out-dir when that is given)")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="Markdown file to write (default benchmarks/RESULTS.md, or "
+        "RESULTS.md next to --out-dir when that is given)",
+    )
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.results:
@@ -524,7 +678,9 @@ def main(argv=None) -> int:
     tmp.write_text(text)
     os.replace(tmp, results)
     print(f"wrote {results} ({len(text.splitlines())} lines from {out_dir})")
-    cmd = REPRO + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    cmd = REPRO + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     print(f"reproduce: {cmd}")
     return 0
 

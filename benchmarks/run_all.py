@@ -1,7 +1,7 @@
 """Run every benchmark, then regenerate benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py             # full sizes: hours on a 2-core machine (1M vectors, 1,000 photos per model)
-    python benchmarks/run_all.py --quick     # minutes per step, small sizes; writes benchmarks/out_quick/ (not the committed out/)
+    python benchmarks/run_all.py             # full sizes: hours (1M vectors, 1,000 photos per model)
+    python benchmarks/run_all.py --quick     # minutes per step, small sizes; writes benchmarks/out_quick/
     python benchmarks/run_all.py --only speed,report
     python benchmarks/run_all.py --skip starter_quality --sizes 10000,100000
 
@@ -10,7 +10,7 @@ Steps (in order; each is its own process, and each prints the command that repro
   speed_vectors    benchmarks/speed_vectors.py   vector layer: latency / recall / memory per index kind and size
   bench_decode     benchmarks/bench_decode.py    decode stage designs (its text output -> out/bench_decode.txt)
   starter_quality  benchmarks/starter_quality.py offline starter model: recall on the sample photos, speed
-  fusion           benchmarks/fusion_benchmark.py does learned fusion help (held-out recall; starter, or tiny with --quick)
+  fusion           benchmarks/fusion_benchmark.py does learned fusion help (held-out recall; starter; tiny: --quick)
   fusion_tiny      the same with tiny-clip:none (full runs only)
   recall_synth     benchmarks/recall.py          recall on the fusion step's synthetic test split (full runs only)
   speed            benchmarks/speed.py           indexing throughput, Searcher latency, memory, cold CLI
@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 B = "benchmarks"
 
 
@@ -48,8 +50,8 @@ SYNTH = f"{B}/data/synth_2400_0"  # written by the fusion step (benchmarks/synth
 @dataclass
 class Step:
     name: str
-    argv: list[str]                 # after the interpreter: a script path, or -m pytest ...
-    tee: str | None = None          # file to copy stdout into
+    argv: list[str]  # after the interpreter: a script path, or -m pytest ...
+    tee: str | None = None  # file to copy stdout into
     env: dict = field(default_factory=dict)
     remove: list[str] = field(default_factory=list)  # files the step appends to: removed first
 
@@ -59,32 +61,100 @@ def steps(args) -> list[Step]:
     q = args.quick
     sizes = args.sizes or ("10000" if q else "10000,100000,1000000")
     s = [
-        Step("speed_vectors", [f"{B}/speed_vectors.py", "--sizes", sizes, "--queries", "100" if q else "200", "--out", out]
-             + (["--ef-sweep", "32,64,128,256", "--nprobe-sweep", "16,64"] if q else [])),
-        Step("bench_decode", [f"{B}/bench_decode.py"] + (["--n", "64", "--n-e2e-big", "32", "--repeat", "1",
-                                                          "--skip-alternatives"] if q else []),
-             tee=str(Path(out) / "bench_decode.txt")),
-        Step("starter_quality", [f"{B}/starter_quality.py", "--out", str(Path(out) / "starter_quality.json")]
-             + (["--quick"] if q else [])),
-        Step("fusion", [f"{B}/fusion_benchmark.py", "--out", out, "--quiet"]
-             + (["--model", "tiny-clip:none", "--images", "400", "--val", "50", "--test", "100", "--epochs", "5"] if q else [])),
-        Step("speed", [f"{B}/speed.py", "--out", out] + (["--quick"] if q else [])
-             + (["--sizes", args.sizes] if args.sizes else [])),
-        Step("recall", [f"{B}/recall.py", "--models", "starter" if q else "starter,ViT-B-32:none", "--exact", "--out", out]),
+        Step(
+            "speed_vectors",
+            [f"{B}/speed_vectors.py", "--sizes", sizes, "--queries", "100" if q else "200", "--out", out]
+            + (["--ef-sweep", "32,64,128,256", "--nprobe-sweep", "16,64"] if q else []),
+        ),
+        Step(
+            "bench_decode",
+            [f"{B}/bench_decode.py"]
+            + (["--n", "64", "--n-e2e-big", "32", "--repeat", "1", "--skip-alternatives"] if q else []),
+            tee=str(Path(out) / "bench_decode.txt"),
+        ),
+        Step(
+            "starter_quality",
+            [f"{B}/starter_quality.py", "--out", str(Path(out) / "starter_quality.json")] + (["--quick"] if q else []),
+        ),
+        Step(
+            "fusion",
+            [f"{B}/fusion_benchmark.py", "--out", out, "--quiet"]
+            + (
+                ["--model", "tiny-clip:none", "--images", "400", "--val", "50", "--test", "100", "--epochs", "5"]
+                if q
+                else []
+            ),
+        ),
+        Step(
+            "speed",
+            [f"{B}/speed.py", "--out", out]
+            + (["--quick"] if q else [])
+            + (["--sizes", args.sizes] if args.sizes else []),
+        ),
+        Step(
+            "recall",
+            [f"{B}/recall.py", "--models", "starter" if q else "starter,ViT-B-32:none", "--exact", "--out", out],
+        ),
         Step("cold_query", [f"{B}/cold_query.py", "--out", out] + (["--quick"] if q else [])),
         Step("malformed", [f"{B}/malformed_report.py", "--out", out] + (["--tiny"] if q else [])),
-        Step("faults", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kill.py", "tests/test_concurrency.py",
-                        "tests/test_diskfull.py"], env={"FAULTS_OUT": out}, remove=[str(Path(out) / "faults_diskfull.jsonl")]),
+        Step(
+            "faults",
+            [
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_kill.py",
+                "tests/test_concurrency.py",
+                "tests/test_diskfull.py",
+            ],
+            env={"FAULTS_OUT": out},
+            remove=[str(Path(out) / "faults_diskfull.jsonl")],
+        ),
     ]
     if not q:  # the full-size extras behind RESULTS.md
         s[4:4] = [
             Step("fusion_tiny", [f"{B}/fusion_benchmark.py", "--out", out, "--quiet", "--model", "tiny-clip:none"]),
-            Step("recall_synth", [f"{B}/recall.py", "--captions", f"{SYNTH}/captions.json", "--images", SYNTH, "--split",
-                                  "test", "--models", "starter", "--exact", "--name", "synth_test", "--out", out]),
+            Step(
+                "recall_synth",
+                [
+                    f"{B}/recall.py",
+                    "--captions",
+                    f"{SYNTH}/captions.json",
+                    "--images",
+                    SYNTH,
+                    "--split",
+                    "test",
+                    "--models",
+                    "starter",
+                    "--exact",
+                    "--name",
+                    "synth_test",
+                    "--out",
+                    out,
+                ],
+            ),
         ]
-        s.append(Step("cold_query_1m", [f"{B}/cold_query.py", "--parts", "warm", "--warm-n", "1000000", "--skip-starter",
-                                        "--warm-index-types", "auto,ivfflat",
-                                        "--name", "cold_query_1m", "--out", out]))
+        s.append(
+            Step(
+                "cold_query_1m",
+                [
+                    f"{B}/cold_query.py",
+                    "--parts",
+                    "warm",
+                    "--warm-n",
+                    "1000000",
+                    "--skip-starter",
+                    "--warm-index-types",
+                    "auto,ivfflat",
+                    "--name",
+                    "cold_query_1m",
+                    "--out",
+                    out,
+                ],
+            )
+        )
     s.append(Step("report", [f"{B}/report.py", "--out-dir", out, "--results", args.results]))
     return s
 
@@ -93,8 +163,12 @@ def run_step(step: Step) -> tuple[int, float]:
     argv = step.argv
     cmd = [sys.executable, *argv]
     print(f"\n=== {step.name}: python {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-           **step.env}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        **step.env,
+    }
     for f in step.remove:
         Path(f).unlink(missing_ok=True)
     t = time.perf_counter()
@@ -119,9 +193,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="vector counts for speed_vectors and speed's latency part")
     ap.add_argument("--only", default=None, help="comma-separated step names")
     ap.add_argument("--skip", default="", help="comma-separated step names")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/out; with --quick benchmarks/out_quick, "
-                                                "so a smoke run never replaces the committed full-size figures)")
-    ap.add_argument("--results", default=None, help="Markdown to write (default benchmarks/RESULTS.md; with --quick OUT/RESULTS.md)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default benchmarks/out; with --quick benchmarks/out_quick, "
+        "so a smoke run never replaces the committed full-size figures)",
+    )
+    ap.add_argument(
+        "--results", default=None, help="Markdown to write (default benchmarks/RESULTS.md; with --quick OUT/RESULTS.md)"
+    )
     args = ap.parse_args(argv)
     args.out = args.out or (f"{B}/out_quick" if args.quick else f"{B}/out")
     args.results = args.results or (str(Path(args.out) / "RESULTS.md") if args.quick else f"{B}/RESULTS.md")
@@ -149,8 +229,14 @@ def main(argv=None) -> int:
             (Path(args.out) / "run_all.json").write_text(json.dumps(summary, indent=1))
         rc, secs = run_step(st)
         prefix = "".join(f"{k}={v} " for k, v in st.env.items())
-        summary["steps"].append({"step": st.name, "command": prefix + "python " + " ".join(shlex.quote(a) for a in st.argv),
-                                 "seconds": round(secs, 1), "exit_code": rc})
+        summary["steps"].append(
+            {
+                "step": st.name,
+                "command": prefix + "python " + " ".join(shlex.quote(a) for a in st.argv),
+                "seconds": round(secs, 1),
+                "exit_code": rc,
+            }
+        )
         if rc != 0:
             failed.append(st.name)
             print(f"=== {st.name} FAILED (exit {rc})", flush=True)

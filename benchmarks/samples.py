@@ -1,6 +1,7 @@
 """Real sample photos that ship inside scikit-image, with hand-written captions.
 
-Demo data, not part of the library: used by `make demo`, the tests and the benchmarks as a small real-semantics check set.
+Demo data, not part of the library: used by `make demo`, the tests and the benchmarks as a small
+real-semantics check set.
 Nothing is committed as an image: `write_sample_photos` writes JPEGs at run time from `skimage.data`
 (the files live inside the scikit-image wheel, so no download happens). scikit-image is in the `test`
 and `demo` extras.
@@ -17,85 +18,139 @@ from retrieval.errors import RetrievalError
 
 # file name -> (skimage.data loader name, captions)
 _SAMPLES: dict[str, tuple[str, list[str]]] = {
-    "astronaut_portrait.jpg": ("astronaut", [
-        "an astronaut in an orange spacesuit",
-        "a smiling woman astronaut posing in front of an American flag",
-        "portrait of an astronaut with a model space shuttle",
-    ]),
-    "brick_wall.jpg": ("brick", [
-        "a brick wall",
-        "rows of grey bricks",
-        "close-up of a brick paving texture",
-    ]),
-    "cameraman.jpg": ("camera", [
-        "a man looking through a camera on a tripod",
-        "black and white photo of a photographer in a park",
-    ]),
-    "cat_chelsea.jpg": ("chelsea", [
-        "a close-up of a cat's face",
-        "a tabby cat with green eyes",
-        "a ginger cat staring at the camera",
-    ]),
-    "wall_clock_blurred.jpg": ("clock", [
-        "a blurry clock on a wall",
-        "a motion-blurred photo of a wall clock",
-    ]),
-    "coffee_cup.jpg": ("coffee", [
-        "a cup of coffee on a saucer",
-        "an espresso in a red cup on a wooden table",
-        "coffee with a spoon",
-    ]),
-    "coins.jpg": ("coins", [
-        "old coins on a dark background",
-        "a collection of ancient coins",
-        "rows of silver coins",
-    ]),
-    "grass.jpg": ("grass", [
-        "a patch of grass",
-        "close-up of blades of grass in black and white",
-    ]),
-    "gravel.jpg": ("gravel", [
-        "gravel stones",
-        "small pebbles seen from above",
-    ]),
-    "horse_silhouette.jpg": ("horse", [
-        "a black silhouette of a horse",
-        "the outline of a standing horse on white",
-    ]),
-    "hubble_deep_field.jpg": ("hubble_deep_field", [
-        "galaxies in deep space",
-        "a night sky full of stars and galaxies",
-        "a Hubble telescope image of distant galaxies",
-    ]),
-    "tissue_microscopy.jpg": ("immunohistochemistry", [
-        "a stained tissue sample under a microscope",
-        "a microscope slide of human tissue with brown stain",
-    ]),
-    "moon_surface.jpg": ("moon", [
-        "the surface of the moon",
-        "lunar craters in black and white",
-    ]),
-    "printed_page.jpg": ("page", [
-        "a scanned page of printed text",
-        "a document page about image segmentation",
-    ]),
-    "retina_fundus.jpg": ("retina", [
-        "a photo of the retina of an eye",
-        "an eye fundus image showing blood vessels",
-    ]),
-    "rocket_launch_pad.jpg": ("rocket", [
-        "a rocket on the launch pad at dusk",
-        "a space launch site with towers and lights",
-    ]),
-    "handwriting.jpg": ("text", [
-        "handwritten numbers on paper",
-        "handwritten maths on a sheet of paper",
-    ]),
-    "red_motorcycle.jpg": ("stereo_motorcycle", [
-        "a red motorcycle parked in a garage",
-        "a motorbike in a workshop",
-        "a red motorbike indoors next to shelves",
-    ]),
+    "astronaut_portrait.jpg": (
+        "astronaut",
+        [
+            "an astronaut in an orange spacesuit",
+            "a smiling woman astronaut posing in front of an American flag",
+            "portrait of an astronaut with a model space shuttle",
+        ],
+    ),
+    "brick_wall.jpg": (
+        "brick",
+        [
+            "a brick wall",
+            "rows of grey bricks",
+            "close-up of a brick paving texture",
+        ],
+    ),
+    "cameraman.jpg": (
+        "camera",
+        [
+            "a man looking through a camera on a tripod",
+            "black and white photo of a photographer in a park",
+        ],
+    ),
+    "cat_chelsea.jpg": (
+        "chelsea",
+        [
+            "a close-up of a cat's face",
+            "a tabby cat with green eyes",
+            "a ginger cat staring at the camera",
+        ],
+    ),
+    "wall_clock_blurred.jpg": (
+        "clock",
+        [
+            "a blurry clock on a wall",
+            "a motion-blurred photo of a wall clock",
+        ],
+    ),
+    "coffee_cup.jpg": (
+        "coffee",
+        [
+            "a cup of coffee on a saucer",
+            "an espresso in a red cup on a wooden table",
+            "coffee with a spoon",
+        ],
+    ),
+    "coins.jpg": (
+        "coins",
+        [
+            "old coins on a dark background",
+            "a collection of ancient coins",
+            "rows of silver coins",
+        ],
+    ),
+    "grass.jpg": (
+        "grass",
+        [
+            "a patch of grass",
+            "close-up of blades of grass in black and white",
+        ],
+    ),
+    "gravel.jpg": (
+        "gravel",
+        [
+            "gravel stones",
+            "small pebbles seen from above",
+        ],
+    ),
+    "horse_silhouette.jpg": (
+        "horse",
+        [
+            "a black silhouette of a horse",
+            "the outline of a standing horse on white",
+        ],
+    ),
+    "hubble_deep_field.jpg": (
+        "hubble_deep_field",
+        [
+            "galaxies in deep space",
+            "a night sky full of stars and galaxies",
+            "a Hubble telescope image of distant galaxies",
+        ],
+    ),
+    "tissue_microscopy.jpg": (
+        "immunohistochemistry",
+        [
+            "a stained tissue sample under a microscope",
+            "a microscope slide of human tissue with brown stain",
+        ],
+    ),
+    "moon_surface.jpg": (
+        "moon",
+        [
+            "the surface of the moon",
+            "lunar craters in black and white",
+        ],
+    ),
+    "printed_page.jpg": (
+        "page",
+        [
+            "a scanned page of printed text",
+            "a document page about image segmentation",
+        ],
+    ),
+    "retina_fundus.jpg": (
+        "retina",
+        [
+            "a photo of the retina of an eye",
+            "an eye fundus image showing blood vessels",
+        ],
+    ),
+    "rocket_launch_pad.jpg": (
+        "rocket",
+        [
+            "a rocket on the launch pad at dusk",
+            "a space launch site with towers and lights",
+        ],
+    ),
+    "handwriting.jpg": (
+        "text",
+        [
+            "handwritten numbers on paper",
+            "handwritten maths on a sheet of paper",
+        ],
+    ),
+    "red_motorcycle.jpg": (
+        "stereo_motorcycle",
+        [
+            "a red motorcycle parked in a garage",
+            "a motorbike in a workshop",
+            "a red motorbike indoors next to shelves",
+        ],
+    ),
 }
 
 SAMPLE_CAPTIONS: dict[str, list[str]] = {name: list(caps) for name, (_, caps) in _SAMPLES.items()}

@@ -59,7 +59,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -74,12 +76,26 @@ CUDA_N_IMAGES = "4000,2000,500"
 LATENCY_MODEL = "ViT-B-32:none"
 K = 10
 TEXT_QUERIES = [
-    "a dog running on a beach", "two people walking in the rain", "a red bicycle leaning on a wall",
-    "sunset over the mountains", "a cup of coffee on a wooden table", "children playing football in a park",
-    "a cat sleeping on a sofa", "the skyline of a city at night", "a plate of pasta with tomato sauce",
-    "an old car parked in the street", "snow on pine trees", "a bird sitting on a branch",
-    "a man riding a horse", "boats in a harbour", "a bowl of fruit", "a woman reading a book in a cafe",
-    "a train crossing a bridge", "flowers in a garden", "a birthday cake with candles", "waves crashing on rocks",
+    "a dog running on a beach",
+    "two people walking in the rain",
+    "a red bicycle leaning on a wall",
+    "sunset over the mountains",
+    "a cup of coffee on a wooden table",
+    "children playing football in a park",
+    "a cat sleeping on a sofa",
+    "the skyline of a city at night",
+    "a plate of pasta with tomato sauce",
+    "an old car parked in the street",
+    "snow on pine trees",
+    "a bird sitting on a branch",
+    "a man riding a horse",
+    "boats in a harbour",
+    "a bowl of fruit",
+    "a woman reading a book in a cafe",
+    "a train crossing a bridge",
+    "flowers in a garden",
+    "a birthday cake with candles",
+    "waves crashing on rocks",
 ]
 
 
@@ -152,7 +168,9 @@ def photo(seed: int, w: int = 1600, h: int = 1200):
         else:
             d.polygon([(x0 + int(rng.integers(0, bw)), y0 + int(rng.integers(0, bh))) for _ in range(5)], fill=col)
     base = base.filter(ImageFilter.GaussianBlur(2))
-    tex = Image.fromarray(rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1)), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    tex = Image.fromarray(rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1)), dtype=np.uint8)).resize(
+        (w, h), Image.BILINEAR
+    )
     arr = np.asarray(base, np.float32)
     arr += (np.asarray(tex, np.float32)[..., None] - 128.0) * rng.uniform(0.2, 0.5)
     arr += _noise(h, w, rng) * rng.uniform(3.5, 7.0)
@@ -228,8 +246,10 @@ def ensure_small(folder: Path, n: int) -> Path:
         d = ImageDraw.Draw(im)
         for _ in range(3):
             x, y = int(rng.integers(0, 80)), int(rng.integers(0, 56))
-            d.ellipse([x, y, x + int(rng.integers(5, 30)), y + int(rng.integers(5, 30))],
-                      fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            d.ellipse(
+                [x, y, x + int(rng.integers(5, 30)), y + int(rng.integers(5, 30))],
+                fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+            )
         im.save(folder / f"s_{i:06d}.jpg", quality=90)
     return folder
 
@@ -242,9 +262,9 @@ def task_indexing(t: dict) -> dict:
     t0 = time.perf_counter()
     import torch  # noqa: F401
 
-    from index_data.workers import affinity_workers as default_workers
     from index_data.gpu_stream import choose_decode_stream, resolve_decode
     from index_data.pipeline import IndexOptions, run_index
+    from index_data.workers import affinity_workers as default_workers
     from retrieval.encoders import load_encoder
     from retrieval.images import load_image
 
@@ -301,8 +321,15 @@ def task_indexing(t: dict) -> dict:
     roots = [str(folder)] if t.get("whole_folder") else [str(p) for p in paths]
     with tempfile.TemporaryDirectory(dir=t.get("tmpdir"), prefix="speed_index_") as td:
         idx = Path(td) / "index"
-        opts = dict(paths=roots, model=t["model"], workers=workers, batch_size=bs, device=t["device"], decode=decode,
-                    progress=False)
+        opts = dict(
+            paths=roots,
+            model=t["model"],
+            workers=workers,
+            batch_size=bs,
+            device=t["device"],
+            decode=decode,
+            progress=False,
+        )
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         cpu0, s = _cpu_seconds(), time.perf_counter()
@@ -320,22 +347,40 @@ def task_indexing(t: dict) -> dict:
         raise RuntimeError("the unchanged re-run changed something")
     sizes = [p.stat().st_size for p in paths]
     return {
-        "model": t["model"], "device": t["device"], "device_name": device_name, "precision": t["precision"],
-        "decode": decode, "decode_path": resolve_decode(decode, t["device"]), "decode_routes": routes, "n_images": n,
-        "image_size": t["image_size"], "jpeg_mean_kb": round(sum(sizes) / n / 1000, 1),
-        "jpeg_min_kb": round(min(sizes) / 1000, 1), "jpeg_max_kb": round(max(sizes) / 1000, 1),
-        "batch_size": bs, "workers": workers, "torch_threads": torch.get_num_threads(),
+        "model": t["model"],
+        "device": t["device"],
+        "device_name": device_name,
+        "precision": t["precision"],
+        "decode": decode,
+        "decode_path": resolve_decode(decode, t["device"]),
+        "decode_routes": routes,
+        "n_images": n,
+        "image_size": t["image_size"],
+        "jpeg_mean_kb": round(sum(sizes) / n / 1000, 1),
+        "jpeg_min_kb": round(min(sizes) / 1000, 1),
+        "jpeg_max_kb": round(max(sizes) / 1000, 1),
+        "batch_size": bs,
+        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
         "torch_threads_setting": t.get("torch_threads") or "default",
-        "import_s": round(import_s, 2), "model_first_load_s": round(first_load_s, 2), "model_load_s": round(load_s, 2),
-        "model_only_images_per_s": round(model_only, 1), "model_only_repeats": len(rates),
+        "import_s": round(import_s, 2),
+        "model_first_load_s": round(first_load_s, 2),
+        "model_load_s": round(load_s, 2),
+        "model_only_images_per_s": round(model_only, 1),
+        "model_only_repeats": len(rates),
         "decode_only_images_per_s": round(ok / decode_s, 1),
-        "decode_only_cpu_cores": round(decode_cpu, 2), "decode_only_gpu_peak_mb": decode_gpu_mb,
-        "index_cpu_cores": round(index_cpu, 2), "index_gpu_peak_mb": index_gpu_mb,
+        "decode_only_cpu_cores": round(decode_cpu, 2),
+        "decode_only_gpu_peak_mb": decode_gpu_mb,
+        "index_cpu_cores": round(index_cpu, 2),
+        "index_gpu_peak_mb": index_gpu_mb,
         "embedding_cosine_vs_pil": agreement,
-        "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(n / wall, 2),
         "images_per_s_excl_load": round(n / (wall - load_s), 2) if wall > 1.5 * load_s else None,
-        "rerun_unchanged_s": round(rerun, 2), "index_bytes_per_image": round(index_bytes / n),
-        "peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "rerun_unchanged_s": round(rerun, 2),
+        "index_bytes_per_image": round(index_bytes / n),
+        "peak_rss_mb": peak_rss_mb(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -350,8 +395,13 @@ def _decode_agreement(enc, paths: list, workers: int) -> dict:
     jobs = [(i, str(p)) for i, p in enumerate(paths)]
     with decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers) as st:
         a = {r.key: r.tensor for r in st if r.ok}
-    with gpu_decode_stream(jobs, enc.preprocess, enc.image_size, workers=workers, device=str(enc.device)
-                           if str(enc.device).startswith("cuda") else "cpu") as st:
+    with gpu_decode_stream(
+        jobs,
+        enc.preprocess,
+        enc.image_size,
+        workers=workers,
+        device=str(enc.device) if str(enc.device).startswith("cuda") else "cpu",
+    ) as st:
         b = {r.key: r.tensor for r in st if r.ok}
     keys = sorted(set(a) & set(b))
     if not keys:
@@ -390,10 +440,15 @@ def task_rerun(t: dict) -> dict:
         files, _ = scan([folder])
         scans.append(time.perf_counter() - s)
     return {
-        "files": len(files), "model": t["model"], "first_index_s": round(first, 2),
-        "rerun_unchanged_s": round(statistics.median(runs), 3), "rerun_runs_s": [round(x, 3) for x in runs],
-        "scan_only_s": round(statistics.median(scans), 3), "model_load_s": round(load_s, 2),
-        "peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "files": len(files),
+        "model": t["model"],
+        "first_index_s": round(first, 2),
+        "rerun_unchanged_s": round(statistics.median(runs), 3),
+        "rerun_runs_s": [round(x, 3) for x in runs],
+        "scan_only_s": round(statistics.median(scans), 3),
+        "model_load_s": round(load_s, 2),
+        "peak_rss_mb": peak_rss_mb(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -448,10 +503,14 @@ def task_build(t: dict) -> dict:
                     rows = []
                     for i in range(a, b):
                         p = f"/synthetic/{i // 1000:04d}/photo_{i:07d}.jpg"
-                        rows.append((i + 1, p, os.fsencode(p), 400_000 + i % 1000, 0, f"syn{i:010d}", 1600, 1200, now, "ok"))
+                        rows.append(
+                            (i + 1, p, os.fsencode(p), 400_000 + i % 1000, 0, f"syn{i:010d}", 1600, 1200, now, "ok")
+                        )
                     store.db.conn.executemany(
                         "INSERT INTO images(id, path, path_raw, size, mtime_ns, hash, width, height, added_at, status) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        rows,
+                    )
                     store.put_embeddings("image", [f"syn{i:010d}" for i in range(a, b)], x[a:b])
             res["sqlite_write_s"] = round(time.perf_counter() - s, 2)
             del allx, x
@@ -484,7 +543,7 @@ def task_query(t: dict) -> dict:
         for text in TEXT_QUERIES[:3]:
             s.search(text, k=K)
         text_ms, enc_ms = [], []
-        for rep in range(t["text_repeats"]):
+        for _rep in range(t["text_repeats"]):
             for text in TEXT_QUERIES:
                 st = time.perf_counter()
                 out = s.search(text, k=K)
@@ -522,18 +581,28 @@ def task_query(t: dict) -> dict:
     import speed_vectors as SV
 
     vec_file = root / f"images.g{gen}.faiss"
-    res.update({
-        "size": n, "model": t["model"], "text_queries": len(text_ms), "image_queries": len(img_ms),
-        "text_p50_ms": pct(text_ms, 50), "text_p95_ms": pct(text_ms, 95),
-        "image_p50_ms": pct(img_ms, 50) if img_ms else None, "image_p95_ms": pct(img_ms, 95) if img_ms else None,
-        "image_p50_ms_1_torch_thread": pct(img1_ms, 50) if img1_ms else None,
-        "encode_text_p50_ms": pct(enc_ms, 50),
-        "search_join_p50_ms": pct(sj_ms, 50), "search_join_p95_ms": pct(sj_ms, 95),
-        "recall_at_10": round(SV.recall_at_k(np.asarray(found), truth), 4), "synthetic_queries": len(q),
-        "bytes_per_vector": round(vec_file.stat().st_size / n, 1),
-        "sqlite_bytes_per_image": round((root / "meta.sqlite").stat().st_size / n, 1),
-        "query_peak_rss_mb": peak_rss_mb(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-    })
+    res.update(
+        {
+            "size": n,
+            "model": t["model"],
+            "text_queries": len(text_ms),
+            "image_queries": len(img_ms),
+            "text_p50_ms": pct(text_ms, 50),
+            "text_p95_ms": pct(text_ms, 95),
+            "image_p50_ms": pct(img_ms, 50) if img_ms else None,
+            "image_p95_ms": pct(img_ms, 95) if img_ms else None,
+            "image_p50_ms_1_torch_thread": pct(img1_ms, 50) if img1_ms else None,
+            "encode_text_p50_ms": pct(enc_ms, 50),
+            "search_join_p50_ms": pct(sj_ms, 50),
+            "search_join_p95_ms": pct(sj_ms, 95),
+            "recall_at_10": round(SV.recall_at_k(np.asarray(found), truth), 4),
+            "synthetic_queries": len(q),
+            "bytes_per_vector": round(vec_file.stat().st_size / n, 1),
+            "sqlite_bytes_per_image": round((root / "meta.sqlite").stat().st_size / n, 1),
+            "query_peak_rss_mb": peak_rss_mb(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+        }
+    )
     return res
 
 
@@ -570,8 +639,13 @@ def task_cold_breakdown(t: dict) -> dict:
     return res
 
 
-TASKS = {"indexing": task_indexing, "rerun": task_rerun, "build": task_build, "query": task_query,
-         "cold_breakdown": task_cold_breakdown}
+TASKS = {
+    "indexing": task_indexing,
+    "rerun": task_rerun,
+    "build": task_build,
+    "query": task_query,
+    "cold_breakdown": task_cold_breakdown,
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -591,15 +665,18 @@ def cold_cli(index: Path, runs: int, text: str) -> dict:
     info_times = []
     for _ in range(runs):
         s = time.perf_counter()
-        proc = subprocess.run([sys.executable, "cli.py", "info", "--index", str(index)], capture_output=True,
-                              text=True, env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "cli.py", "info", "--index", str(index)], capture_output=True, text=True, env=env, cwd=ROOT
+        )
         info_times.append(time.perf_counter() - s)
         if proc.returncode != 0:
             raise RuntimeError(f"cold info failed: {proc.stderr[-500:]}")
     return {
         "command": "python " + " ".join(shlex.quote(c) for c in cmd[1:]).replace(str(index), "INDEX"),
-        "runs": runs, "search_runs_s": [round(x, 3) for x in times],
-        "search_median_s": round(statistics.median(times), 3), "info_median_s": round(statistics.median(info_times), 3),
+        "runs": runs,
+        "search_runs_s": [round(x, 3) for x in times],
+        "search_median_s": round(statistics.median(times), 3),
+        "info_median_s": round(statistics.median(info_times), 3),
     }
 
 
@@ -617,9 +694,21 @@ def plot(latency: list[dict], out: Path) -> list[str]:
     for i, kind in enumerate(kinds):
         rs = sorted((r for r in latency if r["kind"] == kind), key=lambda r: r["size"])
         c = f"C{i}"
-        ax.plot([r["size"] for r in rs], [r["text_p50_ms"] for r in rs], "o-", color=c, label=f"{kind}: text query end to end")
-        ax.plot([r["size"] for r in rs], [r["search_join_p50_ms"] for r in rs], "s--", color=c, alpha=0.7,
-                label=f"{kind}: search + join")
+        ax.plot(
+            [r["size"] for r in rs],
+            [r["text_p50_ms"] for r in rs],
+            "o-",
+            color=c,
+            label=f"{kind}: text query end to end",
+        )
+        ax.plot(
+            [r["size"] for r in rs],
+            [r["search_join_p50_ms"] for r in rs],
+            "s--",
+            color=c,
+            alpha=0.7,
+            label=f"{kind}: search + join",
+        )
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("vectors in the index"), ax.set_ylabel("p50 latency, ms (k=10)")
     ax.set_title("Query latency through the Searcher vs index size")
@@ -634,8 +723,13 @@ def plot(latency: list[dict], out: Path) -> list[str]:
         rs = sorted((r for r in latency if r["kind"] == kind), key=lambda r: r["size"])
         ax.plot([r["search_join_p50_ms"] for r in rs], [r["recall_at_10"] for r in rs], "o-", color=f"C{i}", label=kind)
         for r in rs:
-            ax.annotate(f"{r['size']:,}", (r["search_join_p50_ms"], r["recall_at_10"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+            ax.annotate(
+                f"{r['size']:,}",
+                (r["search_join_p50_ms"], r["recall_at_10"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
     ax.set_xscale("log")
     ax.set_xlabel("search + join p50, ms"), ax.set_ylabel("recall@10 vs exact")
     ax.set_title("Recall vs latency (engine defaults per kind)")
@@ -650,25 +744,44 @@ def plot(latency: list[dict], out: Path) -> list[str]:
 
 def indexing_markdown(rows: list[dict], cmd: str, machine: dict) -> str:
     """The indexing rows as a Markdown table: decode paths side by side per JPEG size."""
-    cols = [("image_size", "JPEG size"), ("decode_path", "decode"), ("model", "model"), ("precision", "precision"),
-            ("n_images", "images"), ("images_per_s", "end-to-end img/s"), ("images_per_s_excl_load", "excl. load img/s"),
-            ("model_only_images_per_s", "model-only img/s"), ("decode_only_images_per_s", "decode-only img/s"),
-            ("decode_only_cpu_cores", "decode-only CPU cores"), ("index_cpu_cores", "end-to-end CPU cores"),
-            ("decode_only_gpu_peak_mb", "decode-only GPU MB"), ("index_gpu_peak_mb", "end-to-end GPU MB"),
-            ("workers", "PIL workers"), ("decode_routes", "files per route"),
-            ("embedding_cosine_vs_pil", "embedding cosine vs PIL path")]
-    lines = ["## Indexing: decode paths side by side", "",
-             f"Reproduce: `{cmd}`", "",
-             f"Device: {', '.join(sorted({str(r.get('device_name')) for r in rows}))} (`--device` "
-             f"{', '.join(sorted({str(r.get('device')) for r in rows}))}); CPU: {machine.get('cpu')}, "
-             f"{machine.get('cores')} cores. CPU cores = process + decode-worker CPU time / wall time. GPU MB = "
-             "torch.cuda.max_memory_allocated during the run.", "",
-             "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    cols = [
+        ("image_size", "JPEG size"),
+        ("decode_path", "decode"),
+        ("model", "model"),
+        ("precision", "precision"),
+        ("n_images", "images"),
+        ("images_per_s", "end-to-end img/s"),
+        ("images_per_s_excl_load", "excl. load img/s"),
+        ("model_only_images_per_s", "model-only img/s"),
+        ("decode_only_images_per_s", "decode-only img/s"),
+        ("decode_only_cpu_cores", "decode-only CPU cores"),
+        ("index_cpu_cores", "end-to-end CPU cores"),
+        ("decode_only_gpu_peak_mb", "decode-only GPU MB"),
+        ("index_gpu_peak_mb", "end-to-end GPU MB"),
+        ("workers", "PIL workers"),
+        ("decode_routes", "files per route"),
+        ("embedding_cosine_vs_pil", "embedding cosine vs PIL path"),
+    ]
+    lines = [
+        "## Indexing: decode paths side by side",
+        "",
+        f"Reproduce: `{cmd}`",
+        "",
+        f"Device: {', '.join(sorted({str(r.get('device_name')) for r in rows}))} (`--device` "
+        f"{', '.join(sorted({str(r.get('device')) for r in rows}))}); CPU: {machine.get('cpu')}, "
+        f"{machine.get('cores')} cores. CPU cores = process + decode-worker CPU time / wall time. GPU MB = "
+        "torch.cuda.max_memory_allocated during the run.",
+        "",
+        "| " + " | ".join(c[1] for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for r in rows:
         cells = []
         for k, _ in cols:
             v = r.get(k)
-            cells.append(", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else ("" if v is None else str(v)))
+            cells.append(
+                ", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else ("" if v is None else str(v))
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -686,22 +799,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="indexing,rerun,latency,cold")
     ap.add_argument("--models", default=None, help=f"default: {DEFAULT_MODELS}; with --device cuda: {CUDA_MODELS}")
-    ap.add_argument("--n-images", default=None,
-                    help="images per indexing run: N, or one N per --image-sizes entry (default 1000; with "
-                         f"--device cuda: {CUDA_N_IMAGES})")
+    ap.add_argument(
+        "--n-images",
+        default=None,
+        help="images per indexing run: N, or one N per --image-sizes entry (default 1000; with "
+        f"--device cuda: {CUDA_N_IMAGES})",
+    )
     ap.add_argument("--image-size", default="1600x1200")
-    ap.add_argument("--image-sizes", default=None,
-                    help=f"JPEG sizes for the indexing part (default: --image-size; with --device cuda: {CUDA_SIZES})")
-    ap.add_argument("--decodes", default=None,
-                    help="decode paths indexed side by side, from cpu,gpu,auto (index --decode; default cpu; "
-                         "with --device cuda: cpu,gpu)")
+    ap.add_argument(
+        "--image-sizes",
+        default=None,
+        help=f"JPEG sizes for the indexing part (default: --image-size; with --device cuda: {CUDA_SIZES})",
+    )
+    ap.add_argument(
+        "--decodes",
+        default=None,
+        help="decode paths indexed side by side, from cpu,gpu,auto (index --decode; default cpu; "
+        "with --device cuda: cpu,gpu)",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: the pipeline's, cores - 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (auto picks cuda when present)")
     ap.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (model-only measurement)")
     ap.add_argument("--model-repeats", type=int, default=5)
-    ap.add_argument("--torch-threads", default="default",
-                    help="comma list of torch intra-op thread counts to index with, e.g. default,1")
+    ap.add_argument(
+        "--torch-threads",
+        default="default",
+        help="comma list of torch intra-op thread counts to index with, e.g. default,1",
+    )
     ap.add_argument("--rerun-files", type=int, default=10_000)
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--kinds", default=None, help="index kinds (default: every kind retrieval.vectors knows)")
@@ -745,8 +870,11 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown parts: {', '.join(sorted(bad))}")
     w, h = (int(v) for v in args.image_size.lower().split("x"))
-    index_sizes = [tuple(int(v) for v in x.lower().split("x")) for x in (args.image_sizes or args.image_size).split(",")
-                   if x.strip()]
+    index_sizes = [
+        tuple(int(v) for v in x.lower().split("x"))
+        for x in (args.image_sizes or args.image_size).split(",")
+        if x.strip()
+    ]
     counts = [int(v) for v in str(args.n_images).split(",") if v.strip()]
     counts = counts if len(counts) == len(index_sizes) else [counts[0]] * len(index_sizes)
     args.n_images = counts[0]
@@ -763,8 +891,15 @@ def main(argv=None) -> int:
     doc: dict = {}
     if args.merge and (out / "speed.json").exists():
         doc = json.loads((out / "speed.json").read_text())
-    doc.update({"title": "Speed: indexing, query latency, memory, cold CLI", "command": cmd, "machine": machine,
-                "k": K, "gpu_note": None if machine.get("gpu") else GPU_NOTE})
+    doc.update(
+        {
+            "title": "Speed: indexing, query latency, memory, cold CLI",
+            "command": cmd,
+            "machine": machine,
+            "k": K,
+            "gpu_note": None if machine.get("gpu") else GPU_NOTE,
+        }
+    )
     commands = doc.setdefault("commands", {})  # the commands whose results each part holds (parts merge)
     for part in parts:
         prev = commands.get(part) if args.merge else None
@@ -782,9 +917,15 @@ def main(argv=None) -> int:
     if "indexing" in parts:
         specs = [m.strip() for m in args.models.split(",") if m.strip()]
         threads = [v.strip() for v in args.torch_threads.split(",") if v.strip()]
-        key = lambda r: (r.get("model"), str(r.get("torch_threads_setting", "default")), r.get("image_size"),  # noqa: E731
-                         r.get("decode", "cpu"))
-        todo = {(m, th, f"{iw}x{ih}", dec) for m in specs for th in threads for iw, ih in index_sizes for dec in decodes}
+        key = lambda r: (
+            r.get("model"),
+            str(r.get("torch_threads_setting", "default")),
+            r.get("image_size"),  # noqa: E731
+            r.get("decode", "cpu"),
+        )
+        todo = {
+            (m, th, f"{iw}x{ih}", dec) for m in specs for th in threads for iw, ih in index_sizes for dec in decodes
+        }
         rows = [r for r in doc.get("indexing", []) if key(r) not in todo] if args.merge else []
         for (iw, ih), n_img in zip(index_sizes, counts):
             if (iw, ih) == (w, h) and n_img <= 1000:
@@ -796,19 +937,40 @@ def main(argv=None) -> int:
             whole = len(list(folder.glob("*.jpg"))) == n_img
             for spec, th, dec in [(m, th, d) for m in specs for th in threads for d in decodes]:
                 log(f"indexing {n_img} {iw}x{ih} images with {spec}, --decode {dec} (torch threads: {th}) …")
-                r = run_worker({"task": "indexing", "model": spec, "paths": [str(p) for p in files[:n_img]],
-                                "torch_threads": None if th == "default" else int(th), "decode": dec,
-                                "folder": str(folder), "whole_folder": whole, "image_size": f"{iw}x{ih}",
-                                "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
-                                "precision": precision, "model_repeats": args.model_repeats, "model_min_s": 3.0,
-                                "tmpdir": args.tmpdir})
+                r = run_worker(
+                    {
+                        "task": "indexing",
+                        "model": spec,
+                        "paths": [str(p) for p in files[:n_img]],
+                        "torch_threads": None if th == "default" else int(th),
+                        "decode": dec,
+                        "folder": str(folder),
+                        "whole_folder": whole,
+                        "image_size": f"{iw}x{ih}",
+                        "batch_size": args.batch_size,
+                        "workers": args.workers,
+                        "device": args.device,
+                        "precision": precision,
+                        "model_repeats": args.model_repeats,
+                        "model_min_s": 3.0,
+                        "tmpdir": args.tmpdir,
+                    }
+                )
                 rows.append(r)
-                rows.sort(key=lambda r: (specs.index(r["model"]) if r["model"] in specs else 99, _pixels(r.get("image_size")),
-                                         str(r.get("torch_threads_setting")), str(r.get("decode"))))
-                log(f"  {spec} {iw}x{ih} decode {r['decode_path']}: {r['images_per_s']} img/s end to end "
+                rows.sort(
+                    key=lambda r: (
+                        specs.index(r["model"]) if r["model"] in specs else 99,
+                        _pixels(r.get("image_size")),
+                        str(r.get("torch_threads_setting")),
+                        str(r.get("decode")),
+                    )
+                )
+                log(
+                    f"  {spec} {iw}x{ih} decode {r['decode_path']}: {r['images_per_s']} img/s end to end "
                     f"({r['images_per_s_excl_load']} excl. load), model only {r['model_only_images_per_s']} img/s, "
                     f"decode only {r['decode_only_images_per_s']} img/s, CPU {r['index_cpu_cores']} cores busy, "
-                    f"unchanged re-run {r['rerun_unchanged_s']} s")
+                    f"unchanged re-run {r['rerun_unchanged_s']} s"
+                )
                 doc["indexing"] = rows
                 write(out, doc)
                 (out / "speed_indexing.md").write_text(indexing_markdown(rows, cmd, machine))  # kept if cut short
@@ -817,8 +979,9 @@ def main(argv=None) -> int:
     if "rerun" in parts:
         folder = ensure_small(data / f"small_{args.rerun_files}", args.rerun_files)
         log(f"unchanged re-run over {args.rerun_files} files …")
-        doc["rerun"] = run_worker({"task": "rerun", "folder": str(folder), "model": "tiny-clip:none", "repeats": 3,
-                                   "tmpdir": args.tmpdir})
+        doc["rerun"] = run_worker(
+            {"task": "rerun", "folder": str(folder), "model": "tiny-clip:none", "repeats": 3, "tmpdir": args.tmpdir}
+        )
         log(f"  re-run {doc['rerun']['rerun_unchanged_s']} s (first index {doc['rerun']['first_index_s']} s)")
         write(out, doc)
 
@@ -827,7 +990,9 @@ def main(argv=None) -> int:
 
     kinds = [k.strip() for k in (args.kinds or ",".join(KINDS)).split(",") if k.strip()]
 
-    latency = [r for r in doc.get("latency", []) if not (r["size"] in sizes and r["kind"] in kinds)] if args.merge else []
+    latency = (
+        [r for r in doc.get("latency", []) if not (r["size"] in sizes and r["kind"] in kinds)] if args.merge else []
+    )
     with tempfile.TemporaryDirectory(dir=args.tmpdir, prefix="speed_latency_") as td:
         built_cold = None
         if "latency" in parts or "cold" in parts:
@@ -844,20 +1009,39 @@ def main(argv=None) -> int:
                 first, export = True, None
                 for kind in run_kinds:
                     log(f"latency: {n:,} vectors, {kind} …")
-                    b = run_worker({"task": "build", "index": str(root), "size": n, "kind": kind, "create": first,
-                                    "model": args.latency_model, "queries": args.queries, "seed": args.seed,
-                                    "query_noise": args.query_noise})
+                    b = run_worker(
+                        {
+                            "task": "build",
+                            "index": str(root),
+                            "size": n,
+                            "kind": kind,
+                            "create": first,
+                            "model": args.latency_model,
+                            "queries": args.queries,
+                            "seed": args.seed,
+                            "query_noise": args.query_noise,
+                        }
+                    )
                     first = False
                     export = b.pop("text_export", export)
                     b["text_export"] = export
                     if "latency" in parts and n in sizes and kind in kinds:
-                        qr = run_worker({"task": "query", "index": str(root), "model": args.latency_model,
-                                         "device": args.device, "text_repeats": args.text_repeats,
-                                         "images": [str(p) for p in photos[: args.image_queries]]})
+                        qr = run_worker(
+                            {
+                                "task": "query",
+                                "index": str(root),
+                                "model": args.latency_model,
+                                "device": args.device,
+                                "text_repeats": args.text_repeats,
+                                "images": [str(p) for p in photos[: args.image_queries]],
+                            }
+                        )
                         row = {**b, **qr, "size": n, "kind": kind}
                         latency = [r for r in latency if not (r["size"] == n and r["kind"] == kind)] + [row]
-                        log(f"  text p50 {row['text_p50_ms']} ms, image p50 {row['image_p50_ms']} ms, search+join p50 "
-                            f"{row['search_join_p50_ms']} ms, recall@10 {row['recall_at_10']}, build {row['build_s']} s")
+                        log(
+                            f"  text p50 {row['text_p50_ms']} ms, image p50 {row['image_p50_ms']} ms, search+join p50 "
+                            f"{row['search_join_p50_ms']} ms, recall@10 {row['recall_at_10']}, build {row['build_s']} s"
+                        )
                         doc["latency"] = sorted(latency, key=lambda r: (r["size"], r["kind"]))
                         write(out, doc)
                 if n == args.cold_size:

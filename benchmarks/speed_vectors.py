@@ -95,8 +95,10 @@ def exact_topk(x: np.ndarray, q: np.ndarray, k: int, allowed_mask: np.ndarray | 
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = [len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) / max(int((b >= 0).sum()), 1)
-            for a, b in zip(found, truth)]
+    hits = [
+        len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) / max(int((b >= 0).sum()), 1)
+        for a, b in zip(found, truth)
+    ]
     return float(np.mean(hits))
 
 
@@ -144,9 +146,9 @@ def _latencies(vi, queries: np.ndarray, allowed=None, cpu: list | None = None):
 
 
 def run_worker(cache: Path, n: int, kind: str, args) -> dict:
-    from retrieval import vectors as V
-
     import faiss
+
+    from retrieval import vectors as V
 
     data = np.load(cache / "data.npz")
     x = data["x"]
@@ -166,8 +168,13 @@ def run_worker(cache: Path, n: int, kind: str, args) -> dict:
     index_rss = rss_mb() - rss0
     real_kind = vi.config.kind
     res: dict = {
-        "size": n, "kind": kind, "built_kind": real_kind, "dim": dim, "params": dict(vi.config.params),
-        "build_s": round(build_s, 3), "index_rss_mb": round(index_rss, 1),
+        "size": n,
+        "kind": kind,
+        "built_kind": real_kind,
+        "dim": dim,
+        "params": dict(vi.config.params),
+        "build_s": round(build_s, 3),
+        "index_rss_mb": round(index_rss, 1),
         "faiss_threads_default": faiss.omp_get_max_threads(),
     }
     del x
@@ -205,9 +212,15 @@ def run_worker(cache: Path, n: int, kind: str, args) -> dict:
             vi.search(qs[:5], K)  # warm
             cpu: list = []
             found, ms = _latencies(vi, qs, cpu=cpu)
-            pts.append({knob or "exact": v, "recall_at_10": round(recall_at_k(found, truth[name]), 4),
-                        "p50_ms": round(float(np.median(ms)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
-                        "cpu_p50_ms": round(float(np.median(cpu)) * 1e3, 3)})
+            pts.append(
+                {
+                    knob or "exact": v,
+                    "recall_at_10": round(recall_at_k(found, truth[name]), 4),
+                    "p50_ms": round(float(np.median(ms)), 3),
+                    "p95_ms": round(float(np.percentile(ms, 95)), 3),
+                    "cpu_p50_ms": round(float(np.median(cpu)) * 1e3, 3),
+                }
+            )
         sweeps[name] = pts
     res["sweep"] = sweeps
     text_pts = sweeps["text"]
@@ -268,15 +281,26 @@ def prepare(n: int, dim: int, n_queries: int, cache: Path, seed: int, query_nois
     gt_text = exact_topk(x, q_text, K)
     gt_image = exact_topk(x, q_image, K)
     gt_filtered = exact_topk(x, q_text, K, mask)
-    np.savez(cache / "data.npz", x=x, q_text=q_text, q_image=q_image, gt_text=gt_text,
-             gt_image=gt_image, allowed=allowed, gt_filtered=gt_filtered)
+    np.savez(
+        cache / "data.npz",
+        x=x,
+        q_text=q_text,
+        q_image=q_image,
+        gt_text=gt_text,
+        gt_image=gt_image,
+        allowed=allowed,
+        gt_filtered=gt_filtered,
+    )
     print(f"  data n={n} dim={dim}: generated + ground truth in {time.perf_counter() - t:.1f}s", flush=True)
 
 
 def fmt_table(results: list[dict]) -> str:
-    head = ("| size | kind | params | build s | bytes/vec | p50 ms | p95 ms | CPU p50 ms | recall@10 text | recall@10 image "
-            "| p50 ms (default threads) | filtered 10% p50 ms | filtered recall@10 | load ms | mmap load ms "
-            "| index RSS MB | peak RSS MB |")
+    head = (
+        "| size | kind | params | build s | bytes/vec | p50 ms | p95 ms | CPU p50 ms | recall@10 text | "
+        "recall@10 image "
+        "| p50 ms (default threads) | filtered 10% p50 ms | filtered recall@10 | load ms | mmap load ms "
+        "| index RSS MB | peak RSS MB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(results, key=lambda r: (r["size"], r["kind"])):
         p = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k not in ("reason",))
@@ -284,8 +308,10 @@ def fmt_table(results: list[dict]) -> str:
         tu = r["tuned"]
         lines.append(
             f"| {r['size']:,} | {kind} | {p} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {tu['p50_ms']:.2f} "
-            f"| {tu['p95_ms']:.2f} | {_f(tu.get('cpu_p50_ms'))} | {tu['recall_at_10']:.3f} | {r['image_at_tuned']['recall_at_10']:.3f} "
-            f"| {r['default_threads_p50_ms']:.2f} | {r['filtered']['p50_ms']:.2f} | {r['filtered']['recall_at_10']:.3f} "
+            f"| {tu['p95_ms']:.2f} | {_f(tu.get('cpu_p50_ms'))} | {tu['recall_at_10']:.3f} | "
+            f"{r['image_at_tuned']['recall_at_10']:.3f} "
+            f"| {r['default_threads_p50_ms']:.2f} | {r['filtered']['p50_ms']:.2f} | "
+            f"{r['filtered']['recall_at_10']:.3f} "
             f"| {r['load_ms']:.0f} | {r['load_mmap_ms']:.1f} | {r['index_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
@@ -313,8 +339,13 @@ def plot(results: list[dict], out: Path) -> list[str]:
         rs = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["size"])
         ax.plot([r["size"] for r in rs], [r["tuned"]["p50_ms"] for r in rs], "-", color=colors[kind], label=kind)
         for r in rs:  # hollow marker: target recall not reached, the best point is shown
-            ax.plot(r["size"], r["tuned"]["p50_ms"], "o", color=colors[kind],
-                    markerfacecolor=colors[kind] if r["tuned"]["reached"] else "white")
+            ax.plot(
+                r["size"],
+                r["tuned"]["p50_ms"],
+                "o",
+                color=colors[kind],
+                markerfacecolor=colors[kind] if r["tuned"]["reached"] else "white",
+            )
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("vectors"), ax.set_ylabel("single-query p50 ms, wall (k=10)")
     ax.set_title("Latency vs size (cheapest setting with recall@10 ≥ target;\nhollow: target not reached)", fontsize=9)
@@ -326,8 +357,15 @@ def plot(results: list[dict], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in sorted(results, key=lambda r: (r["kind"], r["size"])):
         pts = r["sweep"]["text"]
-        ax.plot([p["p50_ms"] for p in pts], [p["recall_at_10"] for p in pts], "-", marker=markers[r["size"]],
-                color=colors[r["kind"]], label=f"{r['kind']} {r['size']:,}", markersize=4)
+        ax.plot(
+            [p["p50_ms"] for p in pts],
+            [p["recall_at_10"] for p in pts],
+            "-",
+            marker=markers[r["size"]],
+            color=colors[r["kind"]],
+            label=f"{r['kind']} {r['size']:,}",
+            markersize=4,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("single-query p50 ms, wall"), ax.set_ylabel("recall@10 vs exact (text-like queries)")
     ax.set_title("Recall vs latency (colour: kind, marker: size)")
@@ -379,7 +417,9 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/speed_vectors.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = "python benchmarks/speed_vectors.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     print(f"reproduce: {cmd}", flush=True)
     json_path = out / "speed_vectors.json"
     results: list[dict] = []
@@ -408,9 +448,12 @@ def main(argv=None) -> int:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 results = [x for x in results if not (x["size"] == n and x["kind"] == kind)] + [r]
                 tu = r["tuned"]
-                print(f"  n={n:>9,} {kind:6s} build {r['build_s']:7.1f}s  p50 {tu['p50_ms']:7.2f} ms  "
-                      f"recall@10 {tu['recall_at_10']:.3f}  filtered p50 {r['filtered']['p50_ms']:.2f} ms  "
-                      f"{r['bytes_per_vector']:.0f} B/vec  ({time.perf_counter() - t:.0f}s)", flush=True)
+                print(
+                    f"  n={n:>9,} {kind:6s} build {r['build_s']:7.1f}s  p50 {tu['p50_ms']:7.2f} ms  "
+                    f"recall@10 {tu['recall_at_10']:.3f}  filtered p50 {r['filtered']['p50_ms']:.2f} ms  "
+                    f"{r['bytes_per_vector']:.0f} B/vec  ({time.perf_counter() - t:.0f}s)",
+                    flush=True,
+                )
                 _write(out, json_path, results, commands, args)
     _write(out, json_path, results, commands, args, plots=True)
     print(f"wrote {json_path} and {out / 'speed_vectors.md'}")
@@ -441,12 +484,13 @@ def _write(out: Path, json_path: Path, results: list[dict], commands: list[str],
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, json_path)
     cmds = "\n".join(f"    {c}" for c in commands)
-    md = (f"# Vector index speed ({MACHINE})\n\nProduced by:\n\n{cmds}\n\nfaiss {faiss.__version__}, k={K}, "
-          f"{args.queries} queries, single-query latency on 1 OpenMP thread unless noted; recall@10 vs exact. "
-          "p50/p95 are wall times on a shared, often overloaded machine; CPU p50 is the calling thread's CPU "
-          "time (what one idle core would take). Tuned = cheapest setting reaching the target recall on "
-          "text-like queries.\n\n"
-          + fmt_table(results) + "\n")
+    md = (
+        f"# Vector index speed ({MACHINE})\n\nProduced by:\n\n{cmds}\n\nfaiss {faiss.__version__}, k={K}, "
+        f"{args.queries} queries, single-query latency on 1 OpenMP thread unless noted; recall@10 vs exact. "
+        "p50/p95 are wall times on a shared, often overloaded machine; CPU p50 is the calling thread's CPU "
+        "time (what one idle core would take). Tuned = cheapest setting reaching the target recall on "
+        "text-like queries.\n\n" + fmt_table(results) + "\n"
+    )
     (out / "speed_vectors.md").write_text(md)
 
 

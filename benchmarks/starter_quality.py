@@ -132,15 +132,26 @@ def run_sweep(enc, paths, captions, labels, template_sets, log) -> tuple[list[di
                 for tau in TEMPERATURES:
                     v = S.conse_embed(lg, class_emb[tmpl], t, tau).numpy()
                     r = recalls(v, cap_emb, labels)
-                    rows.append({"normalization": norm, "resize": resize, "templates": tmpl,
-                                 "top_t": t, "temperature": tau, **r})
+                    rows.append(
+                        {
+                            "normalization": norm,
+                            "resize": resize,
+                            "templates": tmpl,
+                            "top_t": t,
+                            "temperature": tau,
+                            **r,
+                        }
+                    )
     # plateau: mean score over the (top_t, temperature) grid neighbourhood
     index = {(r["normalization"], r["resize"], r["templates"], r["top_t"], r["temperature"]): r for r in rows}
     for r in rows:
         ti, ui = TOP_T.index(r["top_t"]), TEMPERATURES.index(r["temperature"])
         neigh = [(ti, ui), (ti - 1, ui), (ti + 1, ui), (ti, ui - 1), (ti, ui + 1)]
-        scores = [index[r["normalization"], r["resize"], r["templates"], TOP_T[a], TEMPERATURES[b]]["score"]
-                  for a, b in neigh if 0 <= a < len(TOP_T) and 0 <= b < len(TEMPERATURES)]
+        scores = [
+            index[r["normalization"], r["resize"], r["templates"], TOP_T[a], TEMPERATURES[b]]["score"]
+            for a, b in neigh
+            if 0 <= a < len(TOP_T) and 0 <= b < len(TEMPERATURES)
+        ]
         r["plateau"] = float(np.mean(scores))
     return rows, timings
 
@@ -157,11 +168,18 @@ def pooled_grid(rows: list[dict]) -> dict:
 def smooth(grid: dict) -> dict:
     """Each (top_t, temperature) cell averaged with its grid neighbours (up to 4)."""
     out = {}
-    for (t, tau) in grid:
+    for t, tau in grid:
         ti, ui = TOP_T.index(t), TEMPERATURES.index(tau)
         cells = [(ti, ui), (ti - 1, ui), (ti + 1, ui), (ti, ui - 1), (ti, ui + 1)]
-        out[t, tau] = float(np.mean([grid[TOP_T[a], TEMPERATURES[b]] for a, b in cells
-                                     if 0 <= a < len(TOP_T) and 0 <= b < len(TEMPERATURES)]))
+        out[t, tau] = float(
+            np.mean(
+                [
+                    grid[TOP_T[a], TEMPERATURES[b]]
+                    for a, b in cells
+                    if 0 <= a < len(TOP_T) and 0 <= b < len(TEMPERATURES)
+                ]
+            )
+        )
     return out
 
 
@@ -177,17 +195,19 @@ def choose(rows: list[dict], default) -> tuple[dict, dict]:
     cands = [r for r in rows if (r["top_t"], r["temperature"]) == cell]
     best = max(r["plateau"] for r in cands)
     near = [r for r in cands if r["plateau"] >= best - PLATEAU_TOLERANCE - 1e-12]
-    is_default = lambda r: (r["templates"], r["normalization"], r["resize"]) == (default.templates, default.normalization, default.resize)  # noqa: E731
+    is_default = lambda r: (
+        (r["templates"], r["normalization"], r["resize"]) == (default.templates, default.normalization, default.resize)
+    )  # noqa: E731
     near.sort(key=lambda r: (not is_default(r), TEMPLATE_SETS.index(r["templates"]), -r["plateau"], -r["score"]))
     rule = {
         "step_1": "top_t and temperature: mean score pooled over all template sets, normalisations and crops, "
-                  "smoothed over grid neighbours; the current default is kept unless a cell beats it by more "
-                  "than the tolerance",
+        "smoothed over grid neighbours; the current default is kept unless a cell beats it by more "
+        "than the tolerance",
         "best_cell": {"top_t": best_cell[0], "temperature": best_cell[1], "smoothed_pooled_score": sm[best_cell]},
         "default_cell": {"top_t": d_cell[0], "temperature": d_cell[1], "smoothed_pooled_score": sm.get(d_cell)},
         "default_cell_kept": keep,
         "step_2": "templates, normalisation, crop: best plateau at that cell; within the tolerance keep the "
-                  "default's, else prefer fewer templates (faster first load)",
+        "default's, else prefer fewer templates (faster first load)",
         "plateau": "mean score of a setting and its top_t/temperature grid neighbours",
         "tolerance": PLATEAU_TOLERANCE,
         "best_plateau_at_cell": best,
@@ -234,11 +254,16 @@ def fresh_process_load(use_cache: bool, reps: int) -> dict:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        )
         wall = time.perf_counter() - t0
         times.append((wall, float(res.stdout.strip().splitlines()[-1])))
-    return {"reps": reps, "process_wall_s": round(statistics.median(w for w, _ in times), 2),
-            "import_and_load_s": round(statistics.median(t for _, t in times), 2)}
+    return {
+        "reps": reps,
+        "process_wall_s": round(statistics.median(w for w, _ in times), 2),
+        "import_and_load_s": round(statistics.median(t for _, t in times), 2),
+    }
 
 
 def run_speed(enc, sample_paths, tmp: Path, log) -> dict:
@@ -264,7 +289,7 @@ def run_speed(enc, sample_paths, tmp: Path, log) -> dict:
             to.append(_median_time(lambda: enc.cnn(xc), 1))
     out["cnn_speedup_optimized_vs_plain"] = round(statistics.median(tp) / statistics.median(to), 2)
     log(f"  CNN optimized vs plain: {out['cnn_speedup_optimized_vs_plain']}x")
-    del plain
+    plain = None  # frees the unoptimised copy
 
     big = make_big_jpegs(sample_paths, tmp, 64)
     enc.encode_images(big[:8], batch_size=32)
@@ -272,8 +297,16 @@ def run_speed(enc, sample_paths, tmp: Path, log) -> dict:
     out["end_to_end_images_per_s_1600x1200_jpeg"] = round(len(big) / t, 1)
     log(f"  end to end (1600x1200 JPEG paths, one process): {len(big) / t:.1f} images/s")
 
-    queries = ["a red motorcycle", "a cat sleeping on a sofa", "coffee", "people walking on a beach at sunset",
-               "an old map of europe", "a dog catching a frisbee in the park", "rocket launch", "brick wall"]
+    queries = [
+        "a red motorcycle",
+        "a cat sleeping on a sofa",
+        "coffee",
+        "people walking on a beach at sunset",
+        "an old map of europe",
+        "a dog catching a frisbee in the park",
+        "rocket launch",
+        "brick wall",
+    ]
     enc.encode_texts(queries[:1])
     lat = []
     for _ in range(4):
@@ -311,12 +344,17 @@ def check_text_tower(enc, texts) -> float | None:
 
 def fmt_row(r: dict, mark: str = "") -> str:
     p = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    return (f"| {mark}{r['templates']} | {r['normalization']} | {r['resize']} | {r['top_t']} | {r['temperature']:g} | "
-            f"{p(r['t2i_R@1'])} | {p(r['t2i_R@5'])} | {p(r['i2t_R@1'])} | {p(r['i2t_R@5'])} | {p(r['score'])} | {p(r['plateau'])} |")
+    return (
+        f"| {mark}{r['templates']} | {r['normalization']} | {r['resize']} | {r['top_t']} | {r['temperature']:g} | "
+        f"{p(r['t2i_R@1'])} | {p(r['t2i_R@5'])} | {p(r['i2t_R@1'])} | {p(r['i2t_R@5'])} | {p(r['score'])} | "
+        f"{p(r['plateau'])} |"
+    )
 
 
-HEADER = ("| templates | norm | resize | top-T | temp | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | mean | plateau |\n"
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = (
+    "| templates | norm | resize | top-T | temp | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | mean | plateau |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def main(argv=None) -> int:
@@ -327,9 +365,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
+    from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos
     from retrieval import starter as S
     from retrieval.encoders import load_encoder
-    from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos
 
     template_sets = [t for t in S.TEMPLATE_SETS if not (args.quick and t == "openai")]
     with tempfile.TemporaryDirectory() as tmpd:
@@ -348,8 +386,12 @@ def main(argv=None) -> int:
         rows, class_timing = run_sweep(enc, paths, captions, labels, template_sets, log)
         d = S.DEFAULT_CONFIG
         chosen, rule = choose(rows, d)
-        default_row = next(r for r in rows if (r["normalization"], r["resize"], r["templates"], r["top_t"], r["temperature"])
-                           == (d.normalization, d.resize, d.templates, d.top_t, d.temperature))
+        default_row = next(
+            r
+            for r in rows
+            if (r["normalization"], r["resize"], r["templates"], r["top_t"], r["temperature"])
+            == (d.normalization, d.resize, d.templates, d.top_t, d.temperature)
+        )
         # the shipped encoder end to end (through encode_images, i.e. the real preprocessing path)
         shipped_img, shipped_cap = enc.encode_images(paths), enc.encode_texts(captions)
         shipped = recalls(shipped_img, shipped_cap, labels)
@@ -362,7 +404,11 @@ def main(argv=None) -> int:
 
     result = {
         "machine": f"2-core CPU sandbox, no GPU ({platform.machine()}, {os.cpu_count()} CPUs)",
-        "check_set": {"photos": len(paths), "captions": len(captions), "source": "benchmarks/samples.py (scikit-image)"},
+        "check_set": {
+            "photos": len(paths),
+            "captions": len(captions),
+            "source": "benchmarks/samples.py (scikit-image)",
+        },
         "identity": enc.identity.to_dict(),
         "default_config": dataclasses.asdict(d),
         "default_metrics_sweep": default_row,
@@ -385,8 +431,14 @@ def main(argv=None) -> int:
     print("Top settings by plateau score (recall in %; `*` = chosen, `d` = default in starter.py):\n")
     print(HEADER)
     top = sorted(rows, key=lambda r: (-r["plateau"], -r["score"]))[:12]
-    for r in top + ([chosen] if chosen not in top else []) + ([default_row] if default_row not in top and default_row is not chosen else []):
-        print(fmt_row(r, ("*" if r is chosen else "") + ("d " if r is default_row else ("" if r is not chosen else " "))))
+    for r in (
+        top
+        + ([chosen] if chosen not in top else [])
+        + ([default_row] if default_row not in top and default_row is not chosen else [])
+    ):
+        print(
+            fmt_row(r, ("*" if r is chosen else "") + ("d " if r is default_row else ("" if r is not chosen else " ")))
+        )
     grid = pooled_grid(rows)
     print("\nMean score (%) by top-T x temperature, pooled over template sets, normalisations and crops:\n")
     print("| top-T | " + " | ".join(f"temp {u:g}" for u in TEMPERATURES) + " |")
@@ -399,15 +451,18 @@ def main(argv=None) -> int:
         for norm in S.NORMALIZATIONS:
             sub = [r for r in rows if r["templates"] == tmpl and r["normalization"] == norm]
             print(fmt_row(max(sub, key=lambda r: (r["plateau"], r["score"]))))
-    print(f"\nShipped default through encode_images: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in shipped.items()))
+    print("\nShipped default through encode_images: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in shipped.items()))
     print("\nPer photo with the shipped default (rank 0 = first; i2t: best of its captions among all 43):\n")
     print("| photo | i2t rank | t2i ranks of its captions |\n|---|---:|---|")
     for ph in photos:
         print(f"| {ph['photo']} | {ph['i2t_rank']} | {', '.join(map(str, ph['t2i_ranks']))} |")
     bc = rule["best_cell"]
-    print(f"\nSelection: best smoothed pooled cell top-T={bc['top_t']}, temp={bc['temperature']:g} "
-          f"({100 * bc['smoothed_pooled_score']:.1f}); default top-T={d.top_t}, temp={d.temperature:g} "
-          f"({100 * rule['default_cell']['smoothed_pooled_score']:.1f}); tolerance {100 * PLATEAU_TOLERANCE:.0f} point(s).")
+    print(
+        f"\nSelection: best smoothed pooled cell top-T={bc['top_t']}, temp={bc['temperature']:g} "
+        f"({100 * bc['smoothed_pooled_score']:.1f}); default top-T={d.top_t}, temp={d.temperature:g} "
+        f"({100 * rule['default_cell']['smoothed_pooled_score']:.1f}); tolerance {100 * PLATEAU_TOLERANCE:.0f} "
+        f"point(s)."
+    )
     if not result["default_matches_chosen"]:
         print("NOTE: starter.DEFAULT_CONFIG differs from the setting this run chose: update it.")
     if diff is not None:

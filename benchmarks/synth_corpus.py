@@ -53,9 +53,16 @@ SHAPES = {
     "ring": ["ring", "hoop", "donut"],
     "hexagon": ["hexagon", "six-sided shape"],
 }
-PLURAL = {"box": "boxes", "cross": "crosses", "plus sign": "plus signs", "round dot": "round dots",
-          "three-sided shape": "three-sided shapes", "six-sided shape": "six-sided shapes",
-          "five-pointed star": "five-pointed stars", "rhombus": "rhombuses"}
+PLURAL = {
+    "box": "boxes",
+    "cross": "crosses",
+    "plus sign": "plus signs",
+    "round dot": "round dots",
+    "three-sided shape": "three-sided shapes",
+    "six-sided shape": "six-sided shapes",
+    "five-pointed star": "five-pointed stars",
+    "rhombus": "rhombuses",
+}
 SIZES = {"small": (0.10, ["small", "little", "tiny"]), "large": (0.24, ["large", "big", "huge"])}
 REGIONS = {  # name: (cx, cy) in 0..1, phrases
     "top left": ((0.2, 0.2), ["in the top left corner", "at the upper left", "top left"]),
@@ -93,8 +100,15 @@ def random_scene(rnd: random.Random) -> Scene:
     groups = []
     for region in regions:
         colour = rnd.choice([c for c in COLOURS if c != bg])
-        groups.append(Group(rnd.choices([1, 2, 3], weights=[0.5, 0.3, 0.2])[0], rnd.choice(list(SHAPES)),
-                            colour, rnd.choice(list(SIZES)), region))
+        groups.append(
+            Group(
+                rnd.choices([1, 2, 3], weights=[0.5, 0.3, 0.2])[0],
+                rnd.choice(list(SHAPES)),
+                colour,
+                rnd.choice(list(SIZES)),
+                region,
+            )
+        )
     return Scene(bg, tuple(groups))
 
 
@@ -106,7 +120,9 @@ def _jitter(rgb, rnd, amount=18):
 
 
 def _polygon(cx, cy, r, n, rot):
-    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)
+    ]
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, shape, cx, cy, r, fill, bg, rnd):
@@ -150,9 +166,14 @@ def draw(scene: Scene, rnd: random.Random, size: int = 128) -> Image.Image:
         r = base_r if g.count == 1 else base_r * (0.8 if g.size == "small" else 0.55)
         fill = _jitter(COLOURS[g.colour][0], rnd)
         spread = max(size * 0.12, r * 1.15)
-        offsets = [(0, 0)] if g.count == 1 else [
-            (spread * math.cos(a), spread * math.sin(a))
-            for a in [rnd.uniform(0, 2 * math.pi) + 2 * math.pi * k / g.count for k in range(g.count)]]
+        offsets = (
+            [(0, 0)]
+            if g.count == 1
+            else [
+                (spread * math.cos(a), spread * math.sin(a))
+                for a in [rnd.uniform(0, 2 * math.pi) + 2 * math.pi * k / g.count for k in range(g.count)]
+            ]
+        )
         for ox, oy in offsets:
             x = min(max(cx * size + ox + rnd.uniform(-4, 4), r), size - r)
             y = min(max(cy * size + oy + rnd.uniform(-4, 4), r), size - r)
@@ -201,15 +222,15 @@ def captions_for(scene: Scene, rnd: random.Random, n: int) -> list[str]:
         if t == 0:
             s = f"{things}" + (f" on a {bgw} background" if with_bg else "")
         elif t == 1:
-            s = (f"a {bgw} picture with {things}" if with_bg else f"a picture with {things}")
+            s = f"a {bgw} picture with {things}" if with_bg else f"a picture with {things}"
         elif t == 2:
             s = f"there is {things}" + (f" against a {bgw} backdrop" if with_bg else "")
         elif t == 3:
-            s = (f"{bgw} background showing {things}" if with_bg else f"an image showing {things}")
+            s = f"{bgw} background showing {things}" if with_bg else f"an image showing {things}"
         elif t == 4:
             s = f"drawing of {things}" + (f" over {bgw}" if with_bg else "")
         else:
-            s = (f"on a plain {bgw} canvas: {things}" if with_bg else f"simple shapes: {things}")
+            s = f"on a plain {bgw} canvas: {things}" if with_bg else f"simple shapes: {things}"
         s = s[0].upper() + s[1:] + "."
         if s not in out:
             out.append(s)
@@ -219,8 +240,17 @@ def captions_for(scene: Scene, rnd: random.Random, n: int) -> list[str]:
 # -- corpus -------------------------------------------------------------------------------------
 
 
-def generate(out: Path, n_images: int, n_val: int, n_test: int, n_captions: int = 5, seed: int = 0,
-             size: int = 128, write_csv: bool = False, quality: int = 90) -> dict:
+def generate(
+    out: Path,
+    n_images: int,
+    n_val: int,
+    n_test: int,
+    n_captions: int = 5,
+    seed: int = 0,
+    size: int = 128,
+    write_csv: bool = False,
+    quality: int = 90,
+) -> dict:
     """Write the corpus; returns a summary. Scenes are distinct (same description never drawn twice)."""
     if n_val + n_test >= n_images:
         raise SystemExit("--val + --test must be smaller than --images")
@@ -239,8 +269,15 @@ def generate(out: Path, n_images: int, n_val: int, n_test: int, n_captions: int 
         name = f"img_{i:06d}.jpg"
         draw(scene, rnd, size).save(folder / name, quality=quality)
         caps = captions_for(scene, rnd, n_captions)
-        records.append({"filepath": f"images/{split}", "filename": name, "split": split, "imgid": i,
-                        "sentences": [{"raw": c, "tokens": c.lower().rstrip(".").split()} for c in caps]})
+        records.append(
+            {
+                "filepath": f"images/{split}",
+                "filename": name,
+                "split": split,
+                "imgid": i,
+                "sentences": [{"raw": c, "tokens": c.lower().rstrip(".").split()} for c in caps],
+            }
+        )
     (out / "captions.json").write_text(json.dumps({"dataset": "synthetic-shapes", "images": records}, indent=1))
     if write_csv:
         with open(out / "captions.csv", "w", newline="") as f:
@@ -249,8 +286,15 @@ def generate(out: Path, n_images: int, n_val: int, n_test: int, n_captions: int 
             for r in records:
                 for s in r["sentences"]:
                     w.writerow([f"{r['filepath']}/{r['filename']}", s["raw"], r["split"]])
-    return {"images": n_images, "train": splits.count("train"), "val": n_val, "test": n_test,
-            "captions_per_image": n_captions, "seed": seed, "out": str(out)}
+    return {
+        "images": n_images,
+        "train": splits.count("train"),
+        "val": n_val,
+        "test": n_test,
+        "captions_per_image": n_captions,
+        "seed": seed,
+        "out": str(out),
+    }
 
 
 def main(argv=None) -> None:

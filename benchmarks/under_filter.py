@@ -62,7 +62,9 @@ def build_store(path: Path, n: int) -> Store:
     with store.transaction():
         store.db.conn.executemany(
             "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) "
-            "VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
     return store
 
 
@@ -95,36 +97,54 @@ def main() -> None:
         vi = VectorIndex.build(args.dim, ids, vecs, VectorIndexConfig("flat"))
         q = vecs[:1].copy()
         fake = SimpleNamespace(index=SimpleNamespace(store=store))
-        cases = [("one day folder", "/photos/album_042/day_07"), ("one album (1%)", "/photos/album_042"),
-                 ("whole library", "/photos")]
+        cases = [
+            ("one day folder", "/photos/album_042/day_07"),
+            ("one album (1%)", "/photos/album_042"),
+            ("whole library", "/photos"),
+        ]
         results = []
         for label, under in cases:
             row = {"case": label, "under": under}
-            for name, fn in (("full_scan", lambda u=under: full_scan(store, u)),
-                             ("range", lambda u=under: Searcher._allowed_ids(fake, "images", u, None))):
+            for name, fn in (
+                ("full_scan", lambda u=under: full_scan(store, u)),
+                ("range", lambda u=under: Searcher._allowed_ids(fake, "images", u, None)),
+            ):
                 allowed, filt = timed(fn, args.repeats)
                 _, query = timed(lambda a=allowed, f=fn: vi.search(q, 10, allowed_ids=f()), args.repeats)
-                row[name] = {"matches": int(len(allowed)), "filter_ms": round(filt * 1e3, 2),
-                             "filtered_query_ms": round(query * 1e3, 2)}
+                row[name] = {
+                    "matches": int(len(allowed)),
+                    "filter_ms": round(filt * 1e3, 2),
+                    "filtered_query_ms": round(query * 1e3, 2),
+                }
             assert row["full_scan"]["matches"] == row["range"]["matches"], row
             results.append(row)
             print(json.dumps(row), flush=True)
         store.close()
     report = {
-        "n": args.n, "dim": args.dim, "repeats": args.repeats, "build_s": round(build_s, 1), "cases": results,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "n": args.n,
+        "dim": args.dim,
+        "repeats": args.repeats,
+        "build_s": round(build_s, 1),
+        "cases": results,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        "{platform.python_version()}",
         "command": "python benchmarks/under_filter.py " + " ".join(sys.argv[1:]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"`{report['command']}` — {args.n:,} rows, median of {args.repeats}, {report['machine']}", "",
-             "| under | matches | full scan: filter | range: filter | full scan: filtered query | range: filtered query |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"`{report['command']}` — {args.n:,} rows, median of {args.repeats}, {report['machine']}",
+        "",
+        "| under | matches | full scan: filter | range: filter | full scan: filtered query | range: filtered query |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         f, g = r["full_scan"], r["range"]
-        lines.append(f"| {r['case']} | {g['matches']:,} | {f['filter_ms']} ms | {g['filter_ms']} ms | "
-                     f"{f['filtered_query_ms']} ms | {g['filtered_query_ms']} ms |")
+        lines.append(
+            f"| {r['case']} | {g['matches']:,} | {f['filter_ms']} ms | {g['filter_ms']} ms | "
+            f"{f['filtered_query_ms']} ms | {g['filtered_query_ms']} ms |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nreproduce: {report['command']}")

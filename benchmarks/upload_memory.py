@@ -24,13 +24,16 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs"))  # the tests' tiny-clip architectures
+os.environ.setdefault(
+    "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
+)  # the tests' tiny-clip architectures
 MACHINE = "2-core AMD EPYC CPU sandbox (no GPU), 24 GB RAM"
 
 
 def flat_png(path: Path, width: int, height: int, alpha: bool = False) -> None:
     """A valid 8-bit RGB PNG of width x height (a gradient per row, so it compresses to a few hundred KB)
     written row by row: making it needs no full-size buffer."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -98,8 +101,17 @@ def _child(index_dir: str, upload: str, concurrent: int) -> None:
         after = _status("VmRSS")
     import retrieval
 
-    print(json.dumps({"code": str(Path(retrieval.__file__).resolve().parent.parent), "status": codes, "before_mb": before / 2**20, "extra_mb": (peak - before) / 2**20,
-                      "retained_mb": (after - before) / 2**20}))
+    print(
+        json.dumps(
+            {
+                "code": str(Path(retrieval.__file__).resolve().parent.parent),
+                "status": codes,
+                "before_mb": before / 2**20,
+                "extra_mb": (peak - before) / 2**20,
+                "retained_mb": (after - before) / 2**20,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -122,27 +134,49 @@ def main() -> None:
         "JPEG 8000x6000 (48 MP)": (work / "jpg48m.jpg", lambda p: big_jpeg(p, 8000, 6000)),
     }
     rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     for label, (path, make) in uploads.items():
         if args.only and args.only not in label:
             continue
         make(path)
         for concurrent in (1, 2):
-            out = subprocess.run([sys.executable, __file__, "--child", str(work / "idx"), str(path), str(concurrent)],
-                                 capture_output=True, text=True, env=env, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(work / "idx"), str(path), str(concurrent)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({"upload": label, "file_kb": round(path.stat().st_size / 1024), "at_once": concurrent,
-                         **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}})
+            rows.append(
+                {
+                    "upload": label,
+                    "file_kb": round(path.stat().st_size / 1024),
+                    "at_once": concurrent,
+                    **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()},
+                }
+            )
             print({k: v for k, v in rows[-1].items() if k != "code"}, flush=True)
-    result = {"machine": MACHINE, "server_code": sorted({r.pop("code") for r in rows}),
-              "command": "python benchmarks/upload_memory.py --out " + args.out, "rows": rows}
+    result = {
+        "machine": MACHINE,
+        "server_code": sorted({r.pop("code") for r in rows}),
+        "command": "python benchmarks/upload_memory.py --out " + args.out,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "upload_memory.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["| upload | file | at once | HTTP status | extra peak RSS | retained after |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['upload']} | {r['file_kb']} KB | {r['at_once']} | {', '.join(map(str, r['status']))} | "
-           f"{r['extra_mb']:.0f} MB | {r['retained_mb']:.0f} MB |" for r in rows]
+    md += [
+        f"| {r['upload']} | {r['file_kb']} KB | {r['at_once']} | {', '.join(map(str, r['status']))} | "
+        f"{r['extra_mb']:.0f} MB | {r['retained_mb']:.0f} MB |"
+        for r in rows
+    ]
     (out / "upload_memory.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"\nreproduce: {result['command']}")

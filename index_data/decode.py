@@ -312,7 +312,15 @@ class DecodeStream(Iterator[DecodeResult]):
     Ctrl-C in the caller's loop terminates the worker processes at once.
     """
 
-    def __init__(self, jobs, preprocess: Callable, target_size: int, workers: int = 0, prefetch: int = 256, start_method: str | None = None):
+    def __init__(
+        self,
+        jobs,
+        preprocess: Callable,
+        target_size: int,
+        workers: int = 0,
+        prefetch: int = 256,
+        start_method: str | None = None,
+    ):
         self._jobs = iter(jobs)
         self._preprocess = preprocess
         self._target = target_size

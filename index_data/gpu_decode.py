@@ -187,8 +187,14 @@ def draft_factor(h: int, w: int, target: int | None) -> int:
     return next((a for a in (8, 4, 2, 1) if scale >= a), 1)
 
 
-def preprocess_batch(images: list, orientations: list, plan: TensorPlan, device, draft_target: int | None = None,
-                     config: GpuDecodeConfig = GpuDecodeConfig()):
+def preprocess_batch(
+    images: list,
+    orientations: list,
+    plan: TensorPlan,
+    device,
+    draft_target: int | None = None,
+    config: GpuDecodeConfig = GpuDecodeConfig(),
+):
     """float32 [n, 3, crop_h, crop_w] on `device` from decoded uint8 [3, H, W] tensors (as stored).
 
     Like the PIL path, which decodes JPEGs in draft mode at 1/2, 1/4 or 1/8 scale when the image stays

@@ -57,8 +57,10 @@ def choose_decode_stream(choice: str, device: str):
     on_cuda = str(device).startswith("cuda")
     if not on_cuda and not _warned:
         _warned = True
-        log.warning("--decode gpu: CUDA is not available, so JPEGs are decoded as tensors on the CPU "
-                    "(the same code; --decode cpu is faster there)")
+        log.warning(
+            "--decode gpu: CUDA is not available, so JPEGs are decoded as tensors on the CPU "
+            "(the same code; --decode cpu is faster there)"
+        )
     return functools.partial(gpu_decode_stream, device=device if on_cuda else "cpu")
 
 
@@ -136,9 +138,19 @@ class GpuDecodeStream(Iterator[DecodeResult]):
     """Like decode.DecodeStream: DecodeResults in input order, a context manager whose close() stops the
     threads and worker processes. Tensors are on `device` (views of per-batch tensors)."""
 
-    def __init__(self, jobs, preprocess, target_size: int, workers: int = 0, prefetch: int = 256,
-                 device: str = "cpu", batch_files: int | None = None, readers: int | None = None,
-                 config: GpuDecodeConfig | None = None, start_method: str | None = None):
+    def __init__(
+        self,
+        jobs,
+        preprocess,
+        target_size: int,
+        workers: int = 0,
+        prefetch: int = 256,
+        device: str = "cpu",
+        batch_files: int | None = None,
+        readers: int | None = None,
+        config: GpuDecodeConfig | None = None,
+        start_method: str | None = None,
+    ):
         import torch
 
         # PIL's "Corrupt EXIF data" etc. from the header probes, one per odd file, as the PIL path's workers
@@ -294,12 +306,13 @@ class GpuDecodeStream(Iterator[DecodeResult]):
                         entries[i] = (chunk[i][0], chunk[i][1], self._pil.submit(chunk[i][1]))
                 if not good:
                     continue
-                batch = preprocess_batch(imgs, [r.orientation for _, r in good], self._tplan, self._device,
-                                         self._target, self._config)
+                batch = preprocess_batch(
+                    imgs, [r.orientation for _, r in good], self._tplan, self._device, self._target, self._config
+                )
                 del imgs, decoded
             except torch.OutOfMemoryError:
                 # the device is shared (another process, the model's own batch): this group takes the PIL path
-                decoded = imgs = None
+                decoded = imgs = None  # noqa: F841 - drops the batch before the PIL fallback
                 if self._cuda:
                     torch.cuda.empty_cache()
                 for i, _ in group:
@@ -345,7 +358,14 @@ class GpuDecodeStream(Iterator[DecodeResult]):
         return DecodeResult(key, tensor, w, h, None)
 
 
-def gpu_decode_stream(jobs: Iterable[tuple[object, str]], preprocess, target_size: int, workers: int = 0,
-                      prefetch: int = 256, device: str = "cpu", **kw) -> GpuDecodeStream:
+def gpu_decode_stream(
+    jobs: Iterable[tuple[object, str]],
+    preprocess,
+    target_size: int,
+    workers: int = 0,
+    prefetch: int = 256,
+    device: str = "cpu",
+    **kw,
+) -> GpuDecodeStream:
     """decode_stream's interface and results, with JPEGs decoded as tensors on `device` (see the module)."""
     return GpuDecodeStream(jobs, preprocess, target_size, workers=workers, prefetch=prefetch, device=device, **kw)

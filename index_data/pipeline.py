@@ -18,6 +18,7 @@ from typing import Sequence
 from retrieval.datasets import read_caption_pairs, read_sidecar
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.faults import checkpoint
+from retrieval.hashing import hash_file
 from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
 from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
@@ -25,10 +26,8 @@ from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 from .decode import DecodeWorkerError
 from .gpu_stream import choose_decode_stream
 from .photo_meta import fill_photo_meta
-from retrieval.hashing import hash_file
-
-from .workers import index_workers
 from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
+from .workers import index_workers
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
@@ -64,9 +63,9 @@ class IndexReport:
     scanned: int = 0
     unchanged: int = 0
     encoded: int = 0
-    reused: int = 0        # new paths whose content was already embedded (duplicates, re-added files)
+    reused: int = 0  # new paths whose content was already embedded (duplicates, re-added files)
     moved: int = 0
-    updated: int = 0       # same path, new content
+    updated: int = 0  # same path, new content
     removed: int = 0
     captions_added: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -145,9 +144,13 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         listed = os.path.basename(opts.captions_file) if opts.captions_file else ""
         folders = [p for p in sorted(corpus) if p not in missing and os.path.isdir(p)]
         absent = set(missing) | set(folders)  # a caption names an image, never a folder to walk
-        files, problems = scan([r for r in roots if r not in absent], exclude=opts.exclude,
-                               include_hidden=opts.include_hidden, skip_dirs=[idx.root],
-                               default_excludes=DEFAULT_EXCLUDES if opts.default_excludes else ())
+        files, problems = scan(
+            [r for r in roots if r not in absent],
+            exclude=opts.exclude,
+            include_hidden=opts.include_hidden,
+            skip_dirs=[idx.root],
+            default_excludes=DEFAULT_EXCLUDES if opts.default_excludes else (),
+        )
         problems += [ScanProblem(p, f"listed in {listed} but not found") for p in missing]
         problems += [ScanProblem(p, f"listed in {listed} but is a folder, not an image") for p in folders]
         encoder = _prepare_model(idx, opts, preloaded)
@@ -246,7 +249,7 @@ def _record_export(idx: Index, encoder) -> None:
             if "no ONNX export" not in str(e):
                 warn_once(f"{e}; exporting it again")
     if not current:
-        getattr(encoder, "encode_texts")  # loads a lazy encoder, which exports the model when it can
+        _ = encoder.encode_texts  # loads a lazy encoder, which exports the model when it can
         key = getattr(encoder, "export_key", None)
         if key is None:
             return
@@ -268,10 +271,12 @@ def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
         if str(parse_spec(opts.model)) != current.spec:
             raise ModelMismatchError(
                 f"the index at {idx.root} uses {current.spec}; refusing to add vectors from {opts.model}. "
-                f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with the new one"
+                f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with "
+                f"the new one"
             )
     spec = opts.model or (current.spec if current else DEFAULT_MODEL)
     if current is not None:
+
         def load():
             encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
             idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
@@ -302,8 +307,9 @@ def _under(path: str, roots: list[str]) -> bool:
     return False
 
 
-def _plan_and_apply_cheap_changes(idx: Index, files: list[ScannedFile], roots, report: IndexReport,
-                                  retry_errors: bool = False):
+def _plan_and_apply_cheap_changes(
+    idx: Index, files: list[ScannedFile], roots, report: IndexReport, retry_errors: bool = False
+):
     """Decide what each file needs. Moves, touches, duplicates and deletions are applied here (no model
     needed); files whose content is new are returned for encoding. A file that failed to decode and has
     the same size and mtime as then is skipped again without reading it (unless retry_errors)."""
@@ -374,7 +380,9 @@ def _dims_for_hash(store, h: str):
     return (row[0], row[1]) if row else (None, None)
 
 
-def _encode(idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: IndexReport, stop: _StopFlag, dirty: set[int]) -> None:
+def _encode(
+    idx: Index, encoder, work: list[_Work], opts: IndexOptions, report: IndexReport, stop: _StopFlag, dirty: set[int]
+) -> None:
     if not work:
         return
     from tqdm import tqdm

@@ -49,8 +49,9 @@ class RaySettings:
     decode_cpus: float  # per decode task
 
 
-def plan_resources(resources: dict, actors: int | None = None, batch_size: int | None = None,
-                   device: str = "auto") -> RaySettings:
+def plan_resources(
+    resources: dict, actors: int | None = None, batch_size: int | None = None, device: str = "auto"
+) -> RaySettings:
     """One GPU actor per GPU when the cluster has GPUs (unless --device cpu); otherwise CPU actors of
     CPU_THREADS_PER_ACTOR threads, leaving about a quarter of the CPUs to the decode tasks."""
     cpus = float(resources.get("CPU", 1.0))
@@ -85,8 +86,13 @@ def connect() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS") or None
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 configure_logging=True)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+        )
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray instance"
         raise RetrievalError(f"cannot start or reach {where}: {_first_line(e)}") from None
@@ -154,7 +160,8 @@ class EncodeActor:
         if not self.encoder.identity.matches(identity):
             raise RuntimeError(
                 f"this node's {spec} is not the index's model (weights sha256 "
-                f"{self.encoder.identity.weights_sha256} vs {identity.weights_sha256}); same weights on every node?")
+                f"{self.encoder.identity.weights_sha256} vs {identity.weights_sha256}); same weights on every node?"
+            )
         self.finish = finish
 
     def _tensor(self, arr: np.ndarray, complete: bool):
@@ -197,8 +204,7 @@ class EncodeActor:
                 stacked = torch.stack(tensors)
             vecs[rows] = self.encoder.encode_image_tensors(stacked)
         checkpoint("ray_encode")  # a test can kill this process here, mid-batch (retrieval/faults.py)
-        return {"i": batch["i"], "w": batch["w"], "h": batch["h"], "error": np.array(errors, dtype=object),
-                "vec": vecs}
+        return {"i": batch["i"], "w": batch["w"], "h": batch["h"], "error": np.array(errors, dtype=object), "vec": vecs}
 
 
 # ----------------------------------------------------------------------------------------- driver side
@@ -224,8 +230,15 @@ class RayStream(Iterator[EncodedResult]):
     """Per-file results streamed from the cluster, in arrival order. close() stops the dataset (and its
     actors) and shuts down a Ray instance this stream started."""
 
-    def __init__(self, jobs: Iterable[tuple[object, str]], encoder, settings: RaySettings | None = None,
-                 actors: int | None = None, batch_size: int | None = None, device: str = "auto"):
+    def __init__(
+        self,
+        jobs: Iterable[tuple[object, str]],
+        encoder,
+        settings: RaySettings | None = None,
+        actors: int | None = None,
+        batch_size: int | None = None,
+        device: str = "auto",
+    ):
         self._owned = False
         self._closed = False
         self._iter = None
@@ -266,17 +279,33 @@ class RayStream(Iterator[EncodedResult]):
         plan = make_plan(encoder.preprocess)
         s = self.settings
         n = len(self._paths)
-        ds = ray.data.from_items([{"i": i, "path": p} for i, p in enumerate(self._paths)],
-                                 override_num_blocks=max(1, min(n, -(-n // DECODE_BATCH))))
-        ds = ds.map_batches(decode_rows, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=s.decode_cpus,
-                            memory=DECODE_MEMORY,
-                            fn_kwargs={"target_size": encoder.image_size, "pil_steps": plan.pil})
+        ds = ray.data.from_items(
+            [{"i": i, "path": p} for i, p in enumerate(self._paths)],
+            override_num_blocks=max(1, min(n, -(-n // DECODE_BATCH))),
+        )
+        ds = ds.map_batches(
+            decode_rows,
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=s.decode_cpus,
+            memory=DECODE_MEMORY,
+            fn_kwargs={"target_size": encoder.image_size, "pil_steps": plan.pil},
+        )
         fault = {k: v for k, v in os.environ.items() if k == "RETRIEVAL_FAULT"}
         ds = ds.map_batches(
-            EncodeActor, batch_size=s.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=s.actors),
-            num_cpus=s.num_cpus, num_gpus=s.num_gpus or None,
-            fn_constructor_kwargs={"spec": encoder.identity.spec, "device": s.device, "identity": encoder.identity,
-                                   "finish": plan.finish, "threads": s.num_cpus},
+            EncodeActor,
+            batch_size=s.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=s.actors),
+            num_cpus=s.num_cpus,
+            num_gpus=s.num_gpus or None,
+            fn_constructor_kwargs={
+                "spec": encoder.identity.spec,
+                "device": s.device,
+                "identity": encoder.identity,
+                "finish": plan.finish,
+                "threads": s.num_cpus,
+            },
             # a killed actor process is restarted and its batch re-run: Ray Data gives pool actors
             # max_restarts=-1 and max_task_retries=-1 by default (and decode tasks max_retries=-1)
             runtime_env={"env_vars": fault} if fault else None,
@@ -348,20 +377,29 @@ def check_paths_visible(sample: list[str]) -> None:
         return socket.gethostname(), sum(not os.access(p, os.R_OK) for p in paths)
 
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    refs = [unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(sample)
-            for n in nodes]
+    refs = [
+        unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(sample)
+        for n in nodes
+    ]
     try:
         answers = ray.get(refs, timeout=120)
     except ray.exceptions.GetTimeoutError:  # a saturated node: the per-file check still applies
         return
     for host, bad in answers:
         if bad:
-            print(f"warning: Ray node {host} cannot read {bad} of {len(sample)} sampled paths; files it is given "
-                  "will be skipped (are the photos on a shared mount, at the same path on every node?)",
-                  file=sys.stderr)
+            print(
+                f"warning: Ray node {host} cannot read {bad} of {len(sample)} sampled paths; files it is given "
+                "will be skipped (are the photos on a shared mount, at the same path on every node?)",
+                file=sys.stderr,
+            )
 
 
 def ray_stream(jobs, encoder, opts) -> RayStream:
     """The pipeline's entry point: IndexOptions decide actors, batch size and device."""
-    return RayStream(jobs, encoder, actors=getattr(opts, "ray_actors", None),
-                     batch_size=getattr(opts, "ray_batch_size", None), device=getattr(opts, "device", "auto"))
+    return RayStream(
+        jobs,
+        encoder,
+        actors=getattr(opts, "ray_actors", None),
+        batch_size=getattr(opts, "ray_batch_size", None),
+        device=getattr(opts, "device", "auto"),
+    )

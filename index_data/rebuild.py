@@ -25,12 +25,20 @@ from retrieval.switch import STAGING_KEY, staging_dir, switch_in
 def _what(opts, spec: str) -> dict:
     """The inputs that decide a rebuild's result: a staging index started for other ones is not resumed
     (it could hold images of PATHs that this rebuild does not index)."""
+
     def absolute(p):
         return os.path.abspath(os.path.expanduser(p)) if p else None
 
-    return {"model": spec, "paths": sorted(absolute(p) for p in opts.paths), "captions": absolute(opts.captions_file),
-            "fmt": opts.fmt, "split": opts.split, "images": absolute(opts.images_dir),
-            "exclude": sorted(opts.exclude), "include_hidden": bool(opts.include_hidden)}
+    return {
+        "model": spec,
+        "paths": sorted(absolute(p) for p in opts.paths),
+        "captions": absolute(opts.captions_file),
+        "fmt": opts.fmt,
+        "split": opts.split,
+        "images": absolute(opts.images_dir),
+        "exclude": sorted(opts.exclude),
+        "include_hidden": bool(opts.include_hidden),
+    }
 
 
 def _resumable(path, what: dict) -> bool:
@@ -103,8 +111,13 @@ def run_rebuild(index_dir, opts, run_index):
         if os.path.lexists(stage) and not _resumable(stage, what):
             shutil.rmtree(stage) if stage.is_dir() and not stage.is_symlink() else os.unlink(stage)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
-        staged = replace(opts, rebuild=False, model=spec, index_type=index_type,
-                         exclude=[*opts.exclude, *_index_dir_excludes(main.root, opts.paths)])
+        staged = replace(
+            opts,
+            rebuild=False,
+            model=spec,
+            index_type=index_type,
+            exclude=[*opts.exclude, *_index_dir_excludes(main.root, opts.paths)],
+        )
         try:
             report = _run_staged(run_index, stage, staged, what)
         except ModelMismatchError:  # same spec, other weights (the file changed): start the staging afresh

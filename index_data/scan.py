@@ -297,9 +297,15 @@ def _drop_raw_with_companion(files: list[ScannedFile]) -> list[ScannedFile]:
     (not indexed, not reported: a RAW+JPEG library would otherwise list every RAW as skipped)."""
     companions = {
         os.path.splitext(f.path)[0].lower()
-        for f in files if os.path.splitext(f.path)[1].lower() in RAW_COMPANION_EXTENSIONS
+        for f in files
+        if os.path.splitext(f.path)[1].lower() in RAW_COMPANION_EXTENSIONS
     }
     if not companions:
         return files
-    return [f for f in files if not (os.path.splitext(f.path)[1].lower() in RAW_EXTENSIONS
-                                     and os.path.splitext(f.path)[0].lower() in companions)]
+    return [
+        f
+        for f in files
+        if not (
+            os.path.splitext(f.path)[1].lower() in RAW_EXTENSIONS and os.path.splitext(f.path)[0].lower() in companions
+        )
+    ]

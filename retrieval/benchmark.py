@@ -127,9 +127,16 @@ class IndexRecall:
         """One flat JSON-able object: the metric keys first, then the context; ``exact`` nested when measured."""
         d: dict = dict(self.metrics)
         d.update(
-            n_images=self.n_images, n_captions=self.n_captions, k=list(self.ks),
-            missing_images=self.missing_images, missing_captions=self.missing_captions,
-            index_type=self.index_type, model=self.model, fusion=self.fusion, index=self.index, built=self.built,
+            n_images=self.n_images,
+            n_captions=self.n_captions,
+            k=list(self.ks),
+            missing_images=self.missing_images,
+            missing_captions=self.missing_captions,
+            index_type=self.index_type,
+            model=self.model,
+            fusion=self.fusion,
+            index=self.index,
+            built=self.built,
             index_seconds=None if self.index_seconds is None else round(self.index_seconds, 3),
             eval_seconds=round(self.eval_seconds, 3),
         )
@@ -157,8 +164,9 @@ def parse_ks(text: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(v) for v in values))
 
 
-def load_pairs(captions_file: str | os.PathLike, images_dir: str | None = None, fmt: str = "auto",
-               split: str | None = None) -> RecallPairs:
+def load_pairs(
+    captions_file: str | os.PathLike, images_dir: str | None = None, fmt: str = "auto", split: str | None = None
+) -> RecallPairs:
     """Read a caption corpus (any format of :func:`~retrieval.datasets.read_captions`) into evaluation pairs.
 
     Image references resolve exactly as the indexing pipeline resolves them (``resolve_image_path`` then
@@ -227,8 +235,13 @@ def _search(vectors, queries: np.ndarray, depth: int, allowed: np.ndarray | None
     return scores, ids
 
 
-def _hit_counts(scores: np.ndarray, ids: np.ndarray, positives: Sequence[frozenset], ks: tuple[int, ...],
-                weight: dict[int, int] | None = None) -> np.ndarray:
+def _hit_counts(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    positives: Sequence[frozenset],
+    ks: tuple[int, ...],
+    weight: dict[int, int] | None = None,
+) -> np.ndarray:
     """Hits per k over ranked (scores, ids) rows: rank = 1 + (sum of the weights of returned candidates scoring
     strictly more than the best returned positive); a query whose positives were not returned misses."""
     ks_arr = np.asarray(ks)
@@ -300,7 +313,9 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
 
     # text -> image: every caption of FILE is a query
     q_text = query_text_vectors(searcher, pairs.captions)
-    positives_t2i = [frozenset((rows[img].id,)) if rows[img] is not None else frozenset() for img in pairs.caption_image]
+    positives_t2i = [
+        frozenset((rows[img].id,)) if rows[img] is not None else frozenset() for img in pairs.caption_image
+    ]
     # image -> text: every present image of FILE is a query (absent ones are misses)
     q_image = query_image_vectors(searcher, [rows[i].hash for i in present])
     positives_i2t_present = [frozenset(positives_i2t[i]) for i in present]
@@ -337,7 +352,9 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
     if exact:
         img_flat = cap_flat = None
         if len(image_ids):
-            img_flat = _flat_copy(index.dim, image_ids, index.image_vectors_for([(rows[i].id, rows[i].hash) for i in present]))
+            img_flat = _flat_copy(
+                index.dim, image_ids, index.image_vectors_for([(rows[i].id, rows[i].hash) for i in present])
+            )
         if file_captions is not None:
             cap_flat = file_captions[0]  # already exact
         elif len(caption_ids):
@@ -348,10 +365,18 @@ def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS,
 
     info = index.info()
     return IndexRecall(
-        metrics=metrics, n_images=pairs.n_images, n_captions=pairs.n_captions, ks=ks_t,
-        missing_images=pairs.n_images - len(present), missing_captions=missing_captions,
-        index_type=info.index_type, model=info.model, fusion=info.fusion, exact=exact_metrics,
-        eval_seconds=time.perf_counter() - t0, index=str(index.root),
+        metrics=metrics,
+        n_images=pairs.n_images,
+        n_captions=pairs.n_captions,
+        ks=ks_t,
+        missing_images=pairs.n_images - len(present),
+        missing_captions=missing_captions,
+        index_type=info.index_type,
+        model=info.model,
+        fusion=info.fusion,
+        exact=exact_metrics,
+        eval_seconds=time.perf_counter() - t0,
+        index=str(index.root),
         extra={"captions_encoded": unindexed} if file_captions is not None else {},
     )
 
@@ -397,10 +422,19 @@ def _index_exists(path: Path) -> bool:
     return (path / DB_NAME).is_file()
 
 
-def run_recall_benchmark(captions_file: str | os.PathLike, *, index_dir: str | os.PathLike | None = None,
-                         images_dir: str | None = None, fmt: str = "auto", split: str | None = None,
-                         model: str | None = None, ks: Sequence[int] = DEFAULT_KS, exact: bool = False,
-                         device: str = "auto", build: BuildFn | None = None) -> IndexRecall:
+def run_recall_benchmark(
+    captions_file: str | os.PathLike,
+    *,
+    index_dir: str | os.PathLike | None = None,
+    images_dir: str | None = None,
+    fmt: str = "auto",
+    split: str | None = None,
+    model: str | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    exact: bool = False,
+    device: str = "auto",
+    build: BuildFn | None = None,
+) -> IndexRecall:
     """``benchmark recall``: evaluate ``index_dir`` on FILE's pairs, indexing FILE first when needed.
 
     * ``index_dir`` names an existing index: evaluate it as it is (``model``, if given, must be its model).
@@ -415,8 +449,9 @@ def run_recall_benchmark(captions_file: str | os.PathLike, *, index_dir: str | o
 
     ks_t = parse_ks(ks)
     pairs = load_pairs(captions_file, images_dir, fmt, split)
-    options = dict(captions_file=os.fspath(captions_file), fmt=fmt, split=split, images_dir=images_dir,
-                   model=model, device=device)
+    options = dict(
+        captions_file=os.fspath(captions_file), fmt=fmt, split=split, images_dir=images_dir, model=model, device=device
+    )
 
     def build_into(path: Path) -> float:
         if build is None:
@@ -435,7 +470,8 @@ def run_recall_benchmark(captions_file: str | os.PathLike, *, index_dir: str | o
             if model and built_seconds is None and ident is not None and str(parse_spec(model)) != ident.spec:
                 raise ModelMismatchError(
                     f"the index at {path} was built with {ident.spec}, not {model}; leave out --model to evaluate "
-                    f"it, or give a new --index directory to build one with {model}")
+                    f"it, or give a new --index directory to build one with {model}"
+                )
             result = evaluate_index(s, pairs, ks_t, exact=exact)
         result.built = built_seconds is not None
         result.index_seconds = built_seconds
@@ -452,8 +488,10 @@ def run_recall_benchmark(captions_file: str | os.PathLike, *, index_dir: str | o
 
 def format_recall(r: IndexRecall) -> str:
     """A small human-readable table (recall in %)."""
-    lines = [f"{r.n_images} images, {r.n_captions} captions; model {r.model}; index {r.index_type}"
-             + (f"; fusion {r.fusion}" if r.fusion else "")]
+    lines = [
+        f"{r.n_images} images, {r.n_captions} captions; model {r.model}; index {r.index_type}"
+        + (f"; fusion {r.fusion}" if r.fusion else "")
+    ]
     cols = ["index"] + (["exact"] if r.exact is not None else [])
     lines.append(f"{'':>10}  {'k':>4}  " + "  ".join(f"{c:>7}" for c in cols))
     for prefix, label in (("image_retrieval", "text→image"), ("text_retrieval", "image→text")):
@@ -462,6 +500,8 @@ def format_recall(r: IndexRecall) -> str:
             vals = [r.metrics[key]] + ([r.exact[key]] if r.exact is not None else [])
             lines.append(f"{label:>10}  {k:>4}  " + "  ".join(f"{100 * v:6.2f}%" for v in vals))
     if r.missing_images or r.missing_captions:
-        lines.append(f"counted as misses: {r.missing_images} images not in the index, "
-                     f"{r.missing_captions} captions with no caption row")
+        lines.append(
+            f"counted as misses: {r.missing_images} images not in the index, "
+            f"{r.missing_captions} captions with no caption row"
+        )
     return "\n".join(lines)

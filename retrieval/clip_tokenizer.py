@@ -104,8 +104,9 @@ def clean_lower(text: str) -> str:
 class ClipTokenizer:
     """Drop-in for open_clip's SimpleTokenizer with clean='lower' (the default of every CLIP model)."""
 
-    def __init__(self, merges: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH,
-                 unique_merges: bool | None = None):
+    def __init__(
+        self, merges: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, unique_merges: bool | None = None
+    ):
         """merges: the BPE merge lines ("first second") in rank order, as open_clip uses them.
 
         unique_merges: every merge makes a distinct token (true of CLIP's vocabulary; checked when
@@ -135,8 +136,12 @@ class ClipTokenizer:
         self._unicode_pat = None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH,
-                  unique_merges: bool | None = None) -> "ClipTokenizer":
+    def from_file(
+        cls,
+        path: str | os.PathLike | None = None,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        unique_merges: bool | None = None,
+    ) -> "ClipTokenizer":
         """Read a merges file: open_clip's gzipped vocabulary (default) or a plain-text copy of it
         (header line, then merges). Only the merges open_clip uses are parsed."""
         merges = read_merges(path)

@@ -468,12 +468,15 @@ def resolve_image_path(record_image: str, images_dir: str | None, corpus_file: s
     return os.path.abspath(os.path.join(base, image))
 
 
-def read_caption_pairs(captions_file: str | os.PathLike[str], fmt: str = "auto", split: str | None = None,
-                       images_dir: str | None = None) -> list[tuple[str, str]]:
+def read_caption_pairs(
+    captions_file: str | os.PathLike[str], fmt: str = "auto", split: str | None = None, images_dir: str | None = None
+) -> list[tuple[str, str]]:
     """(absolute image path, caption) per record of a corpus, the image resolved as indexing stores it, so the
     paths match the index's."""
-    return [(os.path.abspath(resolve_image_path(rec.image, images_dir, captions_file)), rec.caption)
-            for rec in read_captions(captions_file, fmt, split)]
+    return [
+        (os.path.abspath(resolve_image_path(rec.image, images_dir, captions_file)), rec.caption)
+        for rec in read_captions(captions_file, fmt, split)
+    ]
 
 
 def sidecar_paths(image_path: str | os.PathLike[str]) -> list[str]:

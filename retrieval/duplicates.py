@@ -45,8 +45,9 @@ class DuplicateGroup:
         return {"members": [asdict(m) for m in self.members]}
 
 
-def neighbours(vecs: np.ndarray, threshold: float, nprobe: int = DUP_NPROBE, exact_max: int = EXACT_MAX,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbours(
+    vecs: np.ndarray, threshold: float, nprobe: int = DUP_NPROBE, exact_max: int = EXACT_MAX, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each row of `vecs` (unit vectors), the other rows with inner product >= threshold, as CSR arrays
     (lims [n+1], ids, scores), scores exact. Symmetric: a pair found from either side is listed for both.
 
@@ -114,7 +115,9 @@ def _collect(vecs, queries: np.ndarray, candidates: np.ndarray, thr, rows: list,
     cols.append(c[keep])
 
 
-def leader_groups(order: np.ndarray, lims: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[list[tuple[int, float]]]:
+def leader_groups(
+    order: np.ndarray, lims: np.ndarray, ids: np.ndarray, scores: np.ndarray
+) -> list[list[tuple[int, float]]]:
     """Leader clustering over nodes taken in `order` (best first): [[(leader, 1.0), (node, score), ...], ...],
     only groups of two or more."""
     taken = np.zeros(len(lims) - 1, dtype=bool)
@@ -175,8 +178,6 @@ def find_duplicates(index, threshold: float = DEFAULT_THRESHOLD, exact_max: int 
     grouped = {n for g in groups for n, _ in g}
     groups += [[(n, 1.0)] for n, m in members_of.items() if len(m) > 1 and n not in grouped]
 
-    from .store import path_from_db
-
     out = []
     for g in groups:
         members = []
@@ -184,7 +185,13 @@ def find_duplicates(index, threshold: float = DEFAULT_THRESHOLD, exact_max: int 
             for r in members_of[node]:
                 members.append((quality(r), score, r))
         members.sort(key=lambda m: (m[0], m[1]), reverse=True)
-        out.append(DuplicateGroup([DuplicateMember(display_text(bytes(r[1])), int(r[0]), round(float(s), 6),
-                                                   r[3], r[4]) for _, s, r in members]))
+        out.append(
+            DuplicateGroup(
+                [
+                    DuplicateMember(display_text(bytes(r[1])), int(r[0]), round(float(s), 6), r[3], r[4])
+                    for _, s, r in members
+                ]
+            )
+        )
     out.sort(key=lambda g: (-len(g.members), g.members[0].path))
     return out

@@ -14,9 +14,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import ModelSpecError, OfflineWeightsError, OFFLINE_HELP
-from .images import load_image
+from .errors import OFFLINE_HELP, ModelSpecError, OfflineWeightsError
 from .hashing import sha256_file
+from .images import load_image
 from .modelspec import ModelIdentity, ModelSpec, parse_spec
 from .vecmath import l2_normalize
 
@@ -197,7 +197,9 @@ def _skip_param_init():
                 setattr(init, n, f)
 
 
-def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None) -> Encoder:
+def load_encoder(
+    spec: str | ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None
+) -> Encoder:
     """Build the encoder a spec names: `ARCH:TAG`, `ARCH:/path/to/weights`, `ARCH:none`, or `starter`."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.is_starter:
@@ -205,8 +207,8 @@ def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "
 
         return load_starter(device=device)
 
-    import torch
     import open_clip
+    import torch
 
     register_model_configs()
     if spec.arch not in open_clip.list_models():
@@ -220,8 +222,12 @@ def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "
     try:
         with _skip_param_init() if weights else contextlib.nullcontext():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.arch, pretrained=weights, device=device, precision="fp32",
-                pretrained_text=False, pretrained_image=False,
+                spec.arch,
+                pretrained=weights,
+                device=device,
+                precision="fp32",
+                pretrained_text=False,
+                pretrained_image=False,
             )
     except Exception as e:  # a truncated or foreign file raises SafetensorError, UnpicklingError, ...
         if not weights:
@@ -238,7 +244,11 @@ def load_encoder(spec: str | ModelSpec, device: str = "auto", precision: str = "
         ) from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.arch)
-    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None and hasattr(model.text_projection, "shape") else None
+    dim = (
+        int(model.text_projection.shape[1])
+        if getattr(model, "text_projection", None) is not None and hasattr(model.text_projection, "shape")
+        else None
+    )
     if dim is None:
         dim = int(open_clip.get_model_config(spec.arch)["embed_dim"])
     identity = ModelIdentity(

@@ -62,9 +62,7 @@ def _hit_counts(scores: np.ndarray, positives: np.ndarray, ks: tuple[int, ...]) 
     return np.array([np.count_nonzero(has_pos & (n_better < k)) for k in ks], dtype=np.int64)
 
 
-def recall_at_k(
-    scores: np.ndarray, positives: np.ndarray, ks: Sequence[int] = DEFAULT_KS
-) -> dict[int, float]:
+def recall_at_k(scores: np.ndarray, positives: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
     """Recall@k from a dense score matrix ``[queries, candidates]`` and a same-shaped boolean positive mask.
 
     Returns ``{k: fraction of queries with a positive in the top k}`` for each k, in the order given. Ties follow

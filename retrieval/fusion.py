@@ -29,9 +29,6 @@ safetensors, the config, encoder identity and format version as JSON in the safe
 
 from __future__ import annotations
 
-from .atomic import fsync_dir as _fsync_dir
-from .atomic import write_atomic as _write_atomic
-
 import hashlib
 import json
 import os
@@ -41,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import write_atomic as _write_atomic
 from .errors import RetrievalError
 from .modelspec import ModelIdentity
 from .vecmath import l2_normalize
@@ -48,6 +47,7 @@ from .vecmath import l2_normalize
 
 def _unit(x):
     return l2_normalize(x, keep_unit=True)
+
 
 FORMAT_NAME = "retrieval-fusion"
 FORMAT_VERSION = 1
@@ -62,8 +62,8 @@ ACTIVATIONS = ("none", "gelu_tanh")
 @dataclass(frozen=True)
 class FusionConfig:
     dim: int
-    rank: int = 64                 # adapter bottleneck (capped at dim)
-    activation: str = "none"       # "none": linear low-rank adapter; "gelu_tanh": small residual MLP
+    rank: int = 64  # adapter bottleneck (capped at dim)
+    activation: str = "none"  # "none": linear low-rank adapter; "gelu_tanh": small residual MLP
 
     def __post_init__(self):
         if self.dim < 1 or self.rank < 1:
@@ -86,9 +86,14 @@ class FusionConfig:
 def param_shapes(config: FusionConfig) -> dict[str, tuple[int, ...]]:
     d, r = config.dim, config.r
     return {
-        "image.down": (r, d), "image.up": (d, r), "image.bias": (d,),
-        "text.down": (r, d), "text.up": (d, r), "text.bias": (d,),
-        "gate.bias": (1,), "gate.weight": (2,),
+        "image.down": (r, d),
+        "image.up": (d, r),
+        "image.bias": (d,),
+        "text.down": (r, d),
+        "text.up": (d, r),
+        "text.bias": (d,),
+        "gate.bias": (1,),
+        "gate.weight": (2,),
         "query.bias": (1,),
         "logit_scale": (1,),  # training temperature (log 1/T); kept for the record, unused at inference
     }
@@ -105,11 +110,10 @@ def init_params(config: FusionConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-
-
-
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return (0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x ** 3)))).astype(np.float32)
+    return (0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x**3)))).astype(
+        np.float32
+    )
 
 
 def _as_2d(v: np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -124,8 +128,13 @@ def _as_2d(v: np.ndarray, dim: int, what: str) -> np.ndarray:
 class Fusion:
     """A trained (or identity) fusion. Pure numpy; no I/O."""
 
-    def __init__(self, config: FusionConfig, params: dict[str, np.ndarray] | None = None,
-                 identity: ModelIdentity | None = None, info: dict | None = None):
+    def __init__(
+        self,
+        config: FusionConfig,
+        params: dict[str, np.ndarray] | None = None,
+        identity: ModelIdentity | None = None,
+        info: dict | None = None,
+    ):
         self.config = config
         shapes = param_shapes(config)
         params = init_params(config) if params is None else params
@@ -285,11 +294,22 @@ def config_path(weights_path: str | os.PathLike) -> Path:
 def config_json(fusion: Fusion, weights_name: str) -> str:
     """The readable half of a saved fusion: format version, config, encoder identity and training info.
     The same fields are also in the safetensors header, so neither file can be read against the wrong one."""
-    return json.dumps({
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": weights_name,
-        "config": fusion.config.to_dict(), "identity": fusion.identity.to_dict() if fusion.identity else None,
-        "info": fusion.info,
-    }, indent=1, sort_keys=True, default=str) + "\n"
+    return (
+        json.dumps(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "weights": weights_name,
+                "config": fusion.config.to_dict(),
+                "identity": fusion.identity.to_dict() if fusion.identity else None,
+                "info": fusion.info,
+            },
+            indent=1,
+            sort_keys=True,
+            default=str,
+        )
+        + "\n"
+    )
 
 
 def save_fusion(fusion: Fusion, path: str | os.PathLike) -> Path:
@@ -329,8 +349,10 @@ def load_fusion(path: str | os.PathLike) -> Fusion:
     except ValueError:
         version = -1
     if version != FORMAT_VERSION:
-        raise RetrievalError(f"{path}: fusion format version {meta.get('format_version')} is not supported "
-                             f"(this program reads version {FORMAT_VERSION}); retrain with: retrieval train-fusion")
+        raise RetrievalError(
+            f"{path}: fusion format version {meta.get('format_version')} is not supported "
+            f"(this program reads version {FORMAT_VERSION}); retrain with: retrieval train-fusion"
+        )
     try:
         config = FusionConfig.from_dict(json.loads(meta["config"]))
         ident = json.loads(meta.get("identity", "null"))
@@ -343,8 +365,11 @@ def load_fusion(path: str | os.PathLike) -> Fusion:
             side = json.loads(cpath.read_text())
         except (OSError, ValueError) as e:
             raise RetrievalError(f"cannot read fusion config {cpath}: {e}") from None
-        if (side.get("format_version") != FORMAT_VERSION or side.get("config") != config.to_dict()
-                or side.get("identity") != ident):
+        if (
+            side.get("format_version") != FORMAT_VERSION
+            or side.get("config") != config.to_dict()
+            or side.get("identity") != ident
+        ):
             raise RetrievalError(f"{cpath.name} does not describe {path.name}; retrain with: retrieval train-fusion")
     return Fusion(config, params, ModelIdentity.from_dict(ident) if ident else None, info)
 

@@ -61,10 +61,10 @@ GAIN_EPS = 1e-9
 class PairData:
     """Images (distinct content) and their captions, as raw embeddings."""
 
-    image_keys: list[str]          # image content hashes, one per row of image_vecs
-    image_vecs: np.ndarray         # [N, d] raw image embeddings
-    text_vecs: np.ndarray          # [T, d] raw caption embeddings
-    cap_image: np.ndarray          # [T] row in image_vecs of each caption
+    image_keys: list[str]  # image content hashes, one per row of image_vecs
+    image_vecs: np.ndarray  # [N, d] raw image embeddings
+    text_vecs: np.ndarray  # [T, d] raw caption embeddings
+    cap_image: np.ndarray  # [T] row in image_vecs of each caption
 
     @property
     def n_images(self) -> int:
@@ -81,15 +81,19 @@ class PairData:
     def captions_of(self) -> list[np.ndarray]:
         order = np.argsort(self.cap_image, kind="stable")
         bounds = np.searchsorted(self.cap_image[order], np.arange(self.n_images + 1))
-        return [order[bounds[i]: bounds[i + 1]] for i in range(self.n_images)]
+        return [order[bounds[i] : bounds[i + 1]] for i in range(self.n_images)]
 
     def subset(self, image_rows) -> "PairData":
         image_rows = np.asarray(image_rows, dtype=np.int64)
         remap = np.full(self.n_images, -1, np.int64)
         remap[image_rows] = np.arange(len(image_rows))
         keep = remap[self.cap_image] >= 0
-        return PairData([self.image_keys[i] for i in image_rows], self.image_vecs[image_rows],
-                        self.text_vecs[keep], remap[self.cap_image[keep]])
+        return PairData(
+            [self.image_keys[i] for i in image_rows],
+            self.image_vecs[image_rows],
+            self.text_vecs[keep],
+            remap[self.cap_image[keep]],
+        )
 
 
 def pairs_from_rows(store, dim: int, rows) -> PairData:
@@ -111,7 +115,9 @@ def pairs_from_rows(store, dim: int, rows) -> PairData:
         image_vecs = store.get_embeddings("image", image_keys, dim)
         text_vecs = store.get_embeddings("text", text_keys, dim)
     except KeyError:
-        raise RetrievalError("some captions or images have no stored embedding; run: retrieval verify --repair") from None
+        raise RetrievalError(
+            "some captions or images have no stored embedding; run: retrieval verify --repair"
+        ) from None
     return PairData(image_keys, image_vecs, text_vecs, np.asarray(cap_image, np.int64))
 
 
@@ -129,7 +135,8 @@ def check_enough(data: PairData) -> None:
         raise RetrievalError(
             f"too few caption pairs to train a fusion: {data.n_captions} captions on {data.n_images} images; "
             f"need at least {MIN_PAIRS} captions on {MIN_IMAGES} images (add captions with sidecar .txt files "
-            f"or index --captions FILE)")
+            f"or index --captions FILE)"
+        )
 
 
 def split_by_image(data: PairData, val_fraction: float, seed: int) -> tuple[PairData, PairData]:
@@ -165,12 +172,12 @@ def evaluate_fusion(fusion: Fusion | None, data: PairData, ks=KS, block: int = 4
         """Queries Q against candidates D; D_pos[j], if given, replaces query j's own positive."""
         hits = {k: 0.0 for k in ks}
         for s in range(0, len(Q), block):
-            q = Q[s: s + block]
+            q = Q[s : s + block]
             scores = q @ D.T
-            ci = cap_image[s: s + block]
+            ci = cap_image[s : s + block]
             rows = np.arange(len(q))
             if D_pos is not None:
-                scores[rows, ci] = np.einsum("ij,ij->i", q, D_pos[s: s + block])
+                scores[rows, ci] = np.einsum("ij,ij->i", q, D_pos[s : s + block])
             pos = np.zeros(scores.shape, bool)
             pos[rows, ci] = True
             for k, v in recall_at_k(scores, pos, ks).items():
@@ -181,7 +188,7 @@ def evaluate_fusion(fusion: Fusion | None, data: PairData, ks=KS, block: int = 4
     i2t_hits = {k: 0.0 for k in ks}
     C = fusion.caption_vectors(txt)
     for s in range(0, n_img, block):
-        scores = A[s: s + block] @ C.T
+        scores = A[s : s + block] @ C.T
         pos = cap_image[None, :] == np.arange(s, s + len(scores))[:, None]
         for k, v in recall_at_k(scores, pos, ks).items():
             i2t_hits[k] += v * len(scores)
@@ -228,8 +235,9 @@ def _torch_net(fusion: Fusion):
         def __init__(self, fusion: Fusion):
             super().__init__()
             self.config = fusion.config
-            self.p = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(torch.from_numpy(v.copy()))
-                                       for k, v in fusion.params.items()})
+            self.p = nn.ParameterDict(
+                {k.replace(".", "__"): nn.Parameter(torch.from_numpy(v.copy())) for k, v in fusion.params.items()}
+            )
 
         def __getitem__(self, name: str):
             return self.p[name.replace(".", "__")]
@@ -268,10 +276,10 @@ def _torch_net(fusion: Fusion):
 @dataclass
 class TrainConfig:
     epochs: int = 40
-    patience: int = 8             # stop after this many epochs without a better validation score
+    patience: int = 8  # stop after this many epochs without a better validation score
     batch_size: int = 512
-    lr: float = 2e-3              # adapters
-    scalar_lr: float = 2e-2       # gate, query weight offset, temperature
+    lr: float = 2e-3  # adapters
+    scalar_lr: float = 2e-2  # gate, query weight offset, temperature
     weight_decay: float = 1e-4
     rank: int = 64
     activation: str = "none"
@@ -279,9 +287,9 @@ class TrainConfig:
     doc_loss: float = 1.0
     composite_loss: float = 0.5
     max_doc_captions: int = 16
-    doc_dropout: float = 0.5      # share of batch documents given no captions (see module docstring)
+    doc_dropout: float = 0.5  # share of batch documents given no captions (see module docstring)
     seed: int = 0
-    threads: int = 1              # single-threaded: deterministic, and kind to shared machines
+    threads: int = 1  # single-threaded: deterministic, and kind to shared machines
 
 
 @dataclass
@@ -289,7 +297,7 @@ class TrainHistory:
     epochs_run: int = 0
     best_epoch: int = 0
     best_score: float = 0.0
-    scores: list = field(default_factory=list)   # validation score after each epoch (index 0: before training)
+    scores: list = field(default_factory=list)  # validation score after each epoch (index 0: before training)
     seconds: float = 0.0
 
 
@@ -312,9 +320,9 @@ def _nearest_other(vecs: np.ndarray, block: int = 2048) -> np.ndarray:
     n = len(vecs)
     out = np.zeros(n, np.int64)
     for s in range(0, n, block):
-        sims = vecs[s: s + block] @ vecs.T
+        sims = vecs[s : s + block] @ vecs.T
         sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf
-        out[s: s + block] = sims.argmax(1)
+        out[s : s + block] = sims.argmax(1)
     return out
 
 
@@ -329,7 +337,7 @@ def _epoch_plan(caps_of: list[np.ndarray], rng: np.random.Generator, batch: int,
     for r in range(rounds):
         order = rng.permutation(n)
         for s in range(0, n, batch):
-            rows = order[s: s + batch]
+            rows = order[s : s + batch]
             if len(rows) < 2:
                 continue
             q = np.empty(len(rows), np.int64)
@@ -338,15 +346,20 @@ def _epoch_plan(caps_of: list[np.ndarray], rng: np.random.Generator, batch: int,
                 p = perms[i]
                 j = r % len(p)
                 q[b] = p[j]
-                rest = np.concatenate([p[:j], p[j + 1:]])[:m]
+                rest = np.concatenate([p[:j], p[j + 1 :]])[:m]
                 docs[b, : len(rest)] = rest
             plan.append((rows, q, docs))
     return plan
 
 
-def train_fusion(train: PairData, val: PairData, cfg: TrainConfig | None = None,
-                 identity: ModelIdentity | None = None, progress: bool = True,
-                 init: Fusion | None = None) -> tuple[Fusion, TrainHistory]:
+def train_fusion(
+    train: PairData,
+    val: PairData,
+    cfg: TrainConfig | None = None,
+    identity: ModelIdentity | None = None,
+    progress: bool = True,
+    init: Fusion | None = None,
+) -> tuple[Fusion, TrainHistory]:
     """Train a fusion on `train`, early-stopping on `val`. Returns the best fusion seen (possibly the
     untrained identity, if no epoch beat it) and the history. Deterministic for a given cfg.seed."""
     import torch
@@ -360,8 +373,13 @@ def train_fusion(train: PairData, val: PairData, cfg: TrainConfig | None = None,
     dim = train.dim
     fconf = FusionConfig(dim=dim, rank=cfg.rank, activation=cfg.activation)
     start = init if init is not None else Fusion(fconf, init_params(fconf, cfg.seed), identity)
-    info = {"trained": True, "seed": cfg.seed, "train_images": train.n_images, "train_captions": train.n_captions,
-            "document_fusion": cfg.document_fusion}
+    info = {
+        "trained": True,
+        "seed": cfg.seed,
+        "train_images": train.n_images,
+        "train_captions": train.n_captions,
+        "document_fusion": cfg.document_fusion,
+    }
     hist = TrainHistory()
     best = Fusion(start.config, start.params, identity, {**info, "epoch": 0})
     best_score = evaluate_fusion(best, val)["score"]
@@ -384,10 +402,12 @@ def train_fusion(train: PairData, val: PairData, cfg: TrainConfig | None = None,
             net["gate.bias"].requires_grad_(False)
             net["gate.weight"].requires_grad_(False)
         assert len(adapter_params) + len(scalars) == len(net.p)
-        opt = torch.optim.AdamW([
-            {"params": adapter_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-            {"params": scalar_params, "lr": cfg.scalar_lr, "weight_decay": 0.0},
-        ])
+        opt = torch.optim.AdamW(
+            [
+                {"params": adapter_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                {"params": scalar_params, "lr": cfg.scalar_lr, "weight_decay": 0.0},
+            ]
+        )
         img = torch.from_numpy(np.ascontiguousarray(train.image_vecs, np.float32))
         txt = torch.from_numpy(np.ascontiguousarray(train.text_vecs, np.float32))
         caps_of = train.captions_of()
@@ -486,26 +506,34 @@ class FusionTrainReport:
     val_captions: int
     seed: int
     val_fraction: float
-    current: str | None                 # version of the fusion in force before, or None
-    before: dict                        # validation metrics under the current fusion (or none)
-    after: dict                         # validation metrics under the trained fusion
-    gain: float                         # after.score - before.score (fraction, not points)
+    current: str | None  # version of the fusion in force before, or None
+    before: dict  # validation metrics under the current fusion (or none)
+    after: dict  # validation metrics under the trained fusion
+    gain: float  # after.score - before.score (fraction, not points)
     epochs_run: int
     best_epoch: int
     seconds: float
     dry_run: bool
     installed: bool
-    decision: str                       # one sentence for people
-    fusion: dict | None = None          # manifest entry of the installed fusion
-    parameters: dict | None = None      # Fusion.describe() of the trained fusion
+    decision: str  # one sentence for people
+    fusion: dict | None = None  # manifest entry of the installed fusion
+    parameters: dict | None = None  # Fusion.describe() of the trained fusion
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def train_fusion_for_index(index_dir, *, epochs: int | None = None, seed: int = 0, val_fraction: float = 0.2,
-                           dry_run: bool = False, progress: bool = True, config: TrainConfig | None = None) -> FusionTrainReport:
+def train_fusion_for_index(
+    index_dir,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    dry_run: bool = False,
+    progress: bool = True,
+    config: TrainConfig | None = None,
+) -> FusionTrainReport:
     """What `retrieval train-fusion` does: train on the index's pairs, compare with the fusion in force on the
     validation images, install only a strictly better one (unless dry_run), rebuilding vectors atomically."""
     from .index import Index
@@ -539,35 +567,68 @@ def train_fusion_for_index(index_dir, *, epochs: int | None = None, seed: int = 
         meta = None
         if gain <= GAIN_EPS:
             what = f"the current fusion ({current_name})" if current_name else "no fusion"
-            decision = (f"kept {what}: the trained fusion does not beat it on the validation images "
-                        f"({after['score']:.1%} vs {before['score']:.1%})")
+            decision = (
+                f"kept {what}: the trained fusion does not beat it on the validation images "
+                f"({after['score']:.1%} vs {before['score']:.1%})"
+            )
         elif dry_run:
             decision = f"dry run: the trained fusion would gain {gain * 100:+.1f} points; nothing written"
         else:
-            meta = install_fusion(idx, fusion, {
-                "seed": seed, "val_fraction": val_fraction, "val_score": after["score"],
-                "val_score_before": before["score"], "pairs": data.n_captions, "images": data.n_images,
-                "epochs": hist.epochs_run, "best_epoch": hist.best_epoch, "trained_at": time.time(),
-            })
+            meta = install_fusion(
+                idx,
+                fusion,
+                {
+                    "seed": seed,
+                    "val_fraction": val_fraction,
+                    "val_score": after["score"],
+                    "val_score_before": before["score"],
+                    "pairs": data.n_captions,
+                    "images": data.n_images,
+                    "epochs": hist.epochs_run,
+                    "best_epoch": hist.best_epoch,
+                    "trained_at": time.time(),
+                },
+            )
             installed = True
-            decision = (f"installed {meta['file']} ({gain * 100:+.1f} points); vectors rebuilt as generation "
-                        f"{idx.generation}")
+            decision = (
+                f"installed {meta['file']} ({gain * 100:+.1f} points); vectors rebuilt as generation {idx.generation}"
+            )
         if dry_run and not installed and gain <= GAIN_EPS:
             decision = "dry run: " + decision + "; nothing written"
         return FusionTrainReport(
-            index=str(idx.root), pairs=data.n_captions, images=data.n_images, train_images=train.n_images,
-            val_images=val.n_images, val_captions=val.n_captions, seed=seed, val_fraction=val_fraction,
-            current=current_name, before=before, after=after, gain=round(gain, 6), epochs_run=hist.epochs_run,
-            best_epoch=hist.best_epoch, seconds=round(time.perf_counter() - t0, 2), dry_run=dry_run,
-            installed=installed, decision=decision, fusion=meta, parameters=fusion.describe(), notes=notes,
+            index=str(idx.root),
+            pairs=data.n_captions,
+            images=data.n_images,
+            train_images=train.n_images,
+            val_images=val.n_images,
+            val_captions=val.n_captions,
+            seed=seed,
+            val_fraction=val_fraction,
+            current=current_name,
+            before=before,
+            after=after,
+            gain=round(gain, 6),
+            epochs_run=hist.epochs_run,
+            best_epoch=hist.best_epoch,
+            seconds=round(time.perf_counter() - t0, 2),
+            dry_run=dry_run,
+            installed=installed,
+            decision=decision,
+            fusion=meta,
+            parameters=fusion.describe(),
+            notes=notes,
         )
 
 
 def format_report(r: FusionTrainReport) -> list[str]:
     """Lines for people (the CLI prints them)."""
+
     def row(name, m):
-        return (f"  {name:<22} {m['score']:6.1%}   (R@5 {m['t2i_mixed']['R@5']:.1%}; all fused {m['t2i_docs']['R@1']:.1%}, "
-                f"image-only {m['t2i_image']['R@1']:.1%}; image->text R@1 {m['i2t']['R@1']:.1%})")
+        return (
+            f"  {name:<22} {m['score']:6.1%}   (R@5 {m['t2i_mixed']['R@5']:.1%}; all fused {m['t2i_docs']['R@1']:.1%}, "
+            f"image-only {m['t2i_image']['R@1']:.1%}; image->text R@1 {m['i2t']['R@1']:.1%})"
+        )
+
     lines = [
         f"fusion training: {r.pairs} captions on {r.images} images -> {r.train_images} train / {r.val_images} "
         f"validation images (seed {r.seed}), {r.epochs_run} epochs (best {r.best_epoch}) in {r.seconds:.1f}s",

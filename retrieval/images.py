@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -115,9 +114,15 @@ UPLOAD_MAX_PIXELS = 32_000_000  # pixels actually decoded (after JPEG draft); ke
 UPLOAD_SIDE = 512  # decoded images are reduced to about this shorter side (any model's input is smaller)
 
 
-_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-           8: Image.Transpose.ROTATE_90}
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _reduce_in_strips(im: Image.Image, factor: int, rows: int = 64) -> Image.Image:
@@ -158,8 +163,10 @@ def load_upload(source, max_pixels: int = UPLOAD_MAX_PIXELS, side: int = UPLOAD_
                 im.draft("RGB", (side, side))
             dw, dh = im.size  # the size the decoder will produce
             if dw * dh > max_pixels:
-                raise ImageDecodeError(f"{name}: {w}x{h} is too large for a query image (over {max_pixels} pixels "
-                                       f"to decode); send a smaller copy")
+                raise ImageDecodeError(
+                    f"{name}: {w}x{h} is too large for a query image (over {max_pixels} pixels "
+                    f"to decode); send a smaller copy"
+                )
             im.load()
             try:
                 turn = _ORIENT.get(im.getexif().get(0x0112))

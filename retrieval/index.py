@@ -36,7 +36,9 @@ from .modelspec import ModelIdentity
 from .store import DB_NAME, Store
 
 ENV_INDEX = "RETRIEVAL_INDEX"
-KEEP_GENERATIONS = 2  # the current one and the one before, so a reader that just read the manifest can still open its files
+KEEP_GENERATIONS = (
+    2  # the current one and the one before, so a reader that just read the manifest can still open its files
+)
 
 
 def default_index_dir() -> Path:
@@ -112,7 +114,7 @@ def storage_error(e: BaseException, root) -> RetrievalError | None:
 
 
 def _disk_full_hint(root) -> str:
-    """" (the disk is full)" when it is: SQLite says only "disk I/O error" when it cannot grow its -shm."""
+    """ " (the disk is full)" when it is: SQLite says only "disk I/O error" when it cannot grow its -shm."""
     try:
         import shutil
 
@@ -194,7 +196,9 @@ class Index:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise IndexLockedError(f"another process is writing to the index at {self.root}; wait for it to finish") from None
+            raise IndexLockedError(
+                f"another process is writing to the index at {self.root}; wait for it to finish"
+            ) from None
         self._lock_fd = fd
         _HELD_LOCK_FDS.add(fd)
 
@@ -246,8 +250,12 @@ class Index:
         rebuild with another model changes all four at once)."""
         import json
 
-        rows = {k: json.loads(v) for k, v in self.store.db.execute(
-            "SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion', 'model', 'dim')")}
+        rows = {
+            k: json.loads(v)
+            for k, v in self.store.db.execute(
+                "SELECT key, value FROM manifest WHERE key IN ('generation', 'fusion', 'model', 'dim')"
+            )
+        }
         return int(rows.get("generation") or 0), rows.get("fusion"), rows.get("model"), int(rows.get("dim") or 0)
 
     @contextmanager
@@ -322,9 +330,11 @@ class Index:
             import importlib.util
 
             if importlib.util.find_spec("torch") is None:
-                raise RetrievalError(f"the model {self.identity.spec} has no usable ONNX export in this user's cache, and "
-                                     f"torch is not installed: run `retrieval index` with torch installed once "
-                                     f"(pip install 'retrieval-engine[torch]') to make it")
+                raise RetrievalError(
+                    f"the model {self.identity.spec} has no usable ONNX export in this user's cache, and "
+                    f"torch is not installed: run `retrieval index` with torch installed once "
+                    f"(pip install 'retrieval-engine[torch]') to make it"
+                )
             from .encoders import load_encoder
 
             enc = load_encoder(self.identity.spec, device=device)
@@ -349,7 +359,9 @@ class Index:
         fusion = load_fusion(self.root / meta["file"])
         ident = self.identity
         if ident is not None and fusion.identity is not None and not ident.matches(fusion.identity):
-            raise ModelMismatchError(f"the fusion at {meta['file']} was trained for {fusion.identity.spec}, not {ident.spec}")
+            raise ModelMismatchError(
+                f"the fusion at {meta['file']} was trained for {fusion.identity.spec}, not {ident.spec}"
+            )
         self._fusion_cache = (key, fusion)
         return fusion
 
@@ -359,7 +371,7 @@ class Index:
         """The VectorIndex of the current generation (`images` or `captions`), or None if empty."""
         from .vectors import VectorIndex
 
-        for attempt in range(3):
+        for _attempt in range(3):
             gen = self.generation
             if (kind, gen) in self._vectors:
                 return self._vectors[(kind, gen)]
@@ -376,11 +388,14 @@ class Index:
                 continue
             except (ValueError, RuntimeError) as e:  # truncated or damaged (faiss raises RuntimeError)
                 detail = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{path}: ", "")
-                raise IndexDamagedError(f"vector file {path.name} is damaged ({detail}); "
-                                     f"run: retrieval verify --repair --index {self.root}") from None
+                raise IndexDamagedError(
+                    f"vector file {path.name} is damaged ({detail}); run: retrieval verify --repair --index {self.root}"
+                ) from None
             self._vectors = {(kind, gen): vi, **{k: v for k, v in self._vectors.items() if k[0] != kind}}
             return vi
-        raise IndexDamagedError(f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}")
+        raise IndexDamagedError(
+            f"vector file {path.name} is missing; run: retrieval verify --repair --index {self.root}"
+        )
 
     def image_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:
         """Vectors to index for images (id, hash): raw image embedding, blended with captions by the fusion."""
@@ -406,8 +421,13 @@ class Index:
         fusion = self.fusion()
         return raw if fusion is None or len(rows) == 0 else fusion.caption_vectors(raw)
 
-    def sync_vectors(self, requested_type: str | None = None, dirty_images=(), force_rebuild: bool = False,
-                     fusion_meta: dict | None = ..., ) -> bool:
+    def sync_vectors(
+        self,
+        requested_type: str | None = None,
+        dirty_images=(),
+        force_rebuild: bool = False,
+        fusion_meta: dict | None = ...,
+    ) -> bool:
         """Bring the FAISS files in line with SQLite and publish them as a new generation.
 
         Only ids that differ are added or removed, unless the index kind must change or a rebuild is
@@ -446,8 +466,15 @@ class Index:
             current = None
             if not force_rebuild and gen > 0 and _vec_file(self.root, kind, gen).exists():
                 current = VectorIndex.load(_vec_file(self.root, kind, gen))
-            cfg = choose_config(len(rows), self.dim, requested_type if kind == "images" else _caption_kind(requested_type))
-            if current is not None and current.config.kind == cfg.kind and current.dim == self.dim and not current.needs_rebuild:
+            cfg = choose_config(
+                len(rows), self.dim, requested_type if kind == "images" else _caption_kind(requested_type)
+            )
+            if (
+                current is not None
+                and current.config.kind == cfg.kind
+                and current.dim == self.dim
+                and not current.needs_rebuild
+            ):
                 have = set(int(i) for i in current.ids())
                 dirty = {int(i) for i in dirty_images} & want & have if kind == "images" else set()
                 remove = (have - want) | dirty
@@ -570,8 +597,9 @@ class Index:
             if missing:
                 problems.append(f"{kind}: {len(missing)} rows lack a stored raw embedding")
             if dim > 0:
-                wrong = db.execute("SELECT COUNT(*) FROM embeddings WHERE kind = ? AND length(vector) != ?",
-                                   [ekind, 4 * dim]).fetchone()[0]
+                wrong = db.execute(
+                    "SELECT COUNT(*) FROM embeddings WHERE kind = ? AND length(vector) != ?", [ekind, 4 * dim]
+                ).fetchone()[0]
                 if wrong:
                     problems.append(f"{kind}: {wrong} stored raw embeddings are not {dim} float32 values")
             want = {i for i, _ in rows}
@@ -595,8 +623,10 @@ class Index:
             if have - want:
                 problems.append(f"{kind}: {len(have - want)} orphan vectors (in FAISS, not in SQLite)")
             if want - have:
-                problems.append(f"{kind}: {len(want - have)} rows have no vector (in SQLite, not in FAISS; "
-                                f"an interrupted run: the next index run or verify --repair adds them)")
+                problems.append(
+                    f"{kind}: {len(want - have)} rows have no vector (in SQLite, not in FAISS; "
+                    f"an interrupted run: the next index run or verify --repair adds them)"
+                )
             if vi.dim != dim:
                 problems.append(f"{kind}: vector dim {vi.dim} != manifest dim {dim}")
             counted = manifest.get(f"vectors_{kind}")
@@ -609,13 +639,17 @@ class Index:
             if kind == "images":
                 pending = {int(i) for i in manifest.get(PENDING_DIRTY_KEY) or []} & have & want
                 if pending:
-                    problems.append(f"images: {len(pending)} rows changed in place have no new vector yet (an "
-                                    f"interrupted run: the next index run or verify --repair publishes them)")
+                    problems.append(
+                        f"images: {len(pending)} rows changed in place have no new vector yet (an "
+                        f"interrupted run: the next index run or verify --repair publishes them)"
+                    )
             if vi.dim == dim and not missing and vi.config.kind != "ivfpq":  # ivfpq stores approximations
                 off = self._sampled_content_mismatches(kind, vi, sorted((have & want) - pending), dict(rows))
                 if off:
-                    problems.append(f"{kind}: {off[0]} of {off[1]} sampled vectors in {path.name} differ from what "
-                                    f"the raw embeddings in SQLite give (one of the two is corrupt)")
+                    problems.append(
+                        f"{kind}: {off[0]} of {off[1]} sampled vectors in {path.name} differ from what "
+                        f"the raw embeddings in SQLite give (one of the two is corrupt)"
+                    )
         fusion = manifest.get("fusion")
         if isinstance(fusion, dict) and fusion.get("file") and not (self.root / fusion["file"]).is_file():
             problems.append(f"fusion: {fusion['file']} named by the manifest is missing")
@@ -650,23 +684,37 @@ class Index:
         assert self.writable
         store, db, dim = self.store, self.store.db, self.dim
         if self.identity is None or dim <= 0:
-            raise RetrievalError(f"cannot repair {self.root}: no model recorded; re-index with: retrieval index PATH --rebuild --model SPEC")
+            raise RetrievalError(
+                f"cannot repair {self.root}: no model recorded; re-index with: retrieval index PATH --rebuild "
+                f"--model SPEC"
+            )
         done = []
         try:
             with store.transaction():
                 bad = db.execute("DELETE FROM embeddings WHERE length(vector) != ?", [4 * dim]).rowcount
                 if bad:
                     done.append(f"removed {bad} raw embeddings of the wrong size")
-                lost = [r[0] for r in db.execute(
-                    "SELECT id FROM images WHERE hash NOT IN (SELECT key FROM embeddings WHERE kind = 'image')")]
+                lost = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT id FROM images WHERE hash NOT IN (SELECT key FROM embeddings WHERE kind = 'image')"
+                    )
+                ]
                 if lost:
                     store.delete_images(lost)
-                    done.append(f"removed {len(lost)} image rows without a raw embedding (the next index run re-encodes those files)")
+                    done.append(
+                        f"removed {len(lost)} image rows without a raw embedding (the next index run re-encodes "
+                        f"those files)"
+                    )
                 n = db.execute(
                     "DELETE FROM captions WHERE text_hash NOT IN (SELECT key FROM embeddings WHERE kind = 'text') "
-                    "OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images))").rowcount
+                    "OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images))"
+                ).rowcount
                 if n:
-                    done.append(f"removed {n} caption rows without a raw embedding or an image (the next index run re-adds sidecar captions)")
+                    done.append(
+                        f"removed {n} caption rows without a raw embedding or an image (the next index run "
+                        f"re-adds sidecar captions)"
+                    )
             self.sync_vectors(force_rebuild=True)
             if store.get_manifest(PENDING_DIRTY_KEY):  # every vector was just made anew
                 with store.transaction():

@@ -88,5 +88,3 @@ class ModelIdentity:
         if self.weights_sha256 or other.weights_sha256:
             return self.weights_sha256 == other.weights_sha256
         return self.pretrained == other.pretrained
-
-

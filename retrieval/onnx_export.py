@@ -44,8 +44,12 @@ OPSET = 17
 DYNAMO_OPSET = 18
 STALE_TMP_S = 3600.0  # a temp export older than this belongs to a killed run
 PROBE_TEXTS = (
-    "a photo of a dog", "", "A Red Bicycle leaning on a WALL, at night!", "naïve café 東京 🐶 &amp; <b>x</b>",
-    "it's 3.14 o'clock", "word " * 120,
+    "a photo of a dog",
+    "",
+    "A Red Bicycle leaning on a WALL, at night!",
+    "naïve café 東京 🐶 &amp; <b>x</b>",
+    "it's 3.14 o'clock",
+    "word " * 120,
 )
 
 
@@ -110,6 +114,7 @@ def _clip_text_module(model):
 
     parts = _text_parts(model)
     if parts is None:
+
         class Full(nn.Module):
             def __init__(self, m):
                 super().__init__()
@@ -163,8 +168,13 @@ def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
     transform = _clip_preprocess(encoder.preprocess)
     model = _cpu_fp32(encoder.model, encoder.device)
     s = encoder.image_size
-    _onnx_export(model.visual, (torch.zeros(2, 3, transform.crop[0], transform.crop[1]),), tmp / "image.onnx",
-                 ["pixels"], {"pixels": {0: "n"}})
+    _onnx_export(
+        model.visual,
+        (torch.zeros(2, 3, transform.crop[0], transform.crop[1]),),
+        tmp / "image.onnx",
+        ["pixels"],
+        {"pixels": {0: "n"}},
+    )
     text, dynamic = _clip_text_module(model)
     ctx = int(encoder.tokenizer.context_length)
     probe = torch.as_tensor(encoder.tokenizer(["a photo", "two words here"]))
@@ -172,9 +182,14 @@ def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
         _onnx_export(text, (probe[:, :8],), tmp / "text.onnx", ["tokens"], {}, max_length=ctx)
     else:
         _onnx_export(text, (probe,), tmp / "text.onnx", ["tokens"], {"tokens": {0: "n"}})
-    return {"kind": "clip", "image_size": s, "preprocess": transform.to_meta(),
-            "image": {"file": "image.onnx"}, "text": {"file": "text.onnx", "dynamic_length": dynamic},
-            "tokenizer": {"kind": "clip-bpe", "file": VOCAB_NAME, "context_length": ctx}}, model
+    return {
+        "kind": "clip",
+        "image_size": s,
+        "preprocess": transform.to_meta(),
+        "image": {"file": "image.onnx"},
+        "text": {"file": "text.onnx", "dynamic_length": dynamic},
+        "tokenizer": {"kind": "clip-bpe", "file": VOCAB_NAME, "context_length": ctx},
+    }, model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,20 +205,31 @@ def _export_starter(encoder, tmp: Path) -> tuple[dict, None]:
     shutil.copyfile(files.tokenizer, tmp / "tokenizer.json")
     np.save(tmp / "class_emb.npy", np.ascontiguousarray(encoder.class_emb.float().cpu().numpy()), allow_pickle=False)
     cnn = _cpu_fp32(encoder.cnn, encoder.device)
-    _onnx_export(cnn, (torch.zeros(2, 3, S.IMAGE_SIZE, S.IMAGE_SIZE),), tmp / "image.onnx", ["pixels"], {"pixels": {0: "n"}})
+    _onnx_export(
+        cnn, (torch.zeros(2, 3, S.IMAGE_SIZE, S.IMAGE_SIZE),), tmp / "image.onnx", ["pixels"], {"pixels": {0: "n"}}
+    )
     minilm = _cpu_fp32(encoder.text.model, encoder.device)
     ids = torch.ones(2, 7, dtype=torch.long)
-    _onnx_export(minilm, (ids, torch.ones_like(ids)), tmp / "text.onnx", ["ids", "mask"], {},
-                 max_length=S.MAX_TEXT_TOKENS)
+    _onnx_export(
+        minilm, (ids, torch.ones_like(ids)), tmp / "text.onnx", ["ids", "mask"], {}, max_length=S.MAX_TEXT_TOKENS
+    )
     t = encoder.preprocess
     transform = ImageTransform(t.resize, (t.size, t.size), t.RESAMPLE, t.mean.ravel(), t.std.ravel())
     sources = {str(p): None for p in (files.effnet_weights, files.minilm_weights, files.tokenizer)}
-    return {"kind": "starter", "image_size": S.IMAGE_SIZE, "preprocess": transform.to_meta(),
-            "image": {"file": "image.onnx"}, "text": {"file": "text.onnx", "dynamic_length": True},
-            "tokenizer": {"kind": "wordpiece", "file": "tokenizer.json", "max_length": S.MAX_TEXT_TOKENS},
-            "starter": {"class_emb": "class_emb.npy", "top_t": int(encoder.config.top_t),
-                        "temperature": float(encoder.config.temperature)},
-            "_sources": sources}, None
+    return {
+        "kind": "starter",
+        "image_size": S.IMAGE_SIZE,
+        "preprocess": transform.to_meta(),
+        "image": {"file": "image.onnx"},
+        "text": {"file": "text.onnx", "dynamic_length": True},
+        "tokenizer": {"kind": "wordpiece", "file": "tokenizer.json", "max_length": S.MAX_TEXT_TOKENS},
+        "starter": {
+            "class_emb": "class_emb.npy",
+            "top_t": int(encoder.config.top_t),
+            "temperature": float(encoder.config.temperature),
+        },
+        "_sources": sources,
+    }, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,18 +256,39 @@ def _onnx_export(module, args, path: Path, inputs: list[str], dynamic: dict, max
     import torch
 
     # with grad enabled: nn.MultiheadAttention's no-grad fast path (_native_multi_head_attention) has no ONNX op
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad(), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         if max_length is None:
-            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=["output"],
-                              dynamic_axes={**dynamic, "output": {0: "n"}}, opset_version=OPSET, dynamo=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=inputs,
+                output_names=["output"],
+                dynamic_axes={**dynamic, "output": {0: "n"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
         else:
             n, length = torch.export.Dim("n", min=1), torch.export.Dim("length", min=1, max=int(max_length))
             shapes = tuple({0: n, 1: length} for _ in args)
-            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=["output"],
-                              dynamic_shapes=shapes, opset_version=DYNAMO_OPSET, dynamo=True, verbose=False,
-                              external_data=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=inputs,
+                output_names=["output"],
+                dynamic_shapes=shapes,
+                opset_version=DYNAMO_OPSET,
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+            )
     _weights_beside(path)
 
 
@@ -254,8 +301,14 @@ def _weights_beside(path: Path) -> None:
     model = onnx.load(str(path))
     for p in (path, path.with_name(path.name + ".data")):
         p.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def _probe_images(transform: ImageTransform) -> list:
@@ -263,8 +316,10 @@ def _probe_images(transform: ImageTransform) -> list:
 
     rng = np.random.default_rng(1234)
     s = max(transform.crop)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            for w, h in ((2 * s + 1, s + 3), (s // 2 + 1, s - 1), (s, s), (3 * s, 2 * s + 1))]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in ((2 * s + 1, s + 3), (s // 2 + 1, s - 1), (s, s), (3 * s, 2 * s + 1))
+    ]
 
 
 def _verify(encoder, ref_model, onnx: OnnxEncoder) -> dict:
@@ -296,14 +351,18 @@ def _verify(encoder, ref_model, onnx: OnnxEncoder) -> dict:
             ref_txt = enc.encode_texts(texts)
     from .vecmath import l2_normalize
 
-    for name, ref, got in (("image", ref_img, onnx.encode_image_tensors(pixels)),
-                           ("image_one", ref_img[:1], onnx.encode_image_tensors(pixels[:1])),
-                           ("text", ref_txt, onnx.encode_texts(texts)),
-                           ("text_one", ref_txt[:1], onnx.encode_texts(texts[:1]))):
+    for name, ref, got in (
+        ("image", ref_img, onnx.encode_image_tensors(pixels)),
+        ("image_one", ref_img[:1], onnx.encode_image_tensors(pixels[:1])),
+        ("text", ref_txt, onnx.encode_texts(texts)),
+        ("text_one", ref_txt[:1], onnx.encode_texts(texts[:1])),
+    ):
         diff = float(np.abs(l2_normalize(ref) - got).max())
         checks[name] = diff
         if not diff <= TOLERANCE:
-            raise ExportFailed(f"the ONNX {name.split('_')[0]} tower differs from torch by {diff:.2g} (tolerance {TOLERANCE:g})")
+            raise ExportFailed(
+                f"the ONNX {name.split('_')[0]} tower differs from torch by {diff:.2g} (tolerance {TOLERANCE:g})"
+            )
     return checks
 
 
@@ -347,6 +406,7 @@ def ensure_export(encoder) -> Path:
         return found
     from .encoders import OpenClipEncoder
     from .starter import StarterEncoder
+
     root = cache_root()
     final = export_dir(key)
     try:
@@ -367,9 +427,16 @@ def ensure_export(encoder) -> Path:
             raise ExportFailed(f"{type(encoder).__name__} has no ONNX exporter")
         from .hashing import sha256_file
 
-        meta.update(format=FORMAT, version=FORMAT_VERSION, key=key, identity=encoder.identity.to_dict(),
-                    sources={p: sha256_file(p) for p in sources}, tolerance=TOLERANCE, opset=OPSET,
-                    files={p.name: p.stat().st_size for p in sorted(tmp.iterdir())})
+        meta.update(
+            format=FORMAT,
+            version=FORMAT_VERSION,
+            key=key,
+            identity=encoder.identity.to_dict(),
+            sources={p: sha256_file(p) for p in sources},
+            tolerance=TOLERANCE,
+            opset=OPSET,
+            files={p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
+        )
         meta["checks"] = _verify(encoder, ref, OnnxEncoder(tmp, meta))
         _fsync_tree(tmp)
         write_atomic(tmp / META_NAME, json.dumps(meta, indent=1, sort_keys=True).encode())  # the commit, last

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from .encoders import Encoder
-from .vecmath import l2_normalize
-from .images import load_image
 from .hashing import sha256_file
+from .images import load_image
 from .modelspec import ModelIdentity
 from .preprocess import resize_crop_normalize
+from .vecmath import l2_normalize
 
 FORMAT = "retrieval-onnx"
 FORMAT_VERSION = 2  # 2: weights in <tower>.onnx.data beside each graph
@@ -48,14 +48,20 @@ class ExportUnusable(Exception):
 
 def cache_root() -> Path:
     env = os.environ.get(ENV_CACHE)
-    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "retrieval"
+    base = (
+        Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "retrieval"
+    )
     return base / "onnx"
 
 
 def export_key(identity: ModelIdentity) -> str:
     """One key per model: the weights decide (a path may move), else the random-init identity."""
-    ident = {"arch": identity.arch, "dim": int(identity.dim), "weights_sha256": identity.weights_sha256,
-             "pretrained": None if identity.weights_sha256 else identity.pretrained}
+    ident = {
+        "arch": identity.arch,
+        "dim": int(identity.dim),
+        "weights_sha256": identity.weights_sha256,
+        "pretrained": None if identity.weights_sha256 else identity.pretrained,
+    }
     blob = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "identity": ident}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -155,13 +161,20 @@ class ImageTransform:
         return cls(p["resize"], tuple(p["crop"]), p["resample"], p["mean"], p["std"])
 
     def to_meta(self) -> dict:
-        return {"resize": self.resize, "crop": list(self.crop), "resample": self.resample,
-                "mean": [float(m) for m in self.mean.ravel()], "std": [float(s) for s in self.std.ravel()]}
+        return {
+            "resize": self.resize,
+            "crop": list(self.crop),
+            "resample": self.resample,
+            "mean": [float(m) for m in self.mean.ravel()],
+            "std": [float(s) for s in self.std.ravel()],
+        }
 
     @property
     def decode_plan(self) -> tuple:
-        return ((("resize", self.resize, self.resample), ("crop", self.crop[0], self.crop[1])),
-                (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())))
+        return (
+            (("resize", self.resize, self.resample), ("crop", self.crop[0], self.crop[1])),
+            (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())),
+        )
 
     def __call__(self, image) -> np.ndarray:
         return resize_crop_normalize(image, self.resize, self.crop, self.resample, self.mean, self.std)
@@ -213,7 +226,9 @@ class OnnxEncoder(Encoder):
 
     runtime = "onnx"
 
-    def __init__(self, directory: Path, meta: dict, *, image_threads: int | None = None, text_threads: int | None = None):
+    def __init__(
+        self, directory: Path, meta: dict, *, image_threads: int | None = None, text_threads: int | None = None
+    ):
         self.directory = Path(directory)
         self.meta = meta
         self.key = meta["key"]
@@ -285,7 +300,9 @@ class OnnxEncoder(Encoder):
             if t["kind"] == "clip-bpe":
                 from .clip_tokenizer import ClipTokenizer
 
-                self._tokenizer = ClipTokenizer.from_file(self.directory / t["file"], context_length=t["context_length"])
+                self._tokenizer = ClipTokenizer.from_file(
+                    self.directory / t["file"], context_length=t["context_length"]
+                )
             else:
                 from tokenizers import Tokenizer
 
@@ -299,8 +316,10 @@ class OnnxEncoder(Encoder):
         tok = self._tok()
         if self.kind == "starter":
             enc = tok.encode_batch(texts)
-            return {"ids": np.array([e.ids for e in enc], dtype=np.int64),
-                    "mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
+            return {
+                "ids": np.array([e.ids for e in enc], dtype=np.int64),
+                "mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            }
         ids = tok(texts)
         if self.meta["text"].get("dynamic_length"):
             # causal mask: the pooled end-of-text row sees only the tokens before it, so the padding after the
@@ -352,8 +371,10 @@ def load_for_identity(identity: ModelIdentity, *, purpose: str = "query", quiet:
         if quiet:
             return None
         if "no ONNX export" in str(e):
-            warn_once(f"no ONNX export of {identity.spec} in {cache_root()}; running on torch "
-                          f"(the next `retrieval index` run makes it)")
+            warn_once(
+                f"no ONNX export of {identity.spec} in {cache_root()}; running on torch "
+                f"(the next `retrieval index` run makes it)"
+            )
         else:
             warn_once(f"{e}; running on torch (the next `retrieval index` run re-makes it)")
             set_aside(d)

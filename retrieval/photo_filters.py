@@ -51,8 +51,10 @@ class PhotoFilter:
     def image_ids(self, store) -> list[int]:
         """Ids of the images that pass, from the images table."""
         if not store.has_photo_meta():
-            raise RetrievalError("this index has no photo metadata yet (made by an older version): "
-                                 "run `retrieval index` on its folders once to read it; nothing is re-encoded")
+            raise RetrievalError(
+                "this index has no photo metadata yet (made by an older version): "
+                "run `retrieval index` on its folders once to read it; nothing is re-encoded"
+            )
         where, args = ["meta_hash IS NOT NULL"], []
         if self.after is not None:
             where.append("taken_at >= ?")
@@ -92,7 +94,9 @@ def parse_near(value) -> tuple[float, float]:
             raise ValueError
         lat, lon = float(parts[0]), float(parts[1])
     except (TypeError, ValueError):
-        raise RetrievalError(f"--near must be LAT,LON in decimal degrees (e.g. 48.8584,2.2945), got {value!r}") from None
+        raise RetrievalError(
+            f"--near must be LAT,LON in decimal degrees (e.g. 48.8584,2.2945), got {value!r}"
+        ) from None
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):
         raise RetrievalError(f"--near {lat:g},{lon:g} is not on Earth (latitude -90..90, longitude -180..180)")
     return lat, lon
@@ -122,6 +126,7 @@ def _period(value, flag: str) -> tuple[str, str]:
                 start = datetime.fromisoformat(text).replace(tzinfo=None)
                 end = start + timedelta(seconds=1)
         except ValueError:
-            raise RetrievalError(f"{flag} must be an ISO date (2019, 2019-07, 2019-07-14 or 2019-07-14T10:30), "
-                                 f"got {text!r}") from None
+            raise RetrievalError(
+                f"{flag} must be an ISO date (2019, 2019-07, 2019-07-14 or 2019-07-14T10:30), got {text!r}"
+            ) from None
     return start.replace(microsecond=0).isoformat(), end.replace(microsecond=0).isoformat()

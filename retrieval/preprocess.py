@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def resize_crop_normalize(image, resize: int, crop: tuple[int, int], resample, mean: np.ndarray,
-                          std: np.ndarray) -> np.ndarray:
+def resize_crop_normalize(
+    image, resize: int, crop: tuple[int, int], resample, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
     """[3, crop_h, crop_w] float32 of a PIL image (converted to RGB when it is not)."""
     if image.mode != "RGB":
         image = image.convert("RGB")

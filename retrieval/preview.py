@@ -43,8 +43,11 @@ def detect(environ: Mapping[str, str] | None = None, isatty: bool = True) -> Det
     if not isatty:
         return Detection(None, "the output is not a terminal (set RETRIEVAL_PREVIEW=kitty or iterm2 to force)")
     if env.get("TMUX") or env.get("TERM", "").startswith(("screen", "tmux")):
-        return Detection(None, "tmux and screen do not pass images through by default "
-                               "(with tmux's allow-passthrough on, set RETRIEVAL_PREVIEW=kitty or iterm2)")
+        return Detection(
+            None,
+            "tmux and screen do not pass images through by default "
+            "(with tmux's allow-passthrough on, set RETRIEVAL_PREVIEW=kitty or iterm2)",
+        )
     term, program = env.get("TERM", ""), env.get("TERM_PROGRAM", "")
     if env.get("KITTY_WINDOW_ID") or term == "xterm-kitty":
         return Detection("kitty", "kitty")
@@ -57,8 +60,11 @@ def detect(environ: Mapping[str, str] | None = None, isatty: bool = True) -> Det
     if env.get("KONSOLE_VERSION"):
         return Detection("kitty", "Konsole")
     shown = f"TERM={term or 'unset'}" + (f", TERM_PROGRAM={program}" if program else "")
-    return Detection(None, f"this terminal ({shown}) cannot show images inline; previews work in kitty, Ghostty, "
-                           "WezTerm, iTerm2, Konsole and VS Code")
+    return Detection(
+        None,
+        f"this terminal ({shown}) cannot show images inline; previews work in kitty, Ghostty, "
+        "WezTerm, iTerm2, Konsole and VS Code",
+    )
 
 
 def kitty_escape(png: bytes, rows: int = DEFAULT_ROWS) -> str:
@@ -77,8 +83,10 @@ def iterm2_escape(data: bytes, rows: int = DEFAULT_ROWS, name: str = "preview.pn
     """Image file bytes as an iTerm2 inline image, `rows` text rows high, aspect ratio kept."""
     b64name = base64.standard_b64encode(name.encode("utf-8", "replace")).decode("ascii")
     payload = base64.standard_b64encode(data).decode("ascii")
-    return (f"\x1b]1337;File=inline=1;size={len(data)};name={b64name};height={int(rows)};"
-            f"preserveAspectRatio=1:{payload}\x07")
+    return (
+        f"\x1b]1337;File=inline=1;size={len(data)};name={b64name};height={int(rows)};"
+        f"preserveAspectRatio=1:{payload}\x07"
+    )
 
 
 def thumbnail_png(path: str, max_px: int = THUMB_PX) -> bytes:

@@ -66,8 +66,9 @@ def parse_term(value, sign: float = 1.0, allow_paths: bool = True, allow_ids: bo
 def parse_terms(add=(), subtract=(), allow_paths: bool = True, allow_ids: bool = True) -> list[QueryTerm]:
     add = [add] if isinstance(add, (str, os.PathLike, QueryTerm)) else list(add or ())
     subtract = [subtract] if isinstance(subtract, (str, os.PathLike, QueryTerm)) else list(subtract or ())
-    return ([parse_term(v, 1.0, allow_paths, allow_ids) for v in add]
-            + [parse_term(v, -1.0, allow_paths, allow_ids) for v in subtract])
+    return [parse_term(v, 1.0, allow_paths, allow_ids) for v in add] + [
+        parse_term(v, -1.0, allow_paths, allow_ids) for v in subtract
+    ]
 
 
 def weighted_sum(parts) -> np.ndarray:

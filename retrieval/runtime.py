@@ -77,8 +77,10 @@ def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expect
             except Exception as e:  # noqa: BLE001 - ExportUnusable: re-export below
                 warn_once(f"{e}; exporting it again")
     if importlib.util.find_spec("torch") is None:
-        raise ModelSpecError(f"no ONNX export of {spec} in {cache_root()}, and making one needs torch: "
-                             f"pip install 'retrieval-engine[torch]'")
+        raise ModelSpecError(
+            f"no ONNX export of {spec} in {cache_root()}, and making one needs torch: "
+            f"pip install 'retrieval-engine[torch]'"
+        )
     from .encoders import load_encoder
 
     torch_enc = load_encoder(spec, device=dev)
@@ -99,5 +101,7 @@ def query_encoder(identity: ModelIdentity, device: str = "auto", recorded_key: s
         return None
     enc = load_for_identity(identity, purpose="query")
     if enc is not None and recorded_key and enc.key != recorded_key:
-        warn_once(f"the index records ONNX export {recorded_key}, the cache holds {enc.key} for the same model; using it")
+        warn_once(
+            f"the index records ONNX export {recorded_key}, the cache holds {enc.key} for the same model; using it"
+        )
     return enc

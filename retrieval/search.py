@@ -1,9 +1,9 @@
 """The read path: encode a query with the index's own model, search FAISS, join SQLite metadata.
 
-    from retrieval.search import Searcher
-    s = Searcher.open("~/photos.idx")
-    for r in s.search("a dog on a beach", k=5):
-        print(r.rank, r.score, r.path)
+from retrieval.search import Searcher
+s = Searcher.open("~/photos.idx")
+for r in s.search("a dog on a beach", k=5):
+    print(r.rank, r.score, r.path)
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Union
 import numpy as np
 
 from .errors import EmptyIndexError, RetrievalError
-from .names import display_text
 from .index import Index
+from .names import display_text
 from .photo_filters import PhotoFilter
 from .query_math import QueryTerm, parse_terms, weighted_sum
 from .store import path_from_db
@@ -174,11 +174,29 @@ class Searcher:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def search(self, text: str | None = None, image=None, *, weight: float = 0.5, to: str = "images", k: int = 10,
-               min_score: float | None = None, under: str | None = None, glob: str | None = None,
-               exclude_self: bool = False, dedupe: bool = True, probes: int | None = None,
-               after=None, before=None, camera: str | None = None, near=None, km: float | None = None,
-               photo: PhotoFilter | None = None, add=(), subtract=()) -> list[Result]:
+    def search(
+        self,
+        text: str | None = None,
+        image=None,
+        *,
+        weight: float = 0.5,
+        to: str = "images",
+        k: int = 10,
+        min_score: float | None = None,
+        under: str | None = None,
+        glob: str | None = None,
+        exclude_self: bool = False,
+        dedupe: bool = True,
+        probes: int | None = None,
+        after=None,
+        before=None,
+        camera: str | None = None,
+        near=None,
+        km: float | None = None,
+        photo: PhotoFilter | None = None,
+        add=(),
+        subtract=(),
+    ) -> list[Result]:
         """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own.
         after/before (ISO dates, inclusive), camera (substring of make and model), near=(lat, lon) with km:
         photo metadata filters (retrieval/photo_filters.py); they also apply to captions' images.
@@ -204,12 +222,33 @@ class Searcher:
                 if terms:
                     qvec = self.apply_terms(qvec, terms)
             self_hash = _query_hash(image) if (exclude_self and image is not None) else None
-            return self.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                      exclude_hash=self_hash, dedupe=dedupe, probes=probes, photo=photo)
+            return self.search_vector(
+                qvec,
+                to=to,
+                k=k,
+                min_score=min_score,
+                under=under,
+                glob=glob,
+                exclude_hash=self_hash,
+                dedupe=dedupe,
+                probes=probes,
+                photo=photo,
+            )
 
-    def search_vector(self, qvec: np.ndarray, *, to: str = "images", k: int = 10, min_score: float | None = None,
-                      under: str | None = None, glob: str | None = None, exclude_hash: str | None = None,
-                      dedupe: bool = True, probes: int | None = None, photo: PhotoFilter | None = None) -> list[Result]:
+    def search_vector(
+        self,
+        qvec: np.ndarray,
+        *,
+        to: str = "images",
+        k: int = 10,
+        min_score: float | None = None,
+        under: str | None = None,
+        glob: str | None = None,
+        exclude_hash: str | None = None,
+        dedupe: bool = True,
+        probes: int | None = None,
+        photo: PhotoFilter | None = None,
+    ) -> list[Result]:
         if probes is not None and probes < 1:
             raise RetrievalError(f"--probes must be at least 1, got {probes}")
         _check_query(None, min_score)
@@ -249,8 +288,9 @@ class Searcher:
         if to == "images":
             rows = store.db.execute("SELECT i.id, i.id, i.path_raw FROM images i" + where, params)
         else:
-            rows = store.db.execute("SELECT c.id, i.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id"
-                                    + where, params)
+            rows = store.db.execute(
+                "SELECT c.id, i.id, i.path_raw FROM captions c JOIN images i ON i.id = c.image_id" + where, params
+            )
         keep = []
         for i, image_id, raw in rows:
             if photo_ok is not None and image_id not in photo_ok:
@@ -284,9 +324,20 @@ class Searcher:
                         continue
                     seen.add(row.hash)
                 meta = metas.get(i)
-                out.append(ImageResult(len(out) + 1, s, i, display_text(row.path), row.hash, row.width, row.height,
-                                       [t for _, t in caps.get(i, [])], path_b64=_path_b64(row.path),
-                                       **(meta.to_dict() if meta else {})))
+                out.append(
+                    ImageResult(
+                        len(out) + 1,
+                        s,
+                        i,
+                        display_text(row.path),
+                        row.hash,
+                        row.width,
+                        row.height,
+                        [t for _, t in caps.get(i, [])],
+                        path_b64=_path_b64(row.path),
+                        **(meta.to_dict() if meta else {}),
+                    )
+                )
                 if len(out) == k:
                     break
         else:
@@ -308,8 +359,18 @@ class Searcher:
                     if key in seen_text:
                         continue
                     seen_text.add(key)
-                out.append(CaptionResult(len(out) + 1, s, i, text, image_id, display_text(img.path) if img else None, source,
-                                         path_b64=_path_b64(img.path) if img else None))
+                out.append(
+                    CaptionResult(
+                        len(out) + 1,
+                        s,
+                        i,
+                        text,
+                        image_id,
+                        display_text(img.path) if img else None,
+                        source,
+                        path_b64=_path_b64(img.path) if img else None,
+                    )
+                )
                 if len(out) == k:
                     break
         return out

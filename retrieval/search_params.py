@@ -53,13 +53,22 @@ class SearchParams:
         """Query terms from HTTP parameters: text or id:N, never a path on the server."""
         if len(self.add) + len(self.subtract) > MAX_TERMS:
             raise RetrievalError(f"at most {MAX_TERMS} add/subtract terms")
-        return parse_terms([a for a in self.add if a.strip()], [x for x in self.subtract if x.strip()],
-                           allow_paths=False)
+        return parse_terms(
+            [a for a in self.add if a.strip()], [x for x in self.subtract if x.strip()], allow_paths=False
+        )
 
     def search_kwargs(self) -> dict:
         """The keyword arguments of the service's search that come straight from these parameters."""
-        return dict(weight=self.weight, to=self.to, k=self.k, min_score=self.min_score, under=self.under or None,
-                    glob=self.glob or None, exclude_self=self.exclude_self, probes=self.probes)
+        return dict(
+            weight=self.weight,
+            to=self.to,
+            k=self.k,
+            min_score=self.min_score,
+            under=self.under or None,
+            glob=self.glob or None,
+            exclude_self=self.exclude_self,
+            probes=self.probes,
+        )
 
 
 def search_params(P, weight_help: str, exclude_self_help: str):
@@ -83,12 +92,29 @@ def search_params(P, weight_help: str, exclude_self_help: str):
         add: list[str] = P([], max_length=2000, description=ADD_HELP),
         subtract: list[str] = P([], max_length=2000, description=SUBTRACT_HELP),
     ) -> SearchParams:
-        return SearchParams(q, k, to, weight, min_score, under, glob, exclude_self, probes, after, before, camera,
-                            near, km, add, subtract)
+        return SearchParams(
+            q,
+            k,
+            to,
+            weight,
+            min_score,
+            under,
+            glob,
+            exclude_self,
+            probes,
+            after,
+            before,
+            camera,
+            near,
+            km,
+            add,
+            subtract,
+        )
 
     return read
 
 
-query_params = search_params(Query, "Image share of a composite (id + q) query",
-                             "With id: leave out that image and identical copies")
+query_params = search_params(
+    Query, "Image share of a composite (id + q) query", "With id: leave out that image and identical copies"
+)
 form_params = search_params(Form, "Image share of a composite query", "Leave out indexed copies of the uploaded file")

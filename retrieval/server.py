@@ -141,7 +141,9 @@ class _Guard:
 
     def __init__(self, app, allowed_hosts: Optional[list[str]], max_body: int):
         self.app = app
-        self.allowed = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower().strip("[]") for h in allowed_hosts}
+        self.allowed = (
+            None if allowed_hosts is None or "*" in allowed_hosts else {h.lower().strip("[]") for h in allowed_hosts}
+        )
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
@@ -196,8 +198,9 @@ class _Service:
         except OSError:
             pass
         self.temp_thumbs = Path(tempfile.mkdtemp(prefix="retrieval-thumbs-"))
-        log.warning("thumbnail cache %s is not writable; using %s (removed when the server stops)", want,
-                    self.temp_thumbs)
+        log.warning(
+            "thumbnail cache %s is not writable; using %s (removed when the server stops)", want, self.temp_thumbs
+        )
         return self.temp_thumbs
 
     def remove_temp_thumbs(self) -> None:
@@ -303,8 +306,24 @@ class _Service:
         if vectors is None or vectors.ntotal == 0:
             raise EmptyIndexError(f"the index at {self.root} has no {to} to search")
 
-    def search(self, *, text=None, image=None, image_id=None, image_hash=None, weight=0.5, to="images", k=10,
-               min_score=None, under=None, glob=None, exclude_self=False, probes=None, photo=None, terms=()):
+    def search(
+        self,
+        *,
+        text=None,
+        image=None,
+        image_id=None,
+        image_hash=None,
+        weight=0.5,
+        to="images",
+        k=10,
+        min_score=None,
+        under=None,
+        glob=None,
+        exclude_self=False,
+        probes=None,
+        photo=None,
+        terms=(),
+    ):
         with self.lock, self.searcher.index.pinned():
             s = self.searcher
             if image_id is not None:
@@ -317,12 +336,32 @@ class _Service:
                 qvec = s.embed_query(text, image, weight)
                 exclude = image_hash
             else:
-                return s.search(text, image, weight=weight, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                probes=probes, photo=photo, add=list(terms))
+                return s.search(
+                    text,
+                    image,
+                    weight=weight,
+                    to=to,
+                    k=k,
+                    min_score=min_score,
+                    under=under,
+                    glob=glob,
+                    probes=probes,
+                    photo=photo,
+                    add=list(terms),
+                )
             if terms:
                 qvec = s.apply_terms(qvec, terms)
-            return s.search_vector(qvec, to=to, k=k, min_score=min_score, under=under, glob=glob,
-                                   exclude_hash=exclude, probes=probes, photo=photo)
+            return s.search_vector(
+                qvec,
+                to=to,
+                k=k,
+                min_score=min_score,
+                under=under,
+                glob=glob,
+                exclude_hash=exclude,
+                probes=probes,
+                photo=photo,
+            )
 
     def info(self) -> dict:
         with self.lock:
@@ -334,8 +373,9 @@ class _Service:
 
         with self.lock:
             idx = self.searcher.index
-            state = idx.store.db.execute("SELECT COUNT(*), MAX(id), TOTAL(mtime_ns), TOTAL(LENGTH(path_raw)), "
-                                         "TOTAL(width * height) FROM images").fetchone()
+            state = idx.store.db.execute(
+                "SELECT COUNT(*), MAX(id), TOTAL(mtime_ns), TOTAL(LENGTH(path_raw)), TOTAL(width * height) FROM images"
+            ).fetchone()
             key = (idx.generation, tuple(state), threshold)  # moves and edits change it too
             cached = getattr(self, "_dup_cache", None)
             if cached is None or cached[0] != key:
@@ -372,9 +412,16 @@ class _HeadAsGet:
         return await self.app({**scope, "method": "GET", "retrieval.head": True}, receive, no_body)
 
 
-def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, device: str = "auto",
-               thumbs_dir=None, thumb_size: int = THUMB_SIZE, allowed_hosts: Optional[list[str]] = None,
-               for_tests: bool = False) -> FastAPI:
+def create_app(
+    index_dir=None,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    device: str = "auto",
+    thumbs_dir=None,
+    thumb_size: int = THUMB_SIZE,
+    allowed_hosts: Optional[list[str]] = None,
+    for_tests: bool = False,
+) -> FastAPI:
     """The ASGI app for the index at `index_dir` (default: $RETRIEVAL_INDEX, else the per-user index).
 
     Opens the index at once (IndexNotFoundError if there is none) but loads no model: the encoder is loaded
@@ -403,8 +450,9 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
     app.state.service = service
     app.state.max_upload_bytes = max_upload_bytes
     hosts = list(LOOPBACK_NAMES) if allowed_hosts is None else list(allowed_hosts)
-    app.add_middleware(_Guard, allowed_hosts=hosts + [TEST_HOST] if for_tests else hosts,
-                       max_body=max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(
+        _Guard, allowed_hosts=hosts + [TEST_HOST] if for_tests else hosts, max_body=max_upload_bytes + MULTIPART_SLACK
+    )
     app.add_middleware(_HeadAsGet)
 
     # -- errors as JSON ---------------------------------------------------------------------------
@@ -437,8 +485,8 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
 
     page_headers = {
         "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
-                                   "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-                                   "frame-ancestors 'none'",
+        "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'",
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "no-cache",
     }
@@ -492,9 +540,14 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         with service.decodes:  # bounded: a few huge uploads at once must not take all memory
             pil = load_upload(buf)
         t0 = time.perf_counter()
-        results = service.search(text=p.text, image=pil, photo=photo, terms=terms,
-                                 image_hash=hashlib.sha256(data).hexdigest() if p.exclude_self else None,
-                                 **p.search_kwargs())
+        results = service.search(
+            text=p.text,
+            image=pil,
+            photo=photo,
+            terms=terms,
+            image_hash=hashlib.sha256(data).hexdigest() if p.exclude_self else None,
+            **p.search_kwargs(),
+        )
         return _results(request, results, t0)
 
     @app.get("/duplicates", include_in_schema=False)
@@ -504,7 +557,9 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
     @app.get("/api/duplicates", summary="Groups of near-duplicate photos, best-quality member first")
     def api_duplicates(
         request: Request,
-        threshold: float = Query(0.95, ge=0.5, le=1.0, description="Cosine similarity at or above which photos are near-duplicates"),
+        threshold: float = Query(
+            0.95, ge=0.5, le=1.0, description="Cosine similarity at or above which photos are near-duplicates"
+        ),
         limit: int = Query(200, ge=1, le=10000, description="Most groups returned (largest groups first)"),
         offset: int = Query(0, ge=0, description="Groups to skip, for paging"),
     ):
@@ -512,28 +567,53 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
         groups = service.duplicates(threshold)
         base = request.scope.get("root_path", "").rstrip("/")
         page = groups[offset : offset + limit]
-        return {"groups": [{"members": [{**m, "thumb": f"{base}/thumb/{m['id']}", "file": f"{base}/file/{m['id']}"}
-                                        for m in g.to_dict()["members"]]} for g in page],
-                "total": len(groups), "threshold": threshold, "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        return {
+            "groups": [
+                {
+                    "members": [
+                        {**m, "thumb": f"{base}/thumb/{m['id']}", "file": f"{base}/file/{m['id']}"}
+                        for m in g.to_dict()["members"]
+                    ]
+                }
+                for g in page
+            ],
+            "total": len(groups),
+            "threshold": threshold,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 1),
+        }
 
     def _results(request: Request, results, t0: float) -> dict:
         base = request.scope.get("root_path", "").rstrip("/")
-        return {"results": [_result_dict(r, base) for r in results],
-                "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        return {
+            "results": [_result_dict(r, base) for r in results],
+            "took_ms": round((time.perf_counter() - t0) * 1000, 1),
+        }
 
     # -- files ------------------------------------------------------------------------------------
 
-    @app.get("/thumb/{image_id}", summary="JPEG thumbnail of an indexed image",
-             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "not in the index"}})
+    @app.get(
+        "/thumb/{image_id}",
+        summary="JPEG thumbnail of an indexed image",
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "not in the index"}},
+    )
     def thumb(image_id: str):
         row = service.image_row(image_id)
         path, hit = service.thumbnail(row)
-        return FileResponse(path, media_type="image/jpeg", headers={
-            "Cache-Control": "public, max-age=86400", "X-Thumb-Cache": "hit" if hit else "miss",
-            "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            path,
+            media_type="image/jpeg",
+            headers={
+                "Cache-Control": "public, max-age=86400",
+                "X-Thumb-Cache": "hit" if hit else "miss",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
-    @app.get("/file/{image_id}", summary="The original file of an indexed image",
-             responses={200: {"content": {"image/*": {}}}, 404: {"description": "not in the index"}})
+    @app.get(
+        "/file/{image_id}",
+        summary="The original file of an indexed image",
+        responses={200: {"content": {"image/*": {}}}, 404: {"description": "not in the index"}},
+    )
     def file(image_id: str, request: Request):
         row = service.image_row(image_id)
         checked = service.checked_file(row)
@@ -542,9 +622,14 @@ def create_app(index_dir=None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, de
             media = "application/octet-stream"
         from email.utils import formatdate
 
-        headers = {"Content-Length": str(checked.size), "ETag": f'"{row.hash[:32]}"',
-                   "Last-Modified": formatdate(checked.mtime_ns / 1e9, usegmt=True), "Cache-Control": "private, max-age=3600",
-                   "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+        headers = {
+            "Content-Length": str(checked.size),
+            "ETag": f'"{row.hash[:32]}"',
+            "Last-Modified": formatdate(checked.mtime_ns / 1e9, usegmt=True),
+            "Cache-Control": "private, max-age=3600",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        }
         if request.scope.get("retrieval.head"):
             checked.close()
             return Response(media_type=media, headers=headers)
@@ -590,14 +675,23 @@ def url_for(sock) -> str:
     return f"http://{shown}:{port}/"
 
 
-def serve(index_dir=None, host: str = "127.0.0.1", port: int = 8000, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-          device: str = "auto", log_level: str = "warning", on_ready=None) -> None:
+def serve(
+    index_dir=None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    device: str = "auto",
+    log_level: str = "warning",
+    on_ready=None,
+) -> None:
     """Run the server in this thread until Ctrl-C. `on_ready(url, app)` is called once it listens."""
     import uvicorn
 
     loopback = is_loopback(host)
-    app = create_app(index_dir, max_upload_bytes=max_upload_bytes, device=device,
-                     allowed_hosts=None if loopback else ["*"])
+    app = create_app(
+        index_dir, max_upload_bytes=max_upload_bytes, device=device, allowed_hosts=None if loopback else ["*"]
+    )
     sock = bind_socket(host, port)
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=log_level in ("info", "debug"))
     server = uvicorn.Server(config)

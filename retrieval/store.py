@@ -37,7 +37,7 @@ def path_from_db(raw: bytes) -> str:
 @dataclass(frozen=True)
 class ImageRow:
     id: int
-    path: str          # filesystem path (round-trips non-UTF-8 names)
+    path: str  # filesystem path (round-trips non-UTF-8 names)
     display_path: str  # UTF-8 text for printing and JSON
     size: int
     mtime_ns: int
@@ -78,28 +78,43 @@ class Store:
             db["manifest"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db["images"].create(
                 {
-                    "id": int, "path": str, "path_raw": bytes, "size": int, "mtime_ns": int, "hash": str,
-                    "width": int, "height": int, "added_at": float, "status": str,
+                    "id": int,
+                    "path": str,
+                    "path_raw": bytes,
+                    "size": int,
+                    "mtime_ns": int,
+                    "hash": str,
+                    "width": int,
+                    "height": int,
+                    "added_at": float,
+                    "status": str,
                 },
-                pk="id", not_null={"path_raw", "hash"}, if_not_exists=True,
+                pk="id",
+                not_null={"path_raw", "hash"},
+                if_not_exists=True,
             )
             db["images"].create_index(["path_raw"], unique=True, if_not_exists=True)
             self._add_photo_meta_columns()
             db["images"].create_index(["hash"], if_not_exists=True)
             db["captions"].create(
                 {"id": int, "image_id": int, "text": str, "text_hash": str, "source": str},
-                pk="id", not_null={"text", "text_hash"}, if_not_exists=True,
+                pk="id",
+                not_null={"text", "text_hash"},
+                if_not_exists=True,
             )
             db["captions"].create_index(["image_id"], if_not_exists=True)
             db["captions"].create_index(["image_id", "text_hash"], unique=True, if_not_exists=True)
             # Raw encoder outputs keyed by content: images by file hash, texts by text hash.
             # Moved files, duplicates and repeated captions reuse them without re-encoding.
             db["embeddings"].create(
-                {"kind": str, "key": str, "vector": bytes}, pk=("kind", "key"), if_not_exists=True,
+                {"kind": str, "key": str, "vector": bytes},
+                pk=("kind", "key"),
+                if_not_exists=True,
             )
             db["errors"].create(
                 {"id": int, "path": str, "path_raw": bytes, "reason": str, "at": float, "size": int, "mtime_ns": int},
-                pk="id", if_not_exists=True,
+                pk="id",
+                if_not_exists=True,
             )
             db["errors"].create_index(["path_raw"], unique=True, if_not_exists=True)
             # indexes made before failures were remembered by size and mtime: add the columns (NULL: retry once)
@@ -112,8 +127,16 @@ class Store:
 
     # photo metadata (retrieval/exif.py): added to existing indexes by ALTER TABLE, filled by the next `index`
     # run for every row whose meta_hash is not its content hash (new, changed, or from before these columns)
-    _PHOTO_META_TYPES = {"taken_at": str, "taken_source": str, "camera_make": str, "camera_model": str, "lens": str,
-                         "gps_lat": float, "gps_lon": float, "meta_hash": str}
+    _PHOTO_META_TYPES = {
+        "taken_at": str,
+        "taken_source": str,
+        "camera_make": str,
+        "camera_model": str,
+        "lens": str,
+        "gps_lat": float,
+        "gps_lon": float,
+        "meta_hash": str,
+    }
 
     def _add_photo_meta_columns(self) -> None:
         have = set(self.db["images"].columns_dict)
@@ -128,16 +151,21 @@ class Store:
 
     def images_needing_meta(self) -> list[tuple[int, str, int, str]]:
         """(id, path, mtime_ns, hash) of images whose metadata was not read from their current content."""
-        return [(i, path_from_db(raw), m, h) for i, raw, m, h in self.db.execute(
-            "SELECT id, path_raw, mtime_ns, hash FROM images WHERE meta_hash IS NOT hash ORDER BY id")]
+        return [
+            (i, path_from_db(raw), m, h)
+            for i, raw, m, h in self.db.execute(
+                "SELECT id, path_raw, mtime_ns, hash FROM images WHERE meta_hash IS NOT hash ORDER BY id"
+            )
+        ]
 
     def set_photo_meta(self, rows: Sequence[tuple]) -> None:
         """rows: (id, hash, PhotoMeta)."""
         from .exif import META_COLUMNS
 
         sets = ", ".join(f"{c}=?" for c in META_COLUMNS)
-        self.db.conn.executemany(f"UPDATE images SET {sets}, meta_hash=? WHERE id=?",
-                                 [(*m.as_row(), h, i) for i, h, m in rows])
+        self.db.conn.executemany(
+            f"UPDATE images SET {sets}, meta_hash=? WHERE id=?", [(*m.as_row(), h, i) for i, h, m in rows]
+        )
 
     def photo_meta(self, ids: Sequence[int]) -> dict:
         """id -> PhotoMeta for images whose metadata has been read ({} for an index from before it existed)."""
@@ -147,8 +175,10 @@ class Store:
             return {}
         out = {}
         for chunk in _chunks([int(i) for i in ids], 900):
-            q = (f"SELECT id, {', '.join(META_COLUMNS)} FROM images WHERE meta_hash IS NOT NULL "
-                 f"AND id IN ({','.join('?' * len(chunk))})")
+            q = (
+                f"SELECT id, {', '.join(META_COLUMNS)} FROM images WHERE meta_hash IS NOT NULL "
+                f"AND id IN ({','.join('?' * len(chunk))})"
+            )
             for row in self.db.execute(q, chunk):
                 out[row[0]] = PhotoMeta(*row[1:])
         return out
@@ -199,7 +229,9 @@ class Store:
         return out
 
     def image_by_path(self, path: str) -> ImageRow | None:
-        row = self.db.execute(f"SELECT {self._IMAGE_COLS} FROM images WHERE path_raw = ?", [os.fsencode(path)]).fetchone()
+        row = self.db.execute(
+            f"SELECT {self._IMAGE_COLS} FROM images WHERE path_raw = ?", [os.fsencode(path)]
+        ).fetchone()
         return None if row is None else self._image(row)
 
     def iter_images(self) -> Iterator[ImageRow]:
@@ -214,19 +246,23 @@ class Store:
         row = self.db.execute("SELECT id FROM images WHERE path_raw = ?", [raw]).fetchone()
         if row:
             self.db.execute(
-                "UPDATE images SET size=?, mtime_ns=?, hash=?, width=COALESCE(?, width), height=COALESCE(?, height), status='ok' WHERE id=?",
+                "UPDATE images SET size=?, mtime_ns=?, hash=?, width=COALESCE(?, width), height=COALESCE(?, "
+                "height), status='ok' WHERE id=?",
                 [size, mtime_ns, hash_, width, height, row[0]],
             )
             return int(row[0])
         cur = self.db.execute(
-            "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) VALUES (?,?,?,?,?,?,?,?, 'ok')",
+            "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) VALUES "
+            "(?,?,?,?,?,?,?,?, 'ok')",
             [text, raw, size, mtime_ns, hash_, width, height, time.time()],
         )
         return int(cur.lastrowid)
 
     def move_image(self, image_id: int, new_path: str, size: int, mtime_ns: int) -> None:
         text, raw = path_to_db(new_path)
-        self.db.execute("UPDATE images SET path=?, path_raw=?, size=?, mtime_ns=? WHERE id=?", [text, raw, size, mtime_ns, image_id])
+        self.db.execute(
+            "UPDATE images SET path=?, path_raw=?, size=?, mtime_ns=? WHERE id=?", [text, raw, size, mtime_ns, image_id]
+        )
 
     def touch_image(self, image_id: int, size: int, mtime_ns: int) -> None:
         self.db.execute("UPDATE images SET size=?, mtime_ns=? WHERE id=?", [size, mtime_ns, image_id])
@@ -278,15 +314,20 @@ class Store:
 
     def caption_pairs(self) -> list[tuple[int, int, str, str]]:
         """(caption id, image id, image hash, text hash) for captions attached to an image: training pairs."""
-        return list(self.db.execute(
-            "SELECT c.id, c.image_id, i.hash, c.text_hash FROM captions c JOIN images i ON i.id = c.image_id ORDER BY c.id"
-        ))
+        return list(
+            self.db.execute(
+                "SELECT c.id, c.image_id, i.hash, c.text_hash FROM captions c JOIN images i ON i.id = "
+                "c.image_id ORDER BY c.id"
+            )
+        )
 
     def texts_missing_embeddings(self) -> list[tuple[str, str]]:
-        return list(self.db.execute(
-            "SELECT DISTINCT c.text_hash, c.text FROM captions c LEFT JOIN embeddings e "
-            "ON e.kind = 'text' AND e.key = c.text_hash WHERE e.key IS NULL"
-        ))
+        return list(
+            self.db.execute(
+                "SELECT DISTINCT c.text_hash, c.text FROM captions c LEFT JOIN embeddings e "
+                "ON e.kind = 'text' AND e.key = c.text_hash WHERE e.key IS NULL"
+            )
+        )
 
     # -- embeddings -----------------------------------------------------------------------------
 
@@ -344,7 +385,8 @@ class Store:
         return {
             path_from_db(raw): (size, mtime, reason)
             for raw, size, mtime, reason in self.db.execute(
-                "SELECT path_raw, size, mtime_ns, reason FROM errors WHERE size IS NOT NULL AND mtime_ns IS NOT NULL")
+                "SELECT path_raw, size, mtime_ns, reason FROM errors WHERE size IS NOT NULL AND mtime_ns IS NOT NULL"
+            )
         }
 
     def clear_errors(self, paths: Iterable[str]) -> None:

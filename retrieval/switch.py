@@ -88,7 +88,9 @@ def switch_in(main: Index, staging: Path) -> int:
     with Index.open(staging) as st:
         problems = st.verify()
         if problems:
-            raise RetrievalError(f"the rebuild in {staging} is not complete ({problems[0]}); run the same command again")
+            raise RetrievalError(
+                f"the rebuild in {staging} is not complete ({problems[0]}); run the same command again"
+            )
         sgen = st.generation
     next_gen = main.generation + 1
     # vector files go in place first: nothing names them until the commit below (the model's ONNX export
@@ -108,8 +110,11 @@ def switch_in(main: Index, staging: Path) -> int:
                 db.execute(f"DELETE FROM main.[{table}]")
                 db.execute(f"INSERT INTO main.[{table}] ({names}) SELECT {names} FROM staging.[{table}]")
             db.execute("DELETE FROM main.manifest WHERE key NOT IN ('schema_version')")
-            db.execute("INSERT INTO main.manifest(key, value) SELECT key, value FROM staging.manifest "
-                       "WHERE key NOT IN ('schema_version', 'generation', ?)", [STAGING_KEY])
+            db.execute(
+                "INSERT INTO main.manifest(key, value) SELECT key, value FROM staging.manifest "
+                "WHERE key NOT IN ('schema_version', 'generation', ?)",
+                [STAGING_KEY],
+            )
             main.store.set_manifest("generation", next_gen)
     finally:
         db.execute("DETACH DATABASE staging")

@@ -38,9 +38,6 @@ part starts at offset 0, ``load(mmap=True)`` can hand the path to faiss with IO_
 
 from __future__ import annotations
 
-from .atomic import fsync_dir as _fsync_dir
-from .atomic import replacing
-
 import json
 import math
 import os
@@ -53,6 +50,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import replacing
 from .faults import checkpoint
 
 KINDS = ("flat", "hnsw", "ivfflat", "ivfsq", "ivfpq")

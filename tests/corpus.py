@@ -70,15 +70,21 @@ def photo_array(width: int, height: int, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     f = 1.0 + (seed % 17)
     chans = [
-        128 + 90 * np.sin(x / (23.0 + 3 * f + 11 * c) + c + seed) * np.cos(y / (31.0 + 5 * c + f))
-        for c in range(3)
+        128 + 90 * np.sin(x / (23.0 + 3 * f + 11 * c) + c + seed) * np.cos(y / (31.0 + 5 * c + f)) for c in range(3)
     ]
     a = np.stack(chans, axis=-1)
     a += rng.normal(0.0, 10.0, size=(height, width, 3)).astype(np.float32)
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
-def make_jpeg(path, size: tuple[int, int] = (64, 48), quality: int = 90, seed: int = 0, progressive: bool = False, exif: bytes | None = None):
+def make_jpeg(
+    path,
+    size: tuple[int, int] = (64, 48),
+    quality: int = 90,
+    seed: int = 0,
+    progressive: bool = False,
+    exif: bytes | None = None,
+):
     """A valid baseline (or progressive) RGB JPEG of size (width, height) with photo-like content."""
     p = _prepare(path)
     kw = {"quality": quality, "progressive": progressive}
@@ -291,7 +297,9 @@ def make_malformed_corpus(directory, include_odd_names: bool = True) -> dict[str
     return expected
 
 
-def make_photo_folder(directory, n: int, size: tuple[int, int] = (1600, 1200), quality: int = 90, distinct: int = 16) -> list[str]:
+def make_photo_folder(
+    directory, n: int, size: tuple[int, int] = (1600, 1200), quality: int = 90, distinct: int = 16
+) -> list[str]:
     """n valid JPEGs named img_00000.jpg... (for speed tests). Only `distinct` different pictures are
     encoded; the rest are byte copies with a varied trailing comment, so generating is fast."""
     d = os.fspath(directory)

@@ -149,8 +149,15 @@ def start_cli(argv: list[str], workdir: Path, env: dict | None = None) -> Run:
     n = len(list(workdir.glob("run*.out")))
     out, err = workdir / f"run{n}.out", workdir / f"run{n}.err"
     with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *argv], stdin=subprocess.DEVNULL, stdout=fo,
-                                stderr=fe, env=env or child_env(), cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=fo,
+            stderr=fe,
+            env=env or child_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
 
     def waiter(timeout):
         return proc.wait(timeout)
@@ -162,8 +169,14 @@ class Zygote:
     """A pre-imported interpreter that forks one child per CLI run (see the module docstring)."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, __file__, "zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=child_env(), cwd=ROOT, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=child_env(),
+            cwd=ROOT,
+            bufsize=0,
+        )
         self._buf = b""
         hello = self._line(180.0)
         if not hello.get("ready"):
@@ -192,8 +205,14 @@ class Zygote:
         workdir.mkdir(parents=True, exist_ok=True)
         n = len(list(workdir.glob("run*.out")))
         out, err = workdir / f"run{n}.out", workdir / f"run{n}.err"
-        req = {"argv": argv, "env": env or child_env(), "stdout": str(out), "stderr": str(err), "cwd": str(ROOT),
-               "patch": patch or {}}
+        req = {
+            "argv": argv,
+            "env": env or child_env(),
+            "stdout": str(out),
+            "stderr": str(err),
+            "cwd": str(ROOT),
+            "patch": patch or {},
+        }
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         pid = self._line(30.0)["pid"]
         return Run(pid, out, err, lambda timeout: self._line(timeout)["rc"])
@@ -322,8 +341,9 @@ def _reader_main(index_dir: str, out_path: str, stop_path: str, seed: str) -> No
                 key = (gen, int(vi.ntotal))
                 if key not in seen:
                     digest = hashlib.sha256(np.sort(vi.ids()).astype("<i8").tobytes()).hexdigest()
-                    out.write(json.dumps({"gen": gen, "ntotal": int(vi.ntotal), "digest": digest,
-                                          "dim": int(vi.dim)}) + "\n")
+                    out.write(
+                        json.dumps({"gen": gen, "ntotal": int(vi.ntotal), "digest": digest, "dim": int(vi.dim)}) + "\n"
+                    )
                     out.flush()
                     seen[key] = 0
                 seen[key] += 1
@@ -331,9 +351,20 @@ def _reader_main(index_dir: str, out_path: str, stop_path: str, seed: str) -> No
         except Exception:
             errors += 1
             first_error = first_error or traceback.format_exc()
-    out.write(json.dumps({"searches": n, "errors": errors, "first_error": first_error, "missing_rows": missing,
-                          "reopens": reopen, "seconds": time.monotonic() - t0,
-                          "per_generation": {f"{g}:{nt}": c for (g, nt), c in seen.items()}}) + "\n")
+    out.write(
+        json.dumps(
+            {
+                "searches": n,
+                "errors": errors,
+                "first_error": first_error,
+                "missing_rows": missing,
+                "reopens": reopen,
+                "seconds": time.monotonic() - t0,
+                "per_generation": {f"{g}:{nt}": c for (g, nt), c in seen.items()},
+            }
+        )
+        + "\n"
+    )
     out.close()
 
 
@@ -341,8 +372,12 @@ def start_reader(index_dir, workdir: Path, seed: int = 0) -> tuple[subprocess.Po
     """A reader process (no torch: it searches with random query vectors). Returns (proc, out, stop)."""
     workdir.mkdir(parents=True, exist_ok=True)
     out, stop = workdir / "reader.jsonl", workdir / "reader.stop"
-    proc = subprocess.Popen([sys.executable, __file__, "reader", str(index_dir), str(out), str(stop), str(seed)],
-                            env=child_env(), cwd=ROOT, stderr=open(workdir / "reader.err", "wb"))
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "reader", str(index_dir), str(out), str(stop), str(seed)],
+        env=child_env(),
+        cwd=ROOT,
+        stderr=open(workdir / "reader.err", "wb"),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().startswith('{"started"'):
@@ -352,8 +387,19 @@ def start_reader(index_dir, workdir: Path, seed: int = 0) -> tuple[subprocess.Po
 
 
 def index_argv(paths, index_dir, *extra, batch_size: int = 8, workers: int = 1, model: str | None = TINY) -> list[str]:
-    argv = ["index", *map(str, paths), "--index", str(index_dir), "--batch-size", str(batch_size),
-            "--workers", str(workers), "--device", "cpu", "-q"]
+    argv = [
+        "index",
+        *map(str, paths),
+        "--index",
+        str(index_dir),
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(workers),
+        "--device",
+        "cpu",
+        "-q",
+    ]
     if model:
         argv += ["--model", model]
     return argv + list(extra)
@@ -396,8 +442,12 @@ def no_dac_override():
 
 # ------------------------------------------------------------------------------------------ snapshots
 
-PENDING_PATTERNS = ("rows have no vector", "orphan vectors", "no vector files were ever written",
-                    "have no new vector yet")
+PENDING_PATTERNS = (
+    "rows have no vector",
+    "orphan vectors",
+    "no vector files were ever written",
+    "have no new vector yet",
+)
 
 
 def snapshot(index_dir) -> dict:
@@ -413,7 +463,8 @@ def snapshot(index_dir) -> dict:
         captions = sorted(
             (path_from_db(raw) if raw is not None else None, text, src)
             for raw, text, src in db.execute(
-                "SELECT i.path_raw, c.text, c.source FROM captions c LEFT JOIN images i ON i.id = c.image_id")
+                "SELECT i.path_raw, c.text, c.source FROM captions c LEFT JOIN images i ON i.id = c.image_id"
+            )
         )
         dangling = db.execute(
             "SELECT COUNT(*) FROM captions c WHERE c.image_id IS NOT NULL AND c.image_id NOT IN (SELECT id FROM images)"
@@ -429,9 +480,18 @@ def snapshot(index_dir) -> dict:
         problems = idx.verify()
     files = sorted(p.name for p in Path(index_dir).iterdir())
     return {
-        "images": images, "rows": n_rows[0], "distinct_paths": n_rows[1], "captions": captions,
-        "dangling_captions": dangling, "embeddings": emb, "distinct": distinct, "errors": errors,
-        "quick_check": quick, "generation": gen, "problems": problems, "files": files,
+        "images": images,
+        "rows": n_rows[0],
+        "distinct_paths": n_rows[1],
+        "captions": captions,
+        "dangling_captions": dangling,
+        "embeddings": emb,
+        "distinct": distinct,
+        "errors": errors,
+        "quick_check": quick,
+        "generation": gen,
+        "problems": problems,
+        "files": files,
     }
 
 
@@ -447,7 +507,9 @@ def invariant_failures(snap: dict, reference: dict) -> list[str]:
     if snap["images"] != reference["images"]:
         missing = sorted(set(reference["images"]) - set(snap["images"]))
         extra = sorted(set(snap["images"]) - set(reference["images"]))
-        wrong = sorted(p for p in set(snap["images"]) & set(reference["images"]) if snap["images"][p] != reference["images"][p])
+        wrong = sorted(
+            p for p in set(snap["images"]) & set(reference["images"]) if snap["images"][p] != reference["images"][p]
+        )
         bad.append(f"images differ: missing {missing[:3]}, extra {extra[:3]}, wrong hash {wrong[:3]}")
     if snap["captions"] != reference["captions"]:
         bad.append(f"captions differ: {len(snap['captions'])} vs {len(reference['captions'])}")
@@ -455,7 +517,10 @@ def invariant_failures(snap: dict, reference: dict) -> list[str]:
         bad.append(f"{snap['dangling_captions']} captions point at no image")
     if snap["errors"] != reference["errors"]:
         bad.append(f"errors differ: {snap['errors']} vs {reference['errors']}")
-    if snap["embeddings"].get("image", 0) != snap["distinct"]["image"] or snap["embeddings"].get("text", 0) != snap["distinct"]["text"]:
+    if (
+        snap["embeddings"].get("image", 0) != snap["distinct"]["image"]
+        or snap["embeddings"].get("text", 0) != snap["distinct"]["text"]
+    ):
         bad.append(f"embeddings {snap['embeddings']} != distinct contents {snap['distinct']}")
     stale = [f for f in snap["files"] if f.endswith(".tmp")]
     if stale:

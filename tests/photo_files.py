@@ -9,9 +9,8 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import draw_scene
+from PIL import Image
 
 
 def make_heic(path, seed: int = 0, size=(96, 72)) -> Path:
@@ -33,8 +32,13 @@ _DNG_TAGS = [
     (50706, "B", 4, (1, 4, 0, 0), False),  # DNGVersion
     (50707, "B", 4, (1, 1, 0, 0), False),  # DNGBackwardVersion
     (50708, "s", 0, "Test Camera", False),  # UniqueCameraModel
-    (50721, "2i", 9, (10000, 10000, 0, 10000, 0, 10000, 0, 10000, 10000, 10000,
-                      0, 10000, 0, 10000, 0, 10000, 10000, 10000), False),  # ColorMatrix1: identity
+    (
+        50721,
+        "2i",
+        9,
+        (10000, 10000, 0, 10000, 0, 10000, 0, 10000, 10000, 10000, 0, 10000, 0, 10000, 0, 10000, 10000, 10000),
+        False,
+    ),  # ColorMatrix1: identity
     (50778, "H", 1, 21, False),  # CalibrationIlluminant1: D65
 ]
 _CFA_TAGS = [
@@ -56,15 +60,28 @@ def make_dng(path, size=(64, 48), preview: Image.Image | None = None, seed: int 
         if preview is None:
             t.write(cfa, photometric=32803, subfiletype=0, extratags=_DNG_TAGS + _CFA_TAGS, metadata=None)
         else:
-            t.write(np.asarray(preview.convert("RGB")), photometric="rgb", subfiletype=1, subifds=1,
-                    extratags=_DNG_TAGS, metadata=None)
+            t.write(
+                np.asarray(preview.convert("RGB")),
+                photometric="rgb",
+                subfiletype=1,
+                subifds=1,
+                extratags=_DNG_TAGS,
+                metadata=None,
+            )
             t.write(cfa, photometric=32803, subfiletype=0, extratags=_CFA_TAGS, metadata=None)
     return Path(path)
 
 
-def make_exif_jpeg(path, seed: int = 0, taken: datetime | None = None, make: str | None = None,
-                   model: str | None = None, lens: str | None = None, gps: tuple[float, float] | None = None,
-                   size=(96, 72)) -> Path:
+def make_exif_jpeg(
+    path,
+    seed: int = 0,
+    taken: datetime | None = None,
+    make: str | None = None,
+    model: str | None = None,
+    lens: str | None = None,
+    gps: tuple[float, float] | None = None,
+    size=(96, 72),
+) -> Path:
     """A JPEG with the EXIF a camera writes: DateTimeOriginal, Make, Model, LensModel, GPS."""
     im = draw_scene(seed, size)
     exif = Image.Exif()

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY, build_index, write_photos
+
 from retrieval.benchmark import (
     evaluate_index,
     load_pairs,
@@ -129,7 +129,11 @@ def test_missing_images_count_as_misses(corpus):
     assert r.missing_images == 1 and r.missing_captions == 1
     present = direct_recall(root / "idx_file", load_pairs(caps))
     for key, value in present.metrics.items():
-        scale = (present.n_captions / pairs2.n_captions) if key.startswith("image_") else (present.n_images / pairs2.n_images)
+        scale = (
+            (present.n_captions / pairs2.n_captions)
+            if key.startswith("image_")
+            else (present.n_images / pairs2.n_images)
+        )
         assert r.metrics[key] == pytest.approx(value * scale, abs=1e-12)
 
 
@@ -162,18 +166,23 @@ def test_cli_json_keys_and_exact(corpus):
     root, caps, _, _ = corpus
     from retrieval.cli import main
 
-    res = CliRunner().invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"),
-                                    "--json", "--exact"])
+    res = CliRunner().invoke(
+        main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"), "--json", "--exact"]
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout.strip().splitlines()[-1])
     assert KEYS <= set(d)
     for key in ("n_images", "n_captions", "missing_images", "missing_captions", "index_type", "model", "exact"):
         assert key in d
     assert set(d["exact"]) == KEYS and d["n_images"] == 25 and d["built"] is False
-    assert d["image_retrieval_recall@1"] == direct_recall(root / "idx_file", load_pairs(caps)).metrics["image_retrieval_recall@1"]
+    assert (
+        d["image_retrieval_recall@1"]
+        == direct_recall(root / "idx_file", load_pairs(caps)).metrics["image_retrieval_recall@1"]
+    )
 
-    res = CliRunner().invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"),
-                                    "--k", "1,3"])
+    res = CliRunner().invoke(
+        main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"), "--k", "1,3"]
+    )
     assert res.exit_code == 0, res.output
     assert "text→image" in res.stdout and "image→text" in res.stdout
 
@@ -183,12 +192,31 @@ def test_cli_builds_when_no_index(corpus, tmp_path):
     from retrieval.cli import main
 
     # --index naming nothing yet: built there and kept
-    res = CliRunner().invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(tmp_path / "new"),
-                                    "--model", TINY, "--workers", "0", "-q", "--json", "--k", "1,5"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "benchmark",
+            "recall",
+            "--captions",
+            str(caps),
+            "--index",
+            str(tmp_path / "new"),
+            "--model",
+            TINY,
+            "--workers",
+            "0",
+            "-q",
+            "--json",
+            "--k",
+            "1,5",
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout.strip().splitlines()[-1])
     assert d["built"] is True and d["index_seconds"] > 0 and (tmp_path / "new" / "meta.sqlite").is_file()
-    assert set(k for k in d if "_recall@" in k) == {f"{x}_retrieval_recall@{k}" for x in ("image", "text") for k in (1, 5)}
+    assert set(k for k in d if "_recall@" in k) == {
+        f"{x}_retrieval_recall@{k}" for x in ("image", "text") for k in (1, 5)
+    }
     # no --index: a temporary index, gone afterwards (through the API, with a build callable)
     seen = []
 
@@ -208,10 +236,14 @@ def test_cli_errors(corpus, tmp_path):
     from retrieval.cli import main
 
     runner = CliRunner()
-    res = runner.invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"), "--k", "0,5"])
+    res = runner.invoke(
+        main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"), "--k", "0,5"]
+    )
     assert res.exit_code == 2 and "--k" in res.output
-    res = runner.invoke(main, ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"),
-                               "--model", "ViT-B-32:none"])
+    res = runner.invoke(
+        main,
+        ["benchmark", "recall", "--captions", str(caps), "--index", str(root / "idx_file"), "--model", "ViT-B-32:none"],
+    )
     assert res.exit_code == 2 and "tiny-clip:none" in res.output
     bad = tmp_path / "bad.csv"
     bad.write_text("nothing,here\n1,2\n")
@@ -275,8 +307,10 @@ def test_self_built_index_equals_clip_benchmark_recall_at_k(tmp_path):
     import torch
 
     photos = write_photos(tmp_path / "photos", 14)
-    caps = _write_csv(tmp_path / "caps.csv", [(f"photos/{p.name}", f"{w} number {i}") for i, p in enumerate(photos)
-                                              for w in ("scene", "drawing")])
+    caps = _write_csv(
+        tmp_path / "caps.csv",
+        [(f"photos/{p.name}", f"{w} number {i}") for i, p in enumerate(photos) for w in ("scene", "drawing")],
+    )
 
     def build(path, options):
         from index_data.pipeline import IndexOptions, run_index
@@ -288,7 +322,9 @@ def test_self_built_index_equals_clip_benchmark_recall_at_k(tmp_path):
     pairs = load_pairs(caps)
     with Searcher.open(tmp_path / "idx", device="cpu") as s:
         store = s.index.store
-        img = torch.from_numpy(store.get_embeddings("image", [store.image_by_path(p).hash for p in pairs.images], s.index.dim))
+        img = torch.from_numpy(
+            store.get_embeddings("image", [store.image_by_path(p).hash for p in pairs.images], s.index.dim)
+        )
         txt = torch.from_numpy(store.get_embeddings("text", [text_hash(t) for t in pairs.captions], s.index.dim))
     scores = txt @ img.T
     positive = torch.zeros_like(scores, dtype=torch.bool)
@@ -318,8 +354,20 @@ def test_index_without_the_files_captions_encodes_them(corpus, tmp_path):
     assert r.missing_captions == 0 and r.extra["captions_encoded"] == pairs.n_captions
     assert r.metrics == pytest.approx(direct.metrics, abs=1e-12)
     assert r.metrics["text_retrieval_recall@10"] > 0
-    res = CliRunner().invoke(__import__("retrieval.cli", fromlist=["main"]).main, ["benchmark", "recall", "--captions", str(caps), "--index",
-                                                       str(tmp_path / "photos_only"), "--json", "--device", "cpu"])
+    res = CliRunner().invoke(
+        __import__("retrieval.cli", fromlist=["main"]).main,
+        [
+            "benchmark",
+            "recall",
+            "--captions",
+            str(caps),
+            "--index",
+            str(tmp_path / "photos_only"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["captions_encoded"] == pairs.n_captions
     assert "encoded for this evaluation" in res.stderr

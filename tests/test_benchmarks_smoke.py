@@ -25,11 +25,33 @@ def _run(args, timeout=600):
 def out(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_smoke")
     o = root / "out"
-    p = _run([str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--out", str(o), "--data", str(root / "data"),
-              "--tmpdir", str(root)])
+    p = _run(
+        [
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--tiny",
+            "--out",
+            str(o),
+            "--data",
+            str(root / "data"),
+            "--tmpdir",
+            str(root),
+        ]
+    )
     assert "reproduce: python benchmarks/speed.py --tiny" in p.stdout
-    p = _run([str(ROOT / "benchmarks" / "recall.py"), "--synthetic", "12", "--models", "tiny-clip:none", "--exact",
-              "--workers", "0", "--out", str(o)])
+    p = _run(
+        [
+            str(ROOT / "benchmarks" / "recall.py"),
+            "--synthetic",
+            "12",
+            "--models",
+            "tiny-clip:none",
+            "--exact",
+            "--workers",
+            "0",
+            "--out",
+            str(o),
+        ]
+    )
     assert "reproduce: python benchmarks/recall.py" in p.stdout
     return o
 
@@ -41,9 +63,25 @@ def test_speed_json_keys(out):
     for key in ("cpu", "cores", "ram_gib", "torch", "faiss"):
         assert key in d["machine"], key
     (r,) = d["indexing"]
-    for key in ("model", "n_images", "image_size", "jpeg_mean_kb", "images_per_s", "images_per_s_excl_load",
-                "model_only_images_per_s", "decode_only_images_per_s", "model_load_s", "wall_s", "rerun_unchanged_s",
-                "peak_rss_mb", "device", "precision", "batch_size", "workers", "torch_threads"):
+    for key in (
+        "model",
+        "n_images",
+        "image_size",
+        "jpeg_mean_kb",
+        "images_per_s",
+        "images_per_s_excl_load",
+        "model_only_images_per_s",
+        "decode_only_images_per_s",
+        "model_load_s",
+        "wall_s",
+        "rerun_unchanged_s",
+        "peak_rss_mb",
+        "device",
+        "precision",
+        "batch_size",
+        "workers",
+        "torch_threads",
+    ):
         assert key in r, key
     assert r["model"] == "tiny-clip:none" and r["n_images"] == 6 and r["images_per_s"] > 0
     for key in ("files", "first_index_s", "rerun_unchanged_s", "scan_only_s"):
@@ -51,9 +89,22 @@ def test_speed_json_keys(out):
     assert d["rerun"]["files"] == 40
     assert {(x["size"], x["kind"]) for x in d["latency"]} == {(2000, "flat"), (2000, "hnsw")}
     for x in d["latency"]:
-        for key in ("text_p50_ms", "text_p95_ms", "image_p50_ms", "image_p95_ms", "encode_text_p50_ms",
-                    "search_join_p50_ms", "search_join_p95_ms", "recall_at_10", "bytes_per_vector",
-                    "sqlite_bytes_per_image", "build_s", "build_peak_rss_mb", "query_peak_rss_mb", "first_query_s"):
+        for key in (
+            "text_p50_ms",
+            "text_p95_ms",
+            "image_p50_ms",
+            "image_p95_ms",
+            "encode_text_p50_ms",
+            "search_join_p50_ms",
+            "search_join_p95_ms",
+            "recall_at_10",
+            "bytes_per_vector",
+            "sqlite_bytes_per_image",
+            "build_s",
+            "build_peak_rss_mb",
+            "query_peak_rss_mb",
+            "first_query_s",
+        ):
             assert key in x, key
         assert 0.0 <= x["recall_at_10"] <= 1.0
     assert next(x for x in d["latency"] if x["kind"] == "flat")["recall_at_10"] == 1.0
@@ -78,8 +129,11 @@ def test_recall_json_keys(out):
 def test_report(out, tmp_path):
     o = tmp_path / "out"
     shutil.copytree(out, o)
-    (o / "fusion_weird.json").write_text(json.dumps({"model": "x", "table": [{"a": 1, "b": 0.5}, {"a": 2, "b": None}],
-                                                     "nested": {"deep": {"v": [1, 2, 3]}}}))
+    (o / "fusion_weird.json").write_text(
+        json.dumps(
+            {"model": "x", "table": [{"a": 1, "b": 0.5}, {"a": 2, "b": None}], "nested": {"deep": {"v": [1, 2, 3]}}}
+        )
+    )
     (o / "bench_decode.txt").write_text("decode-only workers=1 fork   42.0 img/s\n")
     (o / "broken.json").write_text("{not json")
     real = ROOT / "benchmarks" / "out" / "speed_vectors.json"
@@ -91,8 +145,13 @@ def test_report(out, tmp_path):
     text = results.read_text()
     assert text.startswith("# Benchmark results")
     assert "**Machine:**" in text and "GiB RAM" in text and "torch" in text and "faiss" in text
-    for heading in ("## Speed: indexing, query latency, memory, cold CLI", "## Recall: synthetic12",
-                    "## Fusion weird", "## Bench decode (text output)", "## Broken"):
+    for heading in (
+        "## Speed: indexing, query latency, memory, cold CLI",
+        "## Recall: synthetic12",
+        "## Fusion weird",
+        "## Bench decode (text output)",
+        "## Broken",
+    ):
         assert heading in text, heading
     assert "image_retrieval_recall" in text and "| a | b |" in text and "42.0 img/s" in text
     if real.exists():

@@ -18,18 +18,18 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import fastapi  # noqa: E402,F401 - part of the [test] extra: missing, this module fails rather than skips
-
+import pytest
 from conftest import build_index  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 CHROMIUM = os.environ.get("RETRIEVAL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RETRIEVAL_CHROMEDRIVER", "/usr/bin/chromedriver")
-INSTALL_HINT = ("headless Chromium is needed for this test: apt-get update && apt-get install -y chromium chromium-driver "
-                "(or set RETRIEVAL_CHROMIUM / RETRIEVAL_CHROMEDRIVER), and pip install selenium")
+INSTALL_HINT = (
+    "headless Chromium is needed for this test: apt-get update && apt-get install -y chromium chromium-driver "
+    "(or set RETRIEVAL_CHROMIUM / RETRIEVAL_CHROMEDRIVER), and pip install selenium"
+)
 WINDOW = (1200, 900)
 VIEWPORT = (1200, 760)
 
@@ -93,17 +93,33 @@ def browser():
     profile = tempfile.mkdtemp(prefix="retrieval-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--disable-extensions", "--disable-default-apps", "--mute-audio",
-                 "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US",
-                 f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--disable-extensions",
+        "--disable-default-apps",
+        "--mute-audio",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--lang=en-US",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
     driver.set_page_load_timeout(30)
     # a fixed viewport whatever the window decorations of this Chromium version, so screenshots compare
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False},
+    )
     try:
         yield driver
     finally:
@@ -114,7 +130,9 @@ def browser():
 def _wait(driver, condition, timeout=30, what="condition"):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d), message=f"waiting for {what}")
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
+        lambda d: condition(d), message=f"waiting for {what}"
+    )
 
 
 def _status(driver) -> str:
@@ -129,7 +147,8 @@ def _results_shown(driver, selector=".card"):
 def _thumbs_loaded(driver) -> bool:
     return driver.execute_script(
         "const imgs = [...document.querySelectorAll('#results img')];"
-        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);")
+        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"
+    )
 
 
 def _card_paths(driver) -> list[str]:
@@ -165,12 +184,18 @@ def test_search_page_end_to_end(server, browser, demo_index, tmp_path):
     _wait(d, _results_shown, what="image results again")
 
     # click a result: more like this (the clicked image itself is left out)
-    cat = next(e for e in d.find_elements("css selector", "#results .card")
-               if e.get_attribute("title").split("\n")[0].endswith("cat_chelsea.jpg"))
+    cat = next(
+        e
+        for e in d.find_elements("css selector", "#results .card")
+        if e.get_attribute("title").split("\n")[0].endswith("cat_chelsea.jpg")
+    )
     cat.find_element("css selector", "img").click()
     _wait(d, lambda d: "more like: cat_chelsea.jpg" in d.find_element("id", "query-label").text, what="query chip")
-    _wait(d, lambda d: _results_shown(d) and not any(p.endswith("cat_chelsea.jpg") for p in _card_paths(d)),
-          what="more-like-this results")
+    _wait(
+        d,
+        lambda d: _results_shown(d) and not any(p.endswith("cat_chelsea.jpg") for p in _card_paths(d)),
+        what="more-like-this results",
+    )
     assert "id=" in d.current_url
 
     # upload an image: it comes back first with score 1
@@ -216,7 +241,8 @@ def _publish_screenshot(shot: Path) -> None:
     for colors in (64, 48, 32, 16):
         data = io.BytesIO()
         new.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
-            data, "PNG", optimize=True)
+            data, "PNG", optimize=True
+        )
         if data.tell() < 190_000:
             break
     SCREENSHOT.parent.mkdir(exist_ok=True)
@@ -230,9 +256,9 @@ def photo_library(tmp_path_factory):
     """Sample photos plus a resized copy and an edit of the cat (near-duplicates) and one photo with camera EXIF."""
     from datetime import datetime
 
+    from photo_files import make_exif_jpeg
     from PIL import Image, ImageEnhance
 
-    from photo_files import make_exif_jpeg
     from benchmarks.samples import write_sample_photos
 
     root = tmp_path_factory.mktemp("library")
@@ -241,8 +267,14 @@ def photo_library(tmp_path_factory):
     cat = Image.open(photos / "cat_chelsea.jpg")
     cat.resize((cat.width // 2, cat.height // 2)).save(photos / "cat_small.jpg", quality=85)
     ImageEnhance.Brightness(cat).enhance(1.08).save(photos / "cat_edit.jpg", quality=90)
-    make_exif_jpeg(photos / "holiday.jpg", seed=7, taken=datetime(2019, 7, 14, 10, 30), make="Canon",
-                   model="Canon EOS R5", size=(320, 240))
+    make_exif_jpeg(
+        photos / "holiday.jpg",
+        seed=7,
+        taken=datetime(2019, 7, 14, 10, 30),
+        make="Canon",
+        model="Canon EOS R5",
+        size=(320, 240),
+    )
     build_index(root / "idx", [photos], model="starter")
     return root
 
@@ -260,21 +292,28 @@ def test_results_show_date_and_camera_and_duplicates_view(library_server, browse
     q = d.find_element("id", "q")
     q.send_keys("colourful shapes", Keys.ENTER)
     _wait(d, _results_shown, what="results")
-    card = next(e for e in d.find_elements("css selector", "#results .card")
-                if e.get_attribute("title").split("\n")[0].endswith("holiday.jpg"))
+    card = next(
+        e
+        for e in d.find_elements("css selector", "#results .card")
+        if e.get_attribute("title").split("\n")[0].endswith("holiday.jpg")
+    )
     meta = card.find_element("css selector", ".photo-meta").text
     assert "2019-07-14 10:30" in meta and "Canon EOS R5" in meta, meta
     # photos without an EXIF date show the file's date, marked as such
-    other = next(e for e in d.find_elements("css selector", "#results .card")
-                 if e.get_attribute("title").split("\n")[0].endswith("coffee_cup.jpg"))
+    other = next(
+        e
+        for e in d.find_elements("css selector", "#results .card")
+        if e.get_attribute("title").split("\n")[0].endswith("coffee_cup.jpg")
+    )
     assert "(file)" in other.find_element("css selector", ".photo-meta").text
 
     # the camera and date filters narrow the results to the EXIF photo
     d.find_element("id", "camera").send_keys("eos r5", Keys.ENTER)
     _wait(d, lambda d: _results_shown(d) and len(_card_paths(d)) == 1, what="camera-filtered results")
     assert _card_paths(d)[0].endswith("holiday.jpg") and "camera=eos+r5" in d.current_url
-    d.execute_script("const a = document.getElementById('after'); a.value = '2019-07-15';"
-                     "a.dispatchEvent(new Event('change'));")
+    d.execute_script(
+        "const a = document.getElementById('after'); a.value = '2019-07-15';a.dispatchEvent(new Event('change'));"
+    )
     _wait(d, lambda d: "No results" in _status(d), what="no photo after the holiday")
 
     # the near-duplicates view: one group, the full-size cats first, thumbnails loaded
@@ -289,9 +328,14 @@ def test_results_show_date_and_camera_and_duplicates_view(library_server, browse
     assert sorted(os.path.basename(m) for m in members) == ["cat_chelsea.jpg", "cat_edit.jpg", "cat_small.jpg"]
     assert os.path.basename(members[-1]) == "cat_small.jpg"  # the smallest last
     assert "best" in groups[0].find_element("css selector", ".dup-member").get_attribute("class")
-    _wait(d, lambda d: d.execute_script(
-        "const imgs = [...document.querySelectorAll('.dup-group img')];"
-        "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);"), what="group thumbnails")
+    _wait(
+        d,
+        lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('.dup-group img')];"
+            "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);"
+        ),
+        what="group thumbnails",
+    )
     assert "threshold=0.98" in d.current_url
     # a threshold out of range is an error on the page, not a crash
     threshold = d.find_element("id", "threshold")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY, write_photos
 
 from retrieval.cli import main
-from conftest import TINY, write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,8 +19,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def indexed(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     photos = write_photos(root / "photos", 8)
-    r = CliRunner().invoke(main, ["index", str(root / "photos"), "--index", str(root / "idx"), "--model", TINY,
-                                  "--workers", "0", "-q", "--device", "cpu"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "index",
+            str(root / "photos"),
+            "--index",
+            str(root / "idx"),
+            "--model",
+            TINY,
+            "--workers",
+            "0",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     return root, photos
 
@@ -48,7 +62,7 @@ def test_search_formats(indexed):
     root, photos = indexed
     r = run("search", "--image", str(photos[0]), "--index", str(root / "idx"), "-k", "3", "--json")
     assert r.exit_code == 0
-    lines = [json.loads(l) for l in r.output.strip().splitlines()]
+    lines = [json.loads(line) for line in r.output.strip().splitlines()]
     assert len(lines) == 3 and lines[0]["path"] == str(photos[0]) and lines[0]["rank"] == 1
     assert {"rank", "score", "path"} <= set(lines[0])
     r = run("search", "a photo", "--index", str(root / "idx"), "-k", "4", "--paths")
@@ -87,7 +101,9 @@ def test_offline_weights_error_exit_2(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     write_photos(tmp_path / "p", 1)
-    r = run("index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", "ViT-B-32:laion2b_s34b_b79k", "-q")
+    r = run(
+        "index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", "ViT-B-32:laion2b_s34b_b79k", "-q"
+    )
     assert r.exit_code == 2
     assert "--model starter" in r.output and "Traceback" not in r.output
 
@@ -95,12 +111,30 @@ def test_offline_weights_error_exit_2(tmp_path, monkeypatch):
 def test_python_cli_and_console_script_subprocess(indexed):
     root, photos = indexed
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "search", "--image", str(photos[1]), "--index",
-                          str(root / "idx"), "-k", "1", "--paths"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "search",
+            "--image",
+            str(photos[1]),
+            "--index",
+            str(root / "idx"),
+            "-k",
+            "1",
+            "--paths",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(photos[1])
     exe = Path(sys.executable).parent / "retrieval"  # the console script `make test` installs
-    out = subprocess.run([str(exe), "info", "--index", str(root / "idx"), "--json"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [str(exe), "info", "--index", str(root / "idx"), "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0 and json.loads(out.stdout)["images"] == 8
 
 
@@ -121,8 +155,19 @@ def test_conflicting_search_options_are_one_line_errors(indexed):
 def test_searching_an_index_with_no_images_is_one_line(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    r = run("index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", TINY, "--workers", "0", "-q",
-            "--device", "cpu")
+    r = run(
+        "index",
+        str(tmp_path / "p"),
+        "--index",
+        str(tmp_path / "idx"),
+        "--model",
+        TINY,
+        "--workers",
+        "0",
+        "-q",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     r = run("search", "anything", "--index", str(tmp_path / "idx"))
     assert r.exit_code == 2 and "has no images to search" in r.output, r.output
@@ -142,8 +187,19 @@ def test_weights_replaced_after_indexing_are_refused_at_query_time(tmp_path):
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
     photos = write_photos(tmp_path / "p", 3)
-    r = run("index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--model", f"tiny-clip:{weights}",
-            "--workers", "0", "-q", "--device", "cpu")
+    r = run(
+        "index",
+        str(tmp_path / "p"),
+        "--index",
+        str(tmp_path / "idx"),
+        "--model",
+        f"tiny-clip:{weights}",
+        "--workers",
+        "0",
+        "-q",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     with torch.no_grad():
         for p in model.parameters():

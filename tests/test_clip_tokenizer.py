@@ -10,13 +10,31 @@ import pytest
 from retrieval.clip_tokenizer import ClipTokenizer, _is_safe_ascii, read_merges
 
 STRINGS = [
-    "", " ", "a dog", "A Dog Running On The BEACH!!!", "naïve café résumé", "Ünïcödé ñ 東京 タワー 한국어",
-    "emoji 🐶🐱 👍🏽 family 👨‍👩‍👧 🏳️‍🌈", "&amp; &lt;b&gt; fish &amp;amp; chips &#39;x&#39;", "<b>bold</b> & <i>x</i>",
-    "numbers 12345 3.14159 1,000,000 ½ ² ٣", "it's they're we've I'm you'll he'd 'S 'T", "don’t “curly” quotes — dash…",
-    "tabs\tand\nnewlines\r\nand   spaces\u00a0nbsp", "\x1b[31mred\x1b[0m ctrl\x00\x07chars", "ﬁne ligature ｆｕｌｌｗｉｄｔｈ",
-    "mojibake: cafÃ© rÃ©sumÃ©", "<start_of_text>hi<end_of_text> there", "word " * 100, "many words " * 150,
-    "supercalifragilisticexpialidocious" * 5, "Ελληνικά, русский текст, عربى, हिन्दी", "zero\u200bwidth \u2028sep",
-    "!!!???...,,,;;; C++ & C# / .NET e-mail: foo@bar.com http://x.y/z?a=1&b=2", "😀" * 90, "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ǅ K ſ",
+    "",
+    " ",
+    "a dog",
+    "A Dog Running On The BEACH!!!",
+    "naïve café résumé",
+    "Ünïcödé ñ 東京 タワー 한국어",
+    "emoji 🐶🐱 👍🏽 family 👨‍👩‍👧 🏳️‍🌈",
+    "&amp; &lt;b&gt; fish &amp;amp; chips &#39;x&#39;",
+    "<b>bold</b> & <i>x</i>",
+    "numbers 12345 3.14159 1,000,000 ½ ² ٣",
+    "it's they're we've I'm you'll he'd 'S 'T",
+    "don’t “curly” quotes — dash…",
+    "tabs\tand\nnewlines\r\nand   spaces\u00a0nbsp",
+    "\x1b[31mred\x1b[0m ctrl\x00\x07chars",
+    "ﬁne ligature ｆｕｌｌｗｉｄｔｈ",
+    "mojibake: cafÃ© rÃ©sumÃ©",
+    "<start_of_text>hi<end_of_text> there",
+    "word " * 100,
+    "many words " * 150,
+    "supercalifragilisticexpialidocious" * 5,
+    "Ελληνικά, русский текст, عربى, हिन्दी",
+    "zero\u200bwidth \u2028sep",
+    "!!!???...,,,;;; C++ & C# / .NET e-mail: foo@bar.com http://x.y/z?a=1&b=2",
+    "😀" * 90,
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ǅ K ſ",
 ]
 
 

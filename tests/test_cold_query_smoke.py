@@ -14,9 +14,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_cold_query_quick_warm(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "cold_query.py"), "--quick", "--n", "3000", "--parts", "warm",
-           "--skip-starter", "--modes", "fast,torch",
-           "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--name", "smoke"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "cold_query.py"),
+        "--quick",
+        "--n",
+        "3000",
+        "--parts",
+        "warm",
+        "--skip-starter",
+        "--modes",
+        "fast,torch",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+        "--name",
+        "smoke",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "reproduce: python benchmarks/cold_query.py" in p.stdout

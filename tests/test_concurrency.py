@@ -19,11 +19,11 @@ import signal
 import time
 from pathlib import Path
 
+import faultkit as fk
 import numpy as np
 import pytest
-
-import faultkit as fk
 from conftest import build_index, write_photos
+
 from retrieval.errors import IndexLockedError
 from retrieval.index import Index
 from retrieval.search import Searcher
@@ -140,8 +140,14 @@ def test_writer_lock_dies_with_the_writer(tmp_path):
     )
     out = tmp_path / "out"
     with open(out, "w") as f:  # a file, not a pipe: the orphan keeps its copy open
-        proc = subprocess.run([sys.executable, "-c", script, str(d)], stdout=f, stderr=subprocess.STDOUT,
-                              env=fk.child_env(), cwd=fk.ROOT, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(d)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=fk.child_env(),
+            cwd=fk.ROOT,
+            timeout=60,
+        )
     assert proc.returncode == -signal.SIGKILL, out.read_text()
     child = int(out.read_text().split()[0])
     try:

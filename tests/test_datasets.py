@@ -333,7 +333,7 @@ def coco_doc():
         "annotations": [
             {"image_id": 73, "id": 1, "caption": "A motorcycle parked, near a wall. "},
             {"image_id": 42, "id": 2, "caption": "A cat."},
-            {"image_id": 73, "id": 3, "caption": "A \"red\" bike\n"},
+            {"image_id": 73, "id": 3, "caption": 'A "red" bike\n'},
             {"image_id": 42, "id": 4, "caption": ""},
         ],
     }
@@ -409,8 +409,14 @@ def test_detect_format_by_extension_and_content(tmp_path):
         "lines.json": '{"image": "x", "caption": "y"}\n{"image": "z", "caption": "w"}\n',
         "noext": '{"image": "x", "caption": "y"}\n',
     }
-    expected = {"a.csv": "csv", "a.tsv": "csv", "a.jsonl": "jsonl", "a.ndjson": "jsonl", "lines.json": "jsonl",
-                "noext": "jsonl"}
+    expected = {
+        "a.csv": "csv",
+        "a.tsv": "csv",
+        "a.jsonl": "jsonl",
+        "a.ndjson": "jsonl",
+        "lines.json": "jsonl",
+        "noext": "jsonl",
+    }
     for name, text in cases.items():
         p = tmp_path / name
         p.write_text(text, encoding="utf-8")

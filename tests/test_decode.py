@@ -9,29 +9,26 @@ import sys
 import textwrap
 import time
 
+import corpus
 import numpy as np
 import pytest
 import torch
-
-import corpus
 from corpus import (
-    NON_UTF8_NAME,
     LONG_NAME,
+    NON_UTF8_NAME,
     make_1x1_png,
     make_16bit_png,
     make_animated_gif,
     make_bomb_png,
     make_cmyk_jpeg,
+    make_corrupt_exif_jpeg,
     make_exif_rotated_jpeg,
     make_garbage_exif_jpeg,
-    make_corrupt_exif_jpeg,
     make_jpeg,
     make_malformed_corpus,
-    make_random_bytes,
     make_rgba_png,
-    make_truncated_jpeg,
-    make_zero_byte,
 )
+
 from index_data import decode as D
 from index_data.decode import DecodeResult, decode_file, decode_stream
 
@@ -81,8 +78,14 @@ def test_malformed_corpus_order_and_outcomes(malformed, tiny_encoder, workers):
 
 def test_specific_error_reasons(malformed, tiny_encoder):
     d, _ = malformed
-    by = {r.key: r.error for r in decode_all(jobs_for(d, [
-        "zero_bytes.jpg", "truncated.jpg", "random_bytes.jpg", "bomb_100000x100000.png"]), tiny_encoder, 0)}
+    by = {
+        r.key: r.error
+        for r in decode_all(
+            jobs_for(d, ["zero_bytes.jpg", "truncated.jpg", "random_bytes.jpg", "bomb_100000x100000.png"]),
+            tiny_encoder,
+            0,
+        )
+    }
     assert "empty" in by["zero_bytes.jpg"]
     assert "truncated" in by["truncated.jpg"]
     assert "not an image" in by["random_bytes.jpg"]
@@ -149,8 +152,10 @@ def test_non_utf8_and_long_names_decode(tmp_path, tiny_encoder):
 def test_same_embedding_as_query_path(malformed, tmp_path, tiny_encoder):
     d, expected = malformed
     paths = [os.path.join(d, n) for n, e in sorted(expected.items()) if e == "indexed"]
-    paths += [make_jpeg(str(tmp_path / "photo.jpg"), (1600, 1200), seed=5),  # draft-mode decode
-              make_exif_rotated_jpeg(str(tmp_path / "r.jpg"), (300, 200))]
+    paths += [
+        make_jpeg(str(tmp_path / "photo.jpg"), (1600, 1200), seed=5),  # draft-mode decode
+        make_exif_rotated_jpeg(str(tmp_path / "r.jpg"), (300, 200)),
+    ]
     for workers in (0, 2):
         results = decode_all([(p, p) for p in paths], tiny_encoder, workers)
         assert all(r.ok for r in results)
@@ -168,11 +173,13 @@ def test_same_tensors_as_query_path_224(tmp_path):
 
     preprocess = open_clip.image_transform(224, is_train=False)
     assert D.make_plan(preprocess).finish is not None  # the fast path is the one being checked
-    paths = [make_jpeg(str(tmp_path / "a.jpg"), (1600, 1200), seed=1),
-             make_jpeg(str(tmp_path / "b.jpg"), (1200, 1601), seed=2),
-             make_exif_rotated_jpeg(str(tmp_path / "c.jpg"), (500, 260)),
-             make_rgba_png(str(tmp_path / "d.png"), (100, 300)),
-             make_1x1_png(str(tmp_path / "e.png"))]
+    paths = [
+        make_jpeg(str(tmp_path / "a.jpg"), (1600, 1200), seed=1),
+        make_jpeg(str(tmp_path / "b.jpg"), (1200, 1601), seed=2),
+        make_exif_rotated_jpeg(str(tmp_path / "c.jpg"), (500, 260)),
+        make_rgba_png(str(tmp_path / "d.png"), (100, 300)),
+        make_1x1_png(str(tmp_path / "e.png")),
+    ]
     for workers in (0, 1):
         with decode_stream([(p, p) for p in paths], preprocess, 224, workers=workers) as s:
             for r in s:
@@ -317,7 +324,9 @@ def test_ctrl_c_in_a_real_process_exits_cleanly(tmp_path):
                     print(*[q.pid for q in s._pool._processes.values()], flush=True)
                 time.sleep(0.01)  # "encoding"
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     pids = [int(x) for x in proc.stdout.readline().split()]
     assert len(pids) == 2
     time.sleep(0.3)

@@ -17,17 +17,19 @@ import shutil
 import sqlite3
 import subprocess
 
+import faultkit as fk
 import pytest
 from click.testing import CliRunner
+from conftest import build_index, write_photos
 
-import faultkit as fk
 from retrieval.cli import main
-from conftest import TINY, build_index, write_photos
 from retrieval.index import Index
 from retrieval.search import Searcher
 
-FAISS_ENOSPC = ("Error in void faiss::write_index(const Index*, IOWriter*, int) at /project/faiss/impl/index_write.cpp:499: "
-                "Error: 'ret == (size * 4)' failed: write error in {}: 4051 != 256000 (No space left on device)")
+FAISS_ENOSPC = (
+    "Error in void faiss::write_index(const Index*, IOWriter*, int) at /project/faiss/impl/index_write.cpp:499: "
+    "Error: 'ret == (size * 4)' failed: write error in {}: 4051 != 256000 (No space left on device)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def gen_of(d) -> int:
 
 
 def index_cli(d, *paths):
-    r = CliRunner().invoke(main, ["index", *map(str, paths), "--index", str(d), "--workers", "0", "-q", "--device", "cpu"])
+    r = CliRunner().invoke(
+        main, ["index", *map(str, paths), "--index", str(d), "--workers", "0", "-q", "--device", "cpu"]
+    )
     return r.exit_code, r.stderr
 
 
@@ -103,7 +107,9 @@ def test_faiss_write_fails_with_enospc(idx, monkeypatch):
     code, err = index_cli(d, root / "photos", root / "more")
     assert code == 2
     line = error_line(err)
-    assert f"cannot write to the index at {d}: No space left on device." in line and "run the same command again" in line
+    assert (
+        f"cannot write to the index at {d}: No space left on device." in line and "run the same command again" in line
+    )
     snap = assert_old_generation_intact(d, gen, old)
     assert snap["rows"] == 14 and any("6 rows have no vector" in p for p in snap["problems"])  # kept, not yet published
     monkeypatch.undo()
@@ -151,7 +157,9 @@ def test_repair_on_a_full_disk_is_one_line_and_harmless(idx, monkeypatch):
     os.remove(d / f"captions.g{gen}.faiss")
     import faiss
 
-    monkeypatch.setattr(faiss, "write_index", lambda index, path: (_ for _ in ()).throw(RuntimeError(FAISS_ENOSPC.format(path))))
+    monkeypatch.setattr(
+        faiss, "write_index", lambda index, path: (_ for _ in ()).throw(RuntimeError(FAISS_ENOSPC.format(path)))
+    )
     r = CliRunner().invoke(main, ["verify", "--repair", "--index", str(d)])
     assert r.exit_code == 2 and "No space left on device" in error_line(r.stderr)
     assert "problem: captions: vector file" in r.stdout
@@ -165,7 +173,11 @@ def test_a_bug_is_not_disguised_as_a_disk_error(idx, monkeypatch):
     d, root, old, new = idx
     from retrieval.store import Store
 
-    monkeypatch.setattr(Store, "put_embeddings", lambda self, *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("no such column: vectorz")))
+    monkeypatch.setattr(
+        Store,
+        "put_embeddings",
+        lambda self, *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("no such column: vectorz")),
+    )
     r = CliRunner().invoke(main, ["index", str(root / "more"), "--index", str(d), "--workers", "0", "-q"])
     assert r.exit_code != 2 and isinstance(r.exception, sqlite3.OperationalError)
 
@@ -227,10 +239,16 @@ def test_real_full_tmpfs(tmpfs, golden, headroom_kib):
     assert r.wait() == 0, r.stderr
     snap = fk.snapshot(d)
     assert snap["problems"] == [] and snap["rows"] == 48
-    record = {"headroom_kib": headroom_kib, "exit_code": 2, "error": line.replace(str(d), "IDX"),
-              "rows_after_failure": after["rows"], "generation_after_failure": after["generation"],
-              "verify_after_failure": [p.split(" (")[0] for p in after["problems"]],
-              "resumed_rows": snap["rows"], "verify_after_resume": snap["problems"]}
+    record = {
+        "headroom_kib": headroom_kib,
+        "exit_code": 2,
+        "error": line.replace(str(d), "IDX"),
+        "rows_after_failure": after["rows"],
+        "generation_after_failure": after["generation"],
+        "verify_after_failure": [p.split(" (")[0] for p in after["problems"]],
+        "resumed_rows": snap["rows"],
+        "verify_after_resume": snap["problems"],
+    }
     print("\n" + json.dumps(record))
     if os.environ.get("FAULTS_OUT"):
         with open(os.path.join(os.environ["FAULTS_OUT"], "faults_diskfull.jsonl"), "a") as f:
@@ -253,7 +271,9 @@ def test_real_read_only_mount(golden, tmp_path):
         assert code == 2 and error_line(err) == f"error: index directory {d} is not writable"
         r = CliRunner().invoke(main, ["verify", "--index", str(d)])
         assert (r.exit_code, r.stdout) == (0, "ok\n"), r.output
-        r = CliRunner().invoke(main, ["search", "--image", str(old[3]), "--index", str(d), "--paths", "-k", "1", "--device", "cpu"])
+        r = CliRunner().invoke(
+            main, ["search", "--image", str(old[3]), "--index", str(d), "--paths", "-k", "1", "--device", "cpu"]
+        )
         assert (r.exit_code, r.stdout.strip()) == (0, str(old[3])), r.output
         r = CliRunner().invoke(main, ["verify", "--repair", "--index", str(d)])
         assert r.exit_code == 2 and "not writable" in error_line(r.stderr)

@@ -11,10 +11,10 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import build_index
 from PIL import Image, ImageEnhance
 
 from retrieval.cli import main
-from conftest import build_index
 from retrieval.duplicates import find_duplicates, leader_groups, neighbours
 from retrieval.index import Index
 
@@ -24,13 +24,16 @@ THRESHOLD = 0.98  # the starter model puts two different space photos at 0.96
 def _clustered(n_clusters=300, per=3, singles=2000, dim=64, noise=0.02, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters + singles, dim)).astype(np.float32)
-    vecs = [centres[:n_clusters].repeat(per, 0) + noise * rng.standard_normal((n_clusters * per, dim)), centres[n_clusters:]]
+    vecs = [
+        centres[:n_clusters].repeat(per, 0) + noise * rng.standard_normal((n_clusters * per, dim)),
+        centres[n_clusters:],
+    ]
     v = np.concatenate(vecs).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def _pairs(lims, ids):
-    return {(i, int(j)) for i in range(len(lims) - 1) for j in ids[lims[i]:lims[i + 1]]}
+    return {(i, int(j)) for i in range(len(lims) - 1) for j in ids[lims[i] : lims[i + 1]]}
 
 
 def test_ivf_range_search_finds_the_exact_pairs():
@@ -81,8 +84,10 @@ def _names(group):
 def test_groups_on_real_photos(library):
     with Index.open(library / "idx") as idx:
         groups = find_duplicates(idx, threshold=THRESHOLD)
-    assert [_names(g) for g in groups] == [["cat_chelsea.jpg", "cat_edit.jpg", "cat_small.jpg"],
-                                           ["coffee_copy.jpg", "coffee_cup.jpg"]]
+    assert [_names(g) for g in groups] == [
+        ["cat_chelsea.jpg", "cat_edit.jpg", "cat_small.jpg"],
+        ["coffee_copy.jpg", "coffee_cup.jpg"],
+    ]
     cat = groups[0].members
     assert cat[0].score == 1.0 and all(THRESHOLD <= m.score < 1.0 for m in cat[1:])
     assert (cat[0].width, cat[-1].width) == (451, 225)  # largest first, the half-size copy last
@@ -90,7 +95,9 @@ def test_groups_on_real_photos(library):
 
 
 def test_cli_duplicates_json(library):
-    r = CliRunner().invoke(main, ["duplicates", "--index", str(library / "idx"), "--threshold", str(THRESHOLD), "--json"])
+    r = CliRunner().invoke(
+        main, ["duplicates", "--index", str(library / "idx"), "--threshold", str(THRESHOLD), "--json"]
+    )
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in r.output.splitlines()]
     assert len(lines) == 2 and set(lines[0]["members"][0]) >= {"path", "id", "score"}
@@ -119,6 +126,9 @@ def test_http_duplicates(library):
         assert body["total"] == 2 and len(body["groups"][0]["members"]) == 3
         first = body["groups"][0]["members"][0]
         assert c.get(first["thumb"]).headers["content-type"] == "image/jpeg"
-        assert len(c.get("/api/duplicates", params={"threshold": THRESHOLD, "limit": 1, "offset": 1}).json()["groups"]) == 1
+        assert (
+            len(c.get("/api/duplicates", params={"threshold": THRESHOLD, "limit": 1, "offset": 1}).json()["groups"])
+            == 1
+        )
         assert c.get("/api/duplicates", params={"threshold": 0.1}).status_code == 422
         assert "duplicates.js" in c.get("/duplicates").text

@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_duplicates_benchmark_tiny(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "duplicates.py"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "duplicates.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reproduce: python benchmarks/duplicates.py --tiny" in proc.stdout
     r = json.loads((tmp_path / "duplicates.json").read_text())["result"]

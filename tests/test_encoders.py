@@ -90,7 +90,10 @@ def test_checkpoint_missing_a_parameter_is_refused(tmp_path):
     uninitialised memory: strict loading refuses the file instead."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().clone().contiguous() for k, v in load_encoder("tiny-clip:none", device="cpu").model.state_dict().items()}
+    state = {
+        k: v.detach().clone().contiguous()
+        for k, v in load_encoder("tiny-clip:none", device="cpu").model.state_dict().items()
+    }
     state.pop(next(k for k in state if k.startswith("visual.")))
     path = tmp_path / "partial.safetensors"
     save_file(state, str(path))
@@ -118,23 +121,29 @@ def test_offline_error_message(monkeypatch):
     assert "--model starter" in msg and "ARCH:/path/to/weights" in msg
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("", "empty"),
-    ("NoSuchArch:none", "unknown open_clip architecture"),
-    ("ViT-B-32:no_such_tag", "unknown pretrained tag"),
-    ("tiny-clip:/nonexistent/weights.safetensors", "weights file not found"),
-    ("tiny-clip", "names no weights"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("", "empty"),
+        ("NoSuchArch:none", "unknown open_clip architecture"),
+        ("ViT-B-32:no_such_tag", "unknown pretrained tag"),
+        ("tiny-clip:/nonexistent/weights.safetensors", "weights file not found"),
+        ("tiny-clip", "names no weights"),
+    ],
+)
 def test_bad_specs(spec, fragment):
     with pytest.raises(ModelSpecError, match=fragment):
         load_encoder(spec, device="cpu")
 
 
-@pytest.mark.parametrize("suffix, content", [
-    (".safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": trunc"),  # a cut-off download
-    (".pt", b"not a pickle at all"),
-    (".bin", b""),
-])
+@pytest.mark.parametrize(
+    "suffix, content",
+    [
+        (".safetensors", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": trunc'),  # a cut-off download
+        (".pt", b"not a pickle at all"),
+        (".bin", b""),
+    ],
+)
 def test_corrupt_weights_file_is_a_one_line_error(tmp_path, suffix, content):
     path = tmp_path / f"broken{suffix}"
     path.write_bytes(content)

@@ -102,9 +102,7 @@ def test_continuous_scores_multiple_positives():
 
 def test_small_hand_examples():
     scores = np.array([[3.0, 2.0, 1.0], [1.0, 1.0, 1.0], [5.0, 5.0, 4.0], [0.0, 0.0, 0.0]])
-    positives = np.array(
-        [[False, False, True], [False, False, True], [False, False, True], [False, False, False]]
-    )
+    positives = np.array([[False, False, True], [False, False, True], [False, False, True], [False, False, False]])
     # q0: positive ranked 3rd; q1: all tied -> rank 1; q2: positive below two tied -> rank 3; q3: no positive.
     assert recall_at_k(scores, positives, (1, 2, 3)) == {1: 0.25, 2: 0.25, 3: 0.75}
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import build_index
+from photo_files import make_dng, make_heic, make_pillow
 from PIL import Image
 
-from conftest import build_index
 from index_data.scan import scan
-from photo_files import make_dng, make_heic, make_pillow
 from retrieval.errors import ImageDecodeError
 from retrieval.images import load_image_with_size
 
@@ -77,7 +77,11 @@ def test_raw_next_to_a_jpeg_of_the_same_stem_is_left_out(tmp_path):
     files, problems = scan([d])
     assert problems == []
     assert sorted(os.path.relpath(f.path, d) for f in files) == [
-        "IMG_0001.JPG", "IMG_0002.dng", "IMG_0003.HEIC", "other/IMG_0001.dng"]
+        "IMG_0001.JPG",
+        "IMG_0002.dng",
+        "IMG_0003.HEIC",
+        "other/IMG_0001.dng",
+    ]
 
 
 def test_index_holds_every_format_and_records_bad_ones(tmp_path):

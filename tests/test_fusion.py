@@ -11,13 +11,21 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import build_index, write_photos
 
 from retrieval.cli import main
-from conftest import build_index, write_photos
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.fusion import FILE_RE, Fusion, fusion_files, load_fusion, save_fusion
-from retrieval.fusion_train import (PairData, TrainConfig, _torch_net, evaluate_fusion, install_fusion,
-                                    split_by_image, train_fusion, train_fusion_for_index)
+from retrieval.fusion_train import (
+    PairData,
+    TrainConfig,
+    _torch_net,
+    evaluate_fusion,
+    install_fusion,
+    split_by_image,
+    train_fusion,
+    train_fusion_for_index,
+)
 from retrieval.index import Index
 from retrieval.modelspec import ModelIdentity
 from retrieval.search import Searcher
@@ -49,7 +57,9 @@ def perturbed(fusion: Fusion, seed=1, scale=0.3, gate=0.3) -> Fusion:
     rng = np.random.default_rng(seed)
     p = {k: v.copy() for k, v in fusion.params.items()}
     for m in ("image", "text"):
-        p[f"{m}.up"] = (scale * rng.standard_normal(p[f"{m}.up"].shape) / np.sqrt(p[f"{m}.up"].shape[1])).astype(np.float32)
+        p[f"{m}.up"] = (scale * rng.standard_normal(p[f"{m}.up"].shape) / np.sqrt(p[f"{m}.up"].shape[1])).astype(
+            np.float32
+        )
         p[f"{m}.bias"] = (0.05 * rng.standard_normal(p[f"{m}.bias"].shape)).astype(np.float32)
     p["gate.bias"][:] = gate
     p["gate.weight"][:] = [0.2, -0.1]
@@ -67,7 +77,7 @@ def test_untrained_fusion_is_exactly_identity():
     f = Fusion.untrained(48)
     assert np.array_equal(f.query_image(x), x) and np.array_equal(f.query_text(t), t)
     assert np.array_equal(f.caption_vectors(t), t)
-    caps = [t[i: i + 3] if i % 2 else None for i in range(20)]
+    caps = [t[i : i + 3] if i % 2 else None for i in range(20)]
     assert np.array_equal(f.document_vectors(x, caps), x)
     for w in (0.0, 0.3, 0.5, 1.0):
         q = w * x + (1 - w) * t
@@ -170,10 +180,10 @@ def base_index(tmp_path_factory):
         with idx.store.transaction():
             for image_id, h in rows:
                 n = order[path_of[image_id].path]
-                idx.store.put_embeddings("image", [h], img[n: n + 1])
-                for cid, text in caps_of[image_id]:
+                idx.store.put_embeddings("image", [h], img[n : n + 1])
+                for _cid, text in caps_of[image_id]:
                     j = int(text.rsplit(" ", 1)[1])
-                    idx.store.put_embeddings("text", [text_hash(text)], txt[n * CAPS + j: n * CAPS + j + 1])
+                    idx.store.put_embeddings("text", [text_hash(text)], txt[n * CAPS + j : n * CAPS + j + 1])
         idx.sync_vectors(force_rebuild=True)
         assert idx.verify() == []
     return root
@@ -190,9 +200,15 @@ def _searches(d):
     """Text->image, text->captions, image->image and composite results: (id, score) lists."""
     with Searcher.open(d, device="cpu") as s:
         first = next(iter(s.index.store.iter_images())).path
-        out = [[(r.id, r.score) for r in s.search(k=10, dedupe=False, **q)] for q in (
-            {"text": "picture 3"}, {"text": "a red circle", "to": "captions"}, {"image": first},
-            {"text": "sunset", "image": first, "weight": 0.4})]
+        out = [
+            [(r.id, r.score) for r in s.search(k=10, dedupe=False, **q)]
+            for q in (
+                {"text": "picture 3"},
+                {"text": "a red circle", "to": "captions"},
+                {"image": first},
+                {"text": "sunset", "image": first, "weight": 0.4},
+            )
+        ]
     return out
 
 
@@ -311,7 +327,9 @@ def test_interrupted_rebuild_keeps_old_vectors_and_fusion(index_dir, monkeypatch
 def _snapshot(d):
     with Index.open(d) as idx:
         manifest = idx.store.manifest()
-    files = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir() if not p.name.startswith("meta.sqlite")}
+    files = {
+        p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir() if not p.name.startswith("meta.sqlite")
+    }
     return manifest, files
 
 
@@ -348,8 +366,10 @@ def test_cli_installs_and_later_images_get_the_fusion(index_dir, tmp_path):
         caps = idx.store.captions_for_images([i for i, _ in rows])
         from retrieval.store import text_hash
 
-        cap_vecs = [idx.store.get_embeddings("text", [text_hash(t) for _, t in caps[i]], idx.dim) if i in caps else None
-                    for i, _ in rows]
+        cap_vecs = [
+            idx.store.get_embeddings("text", [text_hash(t) for _, t in caps[i]], idx.dim) if i in caps else None
+            for i, _ in rows
+        ]
         assert sum(c is not None for c in cap_vecs) == 3
         expect = idx.fusion().document_vectors(raw, cap_vecs)
         vi = idx.vectors("images")

@@ -10,8 +10,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
-
 from conftest import build_index
 from corpus import (
     make_cmyk_jpeg,
@@ -22,6 +20,8 @@ from corpus import (
     make_truncated_jpeg,
     photo_array,
 )
+from PIL import Image, ImageOps
+
 from index_data import gpu_stream
 from index_data.decode import decode_stream
 from index_data.gpu_decode import GpuDecodeConfig, apply_orientation, probe_and_read
@@ -125,7 +125,9 @@ def test_decode_jpeg_refusal_falls_back(tmp_path, tiny_encoder):
     good = [str(make_jpeg(tmp_path / f"g{i}.jpg", (96, 64), seed=i)) for i in range(3)]
     data = bytearray((tmp_path / "g0.jpg").read_bytes())
     sos = data.index(b"\xff\xda")
-    data[sos + 20 : len(data) - 2] = b"\xff\x00" * ((len(data) - 2 - sos - 20) // 2) + b"\x00" * ((len(data) - 2 - sos - 20) % 2)
+    data[sos + 20 : len(data) - 2] = b"\xff\x00" * ((len(data) - 2 - sos - 20) // 2) + b"\x00" * (
+        (len(data) - 2 - sos - 20) % 2
+    )
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(bytes(data))
     paths = good[:2] + [str(bad)] + good[2:]
@@ -215,8 +217,23 @@ def test_cli_index_decode_gpu(tmp_path):
     make_jpeg(folder / "a.jpg", (120, 90), seed=1)
     make_png(folder / "b.png", (120, 90), seed=2)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "cli.py"), "index", str(folder), "--index", str(tmp_path / "i"),
-           "--model", "tiny-clip:none", "--device", "cpu", "--decode", "gpu", "--workers", "0", "-q"]
+    cmd = [
+        sys.executable,
+        os.path.join(root, "cli.py"),
+        "index",
+        str(folder),
+        "--index",
+        str(tmp_path / "i"),
+        "--model",
+        "tiny-clip:none",
+        "--device",
+        "cpu",
+        "--decode",
+        "gpu",
+        "--workers",
+        "0",
+        "-q",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "2 images indexed: 2 encoded" in p.stderr
@@ -290,8 +307,12 @@ def test_pil_path_worker_crash_costs_only_that_file(tmp_path, tiny_encoder, monk
         return real(path, *a, **kw)
 
     monkeypatch.setattr(D, "load_image_with_size", crash_on_marker)  # inherited by forked workers
-    paths = [str(make_png(tmp_path / "a.png", (60, 40), seed=1)), str(make_png(tmp_path / "crash.png", (60, 40))),
-             str(make_jpeg(tmp_path / "b.jpg", (60, 40), seed=2)), str(make_png(tmp_path / "c.png", (60, 40), seed=3))]
+    paths = [
+        str(make_png(tmp_path / "a.png", (60, 40), seed=1)),
+        str(make_png(tmp_path / "crash.png", (60, 40))),
+        str(make_jpeg(tmp_path / "b.jpg", (60, 40), seed=2)),
+        str(make_png(tmp_path / "c.png", (60, 40), seed=3)),
+    ]
     results, stats = run(gpu_decode_stream, paths, tiny_encoder, workers=1, start_method="fork")
     assert [r.ok for r in results] == [True, False, True, True]
     assert "crashed" in results[1].error

@@ -50,8 +50,13 @@ def test_damaged_vector_file_names_verify_repair(tmp_path, damage):
     (vec,) = (tmp_path / "idx").glob("images.g*.faiss")
     data = vec.read_bytes()
     at = len(data) - _FOOTER.size - 1  # the last byte the checksum covers
-    vec.write_bytes({"truncate": data[: len(data) // 2], "append": data + b"junk",
-                     "garble": data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]}[damage])
+    vec.write_bytes(
+        {
+            "truncate": data[: len(data) // 2],
+            "append": data + b"junk",
+            "garble": data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :],
+        }[damage]
+    )
     out = one_line_error(run("search", "a photo", "--index", tmp_path / "idx"))
     assert "verify --repair" in out and vec.name in out
     from fastapi.testclient import TestClient
@@ -126,14 +131,33 @@ def test_under_is_a_folder_prefix_not_a_string_prefix(indexed):
     r = run("search", "a photo", "--index", indexed / "idx", "--under", indexed / "photos", "-k", "50", "--paths")
     paths = r.output.splitlines()
     assert len(paths) == 9 and all(p.startswith(str(indexed / "photos") + "/") for p in paths)
-    r = run("search", "a photo", "--index", indexed / "idx", "--under", str(indexed / "photos") + "/", "-k", "50",
-            "--paths")
+    r = run(
+        "search", "a photo", "--index", indexed / "idx", "--under", str(indexed / "photos") + "/", "-k", "50", "--paths"
+    )
     assert len(r.output.splitlines()) == 9
-    r = run("search", "a photo", "--index", indexed / "idx", "--under", indexed / "photos" / "sub", "-k", "50",
-            "--paths", "--glob", "*_0051.jpg")
+    r = run(
+        "search",
+        "a photo",
+        "--index",
+        indexed / "idx",
+        "--under",
+        indexed / "photos" / "sub",
+        "-k",
+        "50",
+        "--paths",
+        "--glob",
+        "*_0051.jpg",
+    )
     assert r.output.splitlines() == [str(indexed / "photos" / "sub" / "img_0051.jpg")]
-    r = run("search", "a photo", "--index", indexed / "idx", "--under", indexed / "photos" / "sub" / "img_0050.jpg",
-            "--paths")
+    r = run(
+        "search",
+        "a photo",
+        "--index",
+        indexed / "idx",
+        "--under",
+        indexed / "photos" / "sub" / "img_0050.jpg",
+        "--paths",
+    )
     assert r.output.splitlines() == [str(indexed / "photos" / "sub" / "img_0050.jpg")]
 
 
@@ -146,8 +170,9 @@ def test_under_reads_only_the_rows_under_the_folder(indexed):
         assert len(s.search("a photo", under=str(indexed / "photos" / "sub"), k=50)) == 3
         assert len(s.search("a photo", under=str(indexed / "photos" / "sub"), to="captions", k=50)) == 1
         conn.set_trace_callback(None)
-        filters = [q for q in seen if "path_raw" in q and q.lstrip().upper().startswith("SELECT")
-                   and "WHERE id IN" not in q]
+        filters = [
+            q for q in seen if "path_raw" in q and q.lstrip().upper().startswith("SELECT") and "WHERE id IN" not in q
+        ]
         assert len(filters) == 2, seen
         for q in filters:
             plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + q)]
@@ -257,8 +282,10 @@ def test_errors_table_of_an_older_index_is_migrated(tmp_path):
     write_photos(tmp_path / "p", 1)
     build_index(tmp_path / "idx", [tmp_path / "p"])
     db = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
-    db.executescript("DROP TABLE errors; CREATE TABLE errors (id INTEGER PRIMARY KEY, path TEXT, path_raw BLOB, "
-                     "reason TEXT, at FLOAT); CREATE UNIQUE INDEX idx_errors_path_raw ON errors (path_raw);")
+    db.executescript(
+        "DROP TABLE errors; CREATE TABLE errors (id INTEGER PRIMARY KEY, path TEXT, path_raw BLOB, "
+        "reason TEXT, at FLOAT); CREATE UNIQUE INDEX idx_errors_path_raw ON errors (path_raw);"
+    )
     db.close()
     (tmp_path / "p" / "broken.png").write_bytes(b"garbage")
     r = build_index(tmp_path / "idx", [tmp_path / "p"], model=None)
@@ -297,8 +324,12 @@ def test_index_directory_inside_the_photo_folder_is_never_scanned(tmp_path):
 def test_failed_index_creates_nothing(tmp_path, case):
     write_photos(tmp_path / "p", 1)
     idx = tmp_path / "new" / "idx"
-    args = {"no-path": [], "missing-path": [tmp_path / "nope"],
-            "bad-model": [tmp_path / "p", "--model", "::"], "unknown-model": [tmp_path / "p", "--model", "no-such-arch:none"]}[case]
+    args = {
+        "no-path": [],
+        "missing-path": [tmp_path / "nope"],
+        "bad-model": [tmp_path / "p", "--model", "::"],
+        "unknown-model": [tmp_path / "p", "--model", "no-such-arch:none"],
+    }[case]
     r = run("index", *args, "--index", idx, "--workers", "0", "-q", "--device", "cpu")
     one_line_error(r)
     assert not (tmp_path / "new").exists()

@@ -24,15 +24,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 import faultkit as fk
+import pytest
 from conftest import draw_scene, write_photos
+
 from retrieval.index import Index
 
 SEED = 11
 # (phase, how many cases); "time" is a kill after a random delay, "time-cli" the same on `python cli.py`
-PLAN = [("decode", 4), ("encode", 4), ("sqlite_commit", 4), ("faiss_write", 3), ("publish", 2), ("time", 6), ("time-cli", 1)]
+PLAN = [
+    ("decode", 4),
+    ("encode", 4),
+    ("sqlite_commit", 4),
+    ("faiss_write", 3),
+    ("publish", 2),
+    ("time", 6),
+    ("time-cli", 1),
+]
 PHASES = ("decode", "encode", "sqlite_commit", "faiss_write", "publish")
 
 
@@ -213,12 +221,23 @@ def test_kill_at_random_points_and_resume(world):
         "seconds": round(time.monotonic() - t0, 1),
         "table": cases,
     }
-    print(f"\nkill suite: {summary['headline']} ({len(cases)} cases, {len(killed)} SIGKILLed mid-run; by phase {summary['by_phase']}; "
-          f"time-based kills landed after {summary['landed_after']}; {summary['seconds']} s)")
+    print(
+        f"\nkill suite: {summary['headline']} ({len(cases)} cases, {len(killed)} SIGKILLed mid-run; by phase "
+        f"{summary['by_phase']}; "
+        f"time-based kills landed after {summary['landed_after']}; {summary['seconds']} s)"
+    )
     for c in cases:
-        where = f"{c['phase']} #{c['hit']}/{c['of']}" if "hit" in c else f"{c['phase']} +{c['delay_s']}s: after {c['landed']}"
-        print(f"  {c['start']:<11} {where:<40} rc={c['rc']:<4} {c['run_s']:5.2f}s  resume={c['resume_rc']} {c['resume_s']:5.2f}s check {c['check_s']:4.2f}s pend {c['pending_check_s']:4.2f}s all {c['case_s']:5.2f}s "
-              f"{'ok' if c['survived'] else 'FAILED: ' + '; '.join(c['failures'])}")
+        where = (
+            f"{c['phase']} #{c['hit']}/{c['of']}"
+            if "hit" in c
+            else f"{c['phase']} +{c['delay_s']}s: after {c['landed']}"
+        )
+        print(
+            f"  {c['start']:<11} {where:<40} rc={c['rc']:<4} {c['run_s']:5.2f}s  resume={c['resume_rc']} "
+            f"{c['resume_s']:5.2f}s check {c['check_s']:4.2f}s pend {c['pending_check_s']:4.2f}s "
+            f"all {c['case_s']:5.2f}s "
+            f"{'ok' if c['survived'] else 'FAILED: ' + '; '.join(c['failures'])}"
+        )
     out = os.environ.get("FAULTS_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -248,7 +267,10 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_it(tmp_path):
     snap = fk.snapshot(d)
     assert snap["problems"] == [] and 0 < snap["rows"] < 48, (snap["problems"], snap["rows"])
     assert snap["rows"] % 8 == 0  # whole batches only
-    print(f"\nctrl-c: exit 130, {snap['rows']} of 48 images kept and published (generation {snap['generation']}), verify clean")
+    print(
+        f"\nctrl-c: exit 130, {snap['rows']} of 48 images kept and published (generation {snap['generation']}), "
+        f"verify clean"
+    )
     rerun = fk.zygote().start(argv, tmp_path / "logs")
     assert rerun.wait() == 0, rerun.stderr
     snap2 = fk.snapshot(d)

@@ -46,8 +46,11 @@ def world(tmp_path_factory):
     for model in (fk.TINY, OTHER):  # how often each checkpoint is reached by an uninterrupted rebuild
         d, trace = root / f"ref_{model[:11]}", root / f"trace_{model[:11]}"
         shutil.copytree(base, d)
-        r = z.start(fk.index_argv([folder], d, "--rebuild", model=model), root / "logs",
-                    env=fk.child_env(RETRIEVAL_FAULT_TRACE=trace))
+        r = z.start(
+            fk.index_argv([folder], d, "--rebuild", model=model),
+            root / "logs",
+            env=fk.child_env(RETRIEVAL_FAULT_TRACE=trace),
+        )
         assert r.wait() == 0, r.stderr
         hits[model] = _counts(trace)
         snap = fk.snapshot(d)
@@ -80,8 +83,10 @@ def _case(w, i: int, model: str, point: str) -> dict:
     if snap["problems"]:
         failures.append(f"after kill, verify: {snap['problems']}")
     if snap["images"] != w["ref"]["images"] or snap["captions"] != w["ref"]["captions"]:
-        failures.append(f"after kill, {len(snap['images'])} of {len(w['ref']['images'])} images, "
-                        f"{len(snap['captions'])} of {len(w['ref']['captions'])} captions")
+        failures.append(
+            f"after kill, {len(snap['images'])} of {len(w['ref']['images'])} images, "
+            f"{len(snap['captions'])} of {len(w['ref']['captions'])} captions"
+        )
     case["model_after_kill"] = _model(d)
     if case["model_after_kill"] != fk.TINY:
         failures.append(f"after kill the index uses {case['model_after_kill']}")
@@ -117,16 +122,27 @@ def test_kill_during_rebuild_keeps_the_old_index_and_resumes(world):
         for point in POINTS:
             cases.append(_case(world, len(cases), model, point))
     for c in cases:
-        print(f"  {c['model']:<17} kill at {c['kill_at']:<20} rc={c['rc']} staging left={c['staging_left']} "
-              f"resume={c['resume_rc']} {'ok' if not c['failures'] else 'FAILED: ' + '; '.join(c['failures'])}")
+        print(
+            f"  {c['model']:<17} kill at {c['kill_at']:<20} rc={c['rc']} staging left={c['staging_left']} "
+            f"resume={c['resume_rc']} {'ok' if not c['failures'] else 'FAILED: ' + '; '.join(c['failures'])}"
+        )
     survived = sum(not c["failures"] for c in cases)
     print(f"\nkilled rebuild: {survived} of {len(cases)} survived (same model and {OTHER})")
     out = os.environ.get("FAULTS_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "faults_kill_rebuild.json").write_text(json.dumps(
-            {"machine": "2-core CPU (no GPU)", "corpus": "20 JPEGs 96x72, 3 sidecar captions, batch 8",
-             "headline": f"{survived} of {len(cases)} survived", "table": cases}, indent=1) + "\n")
+        (Path(out) / "faults_kill_rebuild.json").write_text(
+            json.dumps(
+                {
+                    "machine": "2-core CPU (no GPU)",
+                    "corpus": "20 JPEGs 96x72, 3 sidecar captions, batch 8",
+                    "headline": f"{survived} of {len(cases)} survived",
+                    "table": cases,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     assert all(not c["failures"] for c in cases), [c for c in cases if c["failures"]]
 
 
@@ -152,12 +168,18 @@ def test_a_reader_searching_through_a_rebuild_never_fails(world, tmp_path):
     shutil.copytree(world["base"], d)
     proc, out, stop = fk.start_reader(d, tmp_path / "reader")
     try:
-        r = fk.zygote().start(fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER), tmp_path / "logs",
-                              env=fk.child_env(RETRIEVAL_FAULT="encode:1:sleep=0.2"))  # a rebuild that takes a while
+        r = fk.zygote().start(
+            fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER),
+            tmp_path / "logs",
+            env=fk.child_env(RETRIEVAL_FAULT="encode:1:sleep=0.2"),
+        )  # a rebuild that takes a while
         assert r.wait() == 0, r.stderr
         deadline = time.monotonic() + 60
-        while not any('"dim": 32' in x for x in out.read_text().splitlines()) and proc.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not any('"dim": 32' in x for x in out.read_text().splitlines())
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
     finally:
         stop.touch()
@@ -253,8 +275,11 @@ def test_a_failed_rebuild_creates_nothing_and_keeps_a_resumable_staging(world, t
     with pytest.raises(RetrievalError, match="no such file"):  # no index there: nothing created either
         run_index(tmp_path / "new", IndexOptions(paths=[str(tmp_path / "nope")], **opts))
     assert not (tmp_path / "new").exists()
-    r = fk.zygote().start(fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER), tmp_path / "logs",
-                          env=fk.child_env(RETRIEVAL_FAULT="encode:2"))
+    r = fk.zygote().start(
+        fk.index_argv([world["folder"]], d, "--rebuild", model=OTHER),
+        tmp_path / "logs",
+        env=fk.child_env(RETRIEVAL_FAULT="encode:2"),
+    )
     assert r.wait() == -signal.SIGKILL
     with pytest.raises(RetrievalError, match="no such file"):
         run_index(d, IndexOptions(paths=[str(world["folder"]), str(tmp_path / "nope")], **opts))

@@ -6,7 +6,6 @@ The Makefile's `browser` step runs here with a PATH that holds only small stand-
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,15 +28,19 @@ def _make_browser(tmp_path, *, uid: int, sudo: bool | None, apt: bool = True, br
     log = tmp_path / "calls.log"
     _tool(bin_, "id", f"echo {uid}")
     if sudo is not None:
-        _tool(bin_, "sudo", f'if [ "$1" = -n ] && [ "$2" = true ]; then exit {0 if sudo else 1}; fi\n'
-                            f'echo "sudo $*" >> {log}\n"$@"')
+        _tool(
+            bin_,
+            "sudo",
+            f'if [ "$1" = -n ] && [ "$2" = true ]; then exit {0 if sudo else 1}; fi\necho "sudo $*" >> {log}\n"$@"',
+        )
     if apt:
         _tool(bin_, "apt-get", f'echo "apt-get $*" >> {log}')
     if browser:
         _tool(bin_, "chromium", "exit 0")
         _tool(bin_, "chromedriver", "exit 0")
-    r = subprocess.run([MAKE, "-s", "-C", str(ROOT), "browser"], env={"PATH": str(bin_)}, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [MAKE, "-s", "-C", str(ROOT), "browser"], env={"PATH": str(bin_)}, capture_output=True, text=True, timeout=60
+    )
     calls = log.read_text().splitlines() if log.exists() else []
     return r, calls
 
@@ -73,8 +76,9 @@ def test_present_browser_needs_nothing(tmp_path):
 
 
 def test_test_target_checks_the_browser_before_installing_anything():
-    out = subprocess.run([MAKE, "-n", "-C", str(ROOT), "test", "VENV=/nonexistent-venv"], capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        [MAKE, "-n", "-C", str(ROOT), "test", "VENV=/nonexistent-venv"], capture_output=True, text=True, timeout=60
+    ).stdout
     assert out.index("chromedriver") < out.index("python3 -m venv")
     assert "pytest" in out
     ci = (ROOT / ".ci" / "run").read_text()

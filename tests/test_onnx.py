@@ -32,12 +32,20 @@ def _env(**extra) -> dict:
 
 
 def _py(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=300
+    )
 
 
 def _cli(*args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          env=_env(**env), cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +76,9 @@ def test_export_matches_torch_with_dynamic_batch_and_length(tiny_encoder, tiny_e
     np.testing.assert_allclose(enc.encode_texts(texts), ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(enc.encode_texts(texts[1:2]), ref[1:2], atol=1e-5, rtol=0)
     pixels = np.random.default_rng(3).standard_normal((5, 3, 32, 32)).astype(np.float32)
-    np.testing.assert_allclose(enc.encode_image_tensors(pixels), tiny_encoder.encode_image_tensors(torch.from_numpy(pixels)),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        enc.encode_image_tensors(pixels), tiny_encoder.encode_image_tensors(torch.from_numpy(pixels)), atol=1e-5, rtol=0
+    )
 
 
 def test_preprocessing_equals_open_clips(tiny_encoder, tiny_export):
@@ -127,18 +136,32 @@ print(json.dumps(out))
 
 def test_every_query_path_runs_without_torch(onnx_index, tiny_encoder):
     idx, photo = onnx_index / "idx", onnx_index / "photos" / "img_0003.jpg"
-    p = subprocess.run([sys.executable, "-c", QUERY, str(idx), str(photo)], capture_output=True, text=True,
-                       env=_env(), cwd=ROOT, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", QUERY, str(idx), str(photo)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["torch"] == [] and out["runtime"] == "onnx", out
     assert out["serve"] == 200 and out["serve_image"] == 200, out
     assert out["image"][0] == 4 and len(out["captions"]) == 2  # the photo itself first (ids start at 1)
-    for args in (["a red circle"], ["--image", str(photo)], ["a red circle", "--image", str(photo)],
-                 ["a blue square", "--to", "captions"]):
+    for args in (
+        ["a red circle"],
+        ["--image", str(photo)],
+        ["a red circle", "--image", str(photo)],
+        ["a blue square", "--to", "captions"],
+    ):
         r = _cli("search", *args, "--index", str(idx), "--json", "-k", "3", PYTHONPROFILEIMPORTTIME="1")
         assert r.returncode == 0, r.stderr[-2000:]
-        heavy = [ln for ln in r.stderr.splitlines() if ln.startswith("import time:") and ln.split("|")[-1].strip().split(".")[0] in ("torch", "open_clip")]
+        heavy = [
+            ln
+            for ln in r.stderr.splitlines()
+            if ln.startswith("import time:") and ln.split("|")[-1].strip().split(".")[0] in ("torch", "open_clip")
+        ]
         assert heavy == [], heavy[:3]
     # the same top results as the torch encoder, scores within 1e-5
     from retrieval.search import Searcher
@@ -156,11 +179,18 @@ def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_exp
     code = (
         "import sys\n"
         "from index_data.pipeline import IndexOptions, run_index\n"
-        f"r = run_index(sys.argv[1], IndexOptions(paths=[sys.argv[2]], model='{TINY}', workers=1, progress=False, device='cpu'))\n"
+        f"r = run_index(sys.argv[1], IndexOptions(paths=[sys.argv[2]], model='{TINY}', workers=1, "
+        f"progress=False, device='cpu'))\n"
         "print(r.encoded, [m for m in ('torch', 'open_clip') if m in sys.modules])\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx"), str(tmp_path / "photos")],
-                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "idx"), str(tmp_path / "photos")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split()[0] == "5" and p.stdout.strip().endswith("[]"), p.stdout
     db = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
@@ -183,8 +213,18 @@ def test_onnx_and_torch_runtimes_store_the_same_vectors(tmp_path, tiny_export):
             vecs[rt + "-text"] = idx.store.get_embeddings("text", [h for _, h in caps], idx.dim)
     np.testing.assert_allclose(vecs["onnx"], vecs["torch"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(vecs["onnx-text"], vecs["torch-text"], atol=1e-5, rtol=0)
-    r = _cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "x"), "--model", TINY,
-             "--runtime", "onnx", "--device", "cuda")
+    r = _cli(
+        "index",
+        str(tmp_path / "photos"),
+        "--index",
+        str(tmp_path / "x"),
+        "--model",
+        TINY,
+        "--runtime",
+        "onnx",
+        "--device",
+        "cuda",
+    )
     assert r.returncode == 2 and "--runtime onnx runs on the CPU" in r.stderr
 
 
@@ -205,7 +245,9 @@ def _search(index, monkeypatch, cache, **query):
         return [r.id for r in s.search(k=2, **query)], s.index._encoder
 
 
-def test_damaged_export_is_reported_once_and_queries_still_answer(onnx_index, tmp_path, tiny_export, monkeypatch, capsys):
+def test_damaged_export_is_reported_once_and_queries_still_answer(
+    onnx_index, tmp_path, tiny_export, monkeypatch, capsys
+):
     cache = _private_cache(tmp_path, tiny_export)
     mine = cache / "onnx" / tiny_export.name
     image = mine / "image.onnx"
@@ -233,8 +275,16 @@ def test_killed_export_leaves_nothing_that_is_used(tmp_path, onnx_index):
     from retrieval.onnx_runtime import load_for_identity
 
     cache = tmp_path / "cache"
-    r = _cli("index", str(onnx_index / "photos"), "--index", str(tmp_path / "idx"), "--model", TINY, "-q",
-             **{ENV_CACHE: str(cache), "RETRIEVAL_FAULT": "onnx_export:1"})
+    r = _cli(
+        "index",
+        str(onnx_index / "photos"),
+        "--index",
+        str(tmp_path / "idx"),
+        "--model",
+        TINY,
+        "-q",
+        **{ENV_CACHE: str(cache), "RETRIEVAL_FAULT": "onnx_export:1"},
+    )
     assert r.returncode == -9
     left = [p.name for p in (cache / "onnx").iterdir()]
     assert len(left) == 1 and left[0].startswith(".") and left[0].endswith(".tmp")  # only the temp directory
@@ -274,8 +324,11 @@ def test_index_of_the_older_layout_answers_and_is_migrated(tmp_path, tiny_export
     with db:
         db.execute("DELETE FROM manifest WHERE key = 'onnx_export'")
     db.close()
-    for name, blob in (("text_encoder.json", b'{"format": "retrieval-text-encoder", "version": 2}'),
-                       ("text_encoder.safetensors", b"\0" * 64), ("text_encoder.bpe.txt", b"a b\n")):
+    for name, blob in (
+        ("text_encoder.json", b'{"format": "retrieval-text-encoder", "version": 2}'),
+        ("text_encoder.safetensors", b"\0" * 64),
+        ("text_encoder.bpe.txt", b"a b\n"),
+    ):
         (idx / name).write_bytes(blob)
     for cache, runtime in ((cache_root().parent, "onnx"), (tmp_path / "empty", "torch")):  # export in the cache, or not
         ids, enc = _search(idx, monkeypatch, cache, text="a photo")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import build_index, draw_scene
+from photo_files import make_exif_jpeg
 from PIL import Image
 
 from retrieval.cli import main
-from conftest import build_index, draw_scene
-from photo_files import make_exif_jpeg
 from retrieval.errors import EmptyIndexError, RetrievalError
 from retrieval.exif import read_meta
 from retrieval.photo_filters import PhotoFilter, haversine_km
@@ -54,8 +54,14 @@ def names(results):
 
 
 def test_read_meta_from_exif(tmp_path):
-    p = make_exif_jpeg(tmp_path / "a.jpg", taken=datetime(2019, 7, 14, 10, 30, 5), make="NIKON CORPORATION",
-                       model="NIKON Z 6", lens="NIKKOR Z 24-70mm f/4 S", gps=(-33.8568, 151.2153))
+    p = make_exif_jpeg(
+        tmp_path / "a.jpg",
+        taken=datetime(2019, 7, 14, 10, 30, 5),
+        make="NIKON CORPORATION",
+        model="NIKON Z 6",
+        lens="NIKKOR Z 24-70mm f/4 S",
+        gps=(-33.8568, 151.2153),
+    )
     m = read_meta(str(p), os.stat(p).st_mtime_ns)
     assert (m.taken_at, m.taken_source) == ("2019-07-14T10:30:05", "exif")
     assert (m.camera_make, m.camera_model, m.lens) == ("NIKON CORPORATION", "NIKON Z 6", "NIKKOR Z 24-70mm f/4 S")
@@ -99,8 +105,11 @@ def test_date_filters_are_inclusive_periods(library):
     with Searcher.open(library / "idx", device="cpu") as s:
         summer = s.search("a photo", k=50, after="2019-07", before="2019-08")
         assert names(summer) == ["r5_paris_2019_07.jpg", "r5_paris_2019_08.jpg"]  # 23:59 on Aug 31 is in
-        assert names(s.search("a photo", k=50, after="2019-09-01")) == ["iphone_2020.jpg", "iphone_2021.jpg",
-                                                                          "r5_rome_2019_09.jpg"]
+        assert names(s.search("a photo", k=50, after="2019-09-01")) == [
+            "iphone_2020.jpg",
+            "iphone_2021.jpg",
+            "r5_rome_2019_09.jpg",
+        ]
         assert names(s.search("a photo", k=50, before="2018")) == ["no_exif.png", "x100_2018.jpg"]  # mtime: 2017
         r = s.search("a photo", k=50, after="2019-07-14T10:30")
         assert "r5_paris_2019_07.jpg" in names(r)
@@ -118,7 +127,12 @@ def test_camera_and_place_filters_and_fields(library):
         assert names(both) == ["iphone_2020.jpg"]
         r = both[0]
         assert (r.taken_at, r.taken_source, r.camera_make, r.camera_model, r.lens) == (
-            "2020-03-01T08:00:00", "exif", "Apple", "iPhone 12", "iPhone 12 back camera")
+            "2020-03-01T08:00:00",
+            "exif",
+            "Apple",
+            "iPhone 12",
+            "iPhone 12 back camera",
+        )
         assert r.gps_lat == pytest.approx(ROME[0], abs=1e-4)
         # k results when k match: 3 Canon photos, k=2 gives exactly 2 and they are the best-scoring Canon ones
         top = s.search("a photo", k=2, camera="canon")
@@ -129,8 +143,15 @@ def test_camera_and_place_filters_and_fields(library):
 
 
 def test_bad_filter_values_are_one_line_errors():
-    for kw in ({"after": "last summer"}, {"before": "2019-13"}, {"near": "48.8"}, {"near": "95,0"},
-               {"km": 3}, {"near": "1,2", "km": -1}, {"after": "2020", "before": "2019"}):
+    for kw in (
+        {"after": "last summer"},
+        {"before": "2019-13"},
+        {"near": "48.8"},
+        {"near": "95,0"},
+        {"km": 3},
+        {"near": "1,2", "km": -1},
+        {"after": "2020", "before": "2019"},
+    ):
         with pytest.raises(RetrievalError) as e:
             PhotoFilter.make(**kw)
         assert "\n" not in str(e.value)
@@ -169,14 +190,16 @@ def test_old_index_is_migrated_on_the_next_run_without_re_encoding(tmp_path):
 
 def test_cli_filters_and_json_fields(library):
     run = CliRunner().invoke
-    r = run(main, ["search", "a photo", "--index", str(library / "idx"), "--camera", "iPhone", "--after", "2021",
-                   "--json"])
+    r = run(
+        main, ["search", "a photo", "--index", str(library / "idx"), "--camera", "iPhone", "--after", "2021", "--json"]
+    )
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.output.splitlines()]
     assert len(rows) == 1 and rows[0]["camera_model"] == "iPhone 12" and rows[0]["taken_at"] == "2021-06-01T08:00:00"
     assert rows[0]["taken_source"] == "exif"
-    r = run(main, ["search", "a photo", "--index", str(library / "idx"), "--near", "48.8584,2.2945", "--km", "2",
-                   "--paths"])
+    r = run(
+        main, ["search", "a photo", "--index", str(library / "idx"), "--near", "48.8584,2.2945", "--km", "2", "--paths"]
+    )
     assert r.exit_code == 0 and len(r.output.splitlines()) == 2
     r = run(main, ["search", "a photo", "--index", str(library / "idx"), "--camera", "leica"])
     assert r.exit_code == 1  # no results
@@ -196,8 +219,10 @@ def test_http_filters(library):
         assert sorted(Path(r["path"]).name for r in got) == ["r5_paris_2019_07.jpg", "r5_paris_2019_08.jpg"]
         assert got[0]["camera_make"] == "Canon" and got[0]["taken_at"].startswith("2019-")
         resp = c.get("/api/search", params={"q": "a photo", "near": "41.89,12.49", "km": 1})
-        assert sorted(Path(r["path"]).name for r in resp.json()["results"]) == ["iphone_2020.jpg",
-                                                                                  "r5_rome_2019_09.jpg"]
+        assert sorted(Path(r["path"]).name for r in resp.json()["results"]) == [
+            "iphone_2020.jpg",
+            "r5_rome_2019_09.jpg",
+        ]
         # more like an indexed image, filtered
         first = got[0]["id"]
         resp = c.get("/api/search", params={"id": first, "camera": "apple"})

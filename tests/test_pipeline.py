@@ -3,11 +3,10 @@
 import os
 import shutil
 
-import numpy as np
 import pytest
+from conftest import TINY, build_index, draw_scene, write_photos
 from PIL import Image
 
-from conftest import TINY, build_index, draw_scene, write_photos
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.index import Index
 from retrieval.search import Searcher
@@ -127,7 +126,6 @@ def test_model_is_recorded_and_mismatch_refused(tmp_path):
 
 
 def test_rebuild_with_other_model(tmp_path, monkeypatch):
-    from retrieval import encoders
 
     write_photos(tmp_path / "p", 3)
     build_index(tmp_path / "idx", [tmp_path / "p"])
@@ -143,7 +141,9 @@ def test_caption_corpus_and_sidecars(tmp_path):
     write_photos(folder, 3)
     (folder / "img_0000.jpg.txt").write_text("a sidecar caption\nanother line\n")
     corpus = tmp_path / "caps.csv"
-    corpus.write_text('image,caption\np/img_0001.jpg,"red, with ""quotes"""\np/img_0001.jpg,second caption\np/img_0002.jpg,third\n')
+    corpus.write_text(
+        'image,caption\np/img_0001.jpg,"red, with ""quotes"""\np/img_0001.jpg,second caption\np/img_0002.jpg,third\n'
+    )
     build_index(tmp_path / "idx", [folder], captions_file=str(corpus))
     with Index.open(tmp_path / "idx") as idx:
         rows = {r.path: r.id for r in idx.store.iter_images()}
@@ -216,7 +216,9 @@ def test_images_missing_from_a_caption_file_are_recorded_not_fatal(tmp_path):
     corpus.write_text("image,caption\np/img_0000.jpg,first\np/not_downloaded.jpg,gone\np/img_0001.jpg,second\n")
     r = build_index(tmp_path / "idx", [], captions_file=str(corpus))
     assert r.images_total == 2 and r.captions_added == 2
-    assert [(os.path.basename(p), why) for p, why in r.errors] == [("not_downloaded.jpg", "listed in caps.csv but not found")]
+    assert [(os.path.basename(p), why) for p, why in r.errors] == [
+        ("not_downloaded.jpg", "listed in caps.csv but not found")
+    ]
     with Index.open(tmp_path / "idx") as idx:
         assert [os.path.basename(p) for p, _ in idx.store.errors()] == ["not_downloaded.jpg"]
 

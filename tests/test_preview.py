@@ -9,11 +9,11 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from conftest import build_index, write_photos
+from photo_files import make_heic
 from PIL import Image
 
 from retrieval.cli import main
-from conftest import build_index, write_photos
-from photo_files import make_heic
 from retrieval.preview import detect, iterm2_escape, kitty_escape, thumbnail_png
 
 KITTY = re.compile(r"\x1b_G([^;]*);([A-Za-z0-9+/=]*)\x1b\\")
@@ -38,19 +38,22 @@ def decode_iterm2(text: str):
     return args, Image.open(io.BytesIO(data))
 
 
-@pytest.mark.parametrize("env,protocol", [
-    ({"TERM": "xterm-kitty"}, "kitty"),
-    ({"TERM": "xterm-256color", "KITTY_WINDOW_ID": "3"}, "kitty"),
-    ({"TERM_PROGRAM": "ghostty"}, "kitty"),
-    ({"TERM_PROGRAM": "iTerm.app"}, "iterm2"),
-    ({"TERM_PROGRAM": "WezTerm"}, "iterm2"),
-    ({"LC_TERMINAL": "iTerm2", "TERM": "xterm-256color"}, "iterm2"),
-    ({"KONSOLE_VERSION": "230402"}, "kitty"),
-    ({"TERM": "xterm-256color"}, None),
-    ({"TERM": "xterm-kitty", "TMUX": "/tmp/tmux-1/default,1,0"}, None),
-    ({"TERM": "xterm-256color", "RETRIEVAL_PREVIEW": "iterm2"}, "iterm2"),
-    ({"TERM": "xterm-kitty", "RETRIEVAL_PREVIEW": "none"}, None),
-])
+@pytest.mark.parametrize(
+    "env,protocol",
+    [
+        ({"TERM": "xterm-kitty"}, "kitty"),
+        ({"TERM": "xterm-256color", "KITTY_WINDOW_ID": "3"}, "kitty"),
+        ({"TERM_PROGRAM": "ghostty"}, "kitty"),
+        ({"TERM_PROGRAM": "iTerm.app"}, "iterm2"),
+        ({"TERM_PROGRAM": "WezTerm"}, "iterm2"),
+        ({"LC_TERMINAL": "iTerm2", "TERM": "xterm-256color"}, "iterm2"),
+        ({"KONSOLE_VERSION": "230402"}, "kitty"),
+        ({"TERM": "xterm-256color"}, None),
+        ({"TERM": "xterm-kitty", "TMUX": "/tmp/tmux-1/default,1,0"}, None),
+        ({"TERM": "xterm-256color", "RETRIEVAL_PREVIEW": "iterm2"}, "iterm2"),
+        ({"TERM": "xterm-kitty", "RETRIEVAL_PREVIEW": "none"}, None),
+    ],
+)
 def test_detect(env, protocol):
     d = detect(env)
     assert d.protocol == protocol and d.reason
@@ -97,22 +100,31 @@ def indexed(tmp_path_factory):
 
 def test_search_preview_kitty_and_iterm2(indexed):
     root, photos = indexed
-    r = CliRunner().invoke(main, ["search", "shapes", "--index", str(root / "idx"), "-k", "2", "--preview"],
-                           env={"RETRIEVAL_PREVIEW": "kitty"})
+    r = CliRunner().invoke(
+        main,
+        ["search", "shapes", "--index", str(root / "idx"), "-k", "2", "--preview"],
+        env={"RETRIEVAL_PREVIEW": "kitty"},
+    )
     assert r.exit_code == 0, r.output
     images = r.output.split("\x1b_Gf=100")
     assert len(images) == 3  # one per result
     _, im = decode_kitty("\x1b_Gf=100" + images[1].split("\n   2")[0])
     assert im.size == (96, 72)
-    r = CliRunner().invoke(main, ["search", "shapes", "--index", str(root / "idx"), "-k", "3", "--preview"],
-                           env={"RETRIEVAL_PREVIEW": "iterm2"})
+    r = CliRunner().invoke(
+        main,
+        ["search", "shapes", "--index", str(root / "idx"), "-k", "3", "--preview"],
+        env={"RETRIEVAL_PREVIEW": "iterm2"},
+    )
     assert r.exit_code == 0 and len(ITERM.findall(r.output)) == 3
 
 
 def test_search_preview_says_when_the_terminal_cannot(indexed, tmp_path):
     root, photos = indexed
-    r = CliRunner().invoke(main, ["search", "shapes", "--index", str(root / "idx"), "-k", "2", "--preview"],
-                           env={"RETRIEVAL_PREVIEW": "", "TERM": "dumb", "TERM_PROGRAM": ""})
+    r = CliRunner().invoke(
+        main,
+        ["search", "shapes", "--index", str(root / "idx"), "-k", "2", "--preview"],
+        env={"RETRIEVAL_PREVIEW": "", "TERM": "dumb", "TERM_PROGRAM": ""},
+    )
     assert r.exit_code == 0
     assert "no previews:" in r.output and "\x1b" not in r.output
     assert len([line for line in r.output.splitlines() if line.strip().startswith(("1 ", "2 "))]) == 2
@@ -124,8 +136,11 @@ def test_missing_file_gets_a_note_not_a_traceback(indexed):
     root, photos = indexed
     photos[0].rename(photos[0].with_suffix(".gone"))
     try:
-        r = CliRunner().invoke(main, ["search", "shapes", "--index", str(root / "idx"), "-k", "4", "--preview"],
-                               env={"RETRIEVAL_PREVIEW": "kitty"})
+        r = CliRunner().invoke(
+            main,
+            ["search", "shapes", "--index", str(root / "idx"), "-k", "4", "--preview"],
+            env={"RETRIEVAL_PREVIEW": "kitty"},
+        )
         assert r.exit_code == 0, r.output
         assert "(no preview: no such file)" in r.output and r.output.count("\x1b_Gf=100") == 3
     finally:

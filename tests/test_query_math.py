@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import build_index, write_photos
 
 from retrieval.cli import main
-from conftest import build_index, write_photos
 from retrieval.errors import RetrievalError
 from retrieval.query_math import QueryTerm, parse_term, weighted_sum
 from retrieval.search import Searcher
@@ -75,8 +75,23 @@ def test_weight_composite_unchanged_and_combines_with_terms(lib):
 
 def test_cli_add_subtract(lib):
     root, photos = lib
-    r = CliRunner().invoke(main, ["search", "--add", f"1:{photos[4]}", "--add", "0.1:circles", "--subtract",
-                                  "0.1:squares", "--index", str(root / "idx"), "--json", "-k", "3"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "--add",
+            f"1:{photos[4]}",
+            "--add",
+            "0.1:circles",
+            "--subtract",
+            "0.1:squares",
+            "--index",
+            str(root / "idx"),
+            "--json",
+            "-k",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.splitlines()[0])["path"] == str(photos[4])
     r = CliRunner().invoke(main, ["search", "cat", "--add", "2:", "--index", str(root / "idx")])

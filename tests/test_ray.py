@@ -15,12 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import faultkit as fk
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import faultkit as fk
 from conftest import TINY, build_index, draw_scene, write_photos
+
 from retrieval.index import Index
 from retrieval.store import DB_NAME, path_from_db
 
@@ -36,8 +36,14 @@ def ray_address():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), old["PYTHONPATH"]]))
     os.environ["OMP_NUM_THREADS"] = "1"
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, object_store_memory=150 * 2**20,
-                   log_to_driver=False, logging_level=logging.ERROR)
+    ctx = ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=tmp,
+        object_store_memory=150 * 2**20,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
     try:
         yield ctx.address_info["gcs_address"]
     finally:
@@ -54,16 +60,26 @@ def _state(index_dir) -> dict:
     """Paths -> (hash, width, height), errors, captions and every image vector, by content hash."""
     with Index.open(index_dir) as idx:
         db = idx.store.db
-        images = {path_from_db(raw): (h, w, ht) for raw, h, w, ht in
-                  db.execute("SELECT path_raw, hash, width, height FROM images")}
+        images = {
+            path_from_db(raw): (h, w, ht)
+            for raw, h, w, ht in db.execute("SELECT path_raw, hash, width, height FROM images")
+        }
         rows = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        errors = sorted((path_from_db(raw), reason) for raw, reason in db.execute("SELECT path_raw, reason FROM errors"))
+        errors = sorted(
+            (path_from_db(raw), reason) for raw, reason in db.execute("SELECT path_raw, reason FROM errors")
+        )
         captions = sorted(db.execute("SELECT i.path, c.text FROM captions c JOIN images i ON i.id = c.image_id"))
         hashes = sorted({h for h, _, _ in images.values()})
         vecs = idx.store.get_embeddings("image", hashes, idx.identity.dim)
         problems = idx.verify()
-    return {"images": images, "rows": rows, "errors": errors, "captions": captions,
-            "vectors": dict(zip(hashes, vecs)), "problems": problems}
+    return {
+        "images": images,
+        "rows": rows,
+        "errors": errors,
+        "captions": captions,
+        "vectors": dict(zip(hashes, vecs)),
+        "problems": problems,
+    }
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -78,8 +94,18 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def _counts(r) -> tuple:
-    return (r.scanned, r.unchanged, r.encoded, r.reused, r.moved, r.updated, r.removed, r.captions_added,
-            sorted(r.errors), r.images_total)
+    return (
+        r.scanned,
+        r.unchanged,
+        r.encoded,
+        r.reused,
+        r.moved,
+        r.updated,
+        r.removed,
+        r.captions_added,
+        sorted(r.errors),
+        r.images_total,
+    )
 
 
 def _folder(root: Path, n: int = 20) -> Path:
@@ -160,8 +186,9 @@ def test_driver_sigkill_then_rerun_resumes_without_duplicates(tmp_path, ray_addr
     argv = fk.index_argv([photos], idx, "--executor", "ray", batch_size=4)
     # SIGKILL the CLI after its third encoded batch arrived, before that batch's commit
     # a fork of the suite's pre-imported interpreter (tests/faultkit.py), so the CLI pays no torch import
-    run = fk.zygote().start(argv, tmp_path / "runs",
-                            env=fk.child_env(RAY_ADDRESS=ray_address, RETRIEVAL_FAULT="encode:3:kill"))
+    run = fk.zygote().start(
+        argv, tmp_path / "runs", env=fk.child_env(RAY_ADDRESS=ray_address, RETRIEVAL_FAULT="encode:3:kill")
+    )
     assert run.wait(timeout=240) == -9, run.stderr[-2000:]
     with sqlite3.connect(idx / DB_NAME) as db:
         partial = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -179,11 +206,24 @@ def test_missing_ray_is_a_one_line_error(tmp_path, monkeypatch):
 
     write_photos(tmp_path / "photos", 1)
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the [distributed] extra sees
-    r = CliRunner().invoke(main, ["index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", TINY,
-                                  "--executor", "ray", "-q"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "index",
+            str(tmp_path / "photos"),
+            "--index",
+            str(tmp_path / "idx"),
+            "--model",
+            TINY,
+            "--executor",
+            "ray",
+            "-q",
+        ],
+    )
     assert r.exit_code == 2
-    assert r.output.strip().splitlines() == [("error: --executor ray needs Ray: pip install "
-                                              "'retrieval-engine[distributed]' (ray[data])")]
+    assert r.output.strip().splitlines() == [
+        ("error: --executor ray needs Ray: pip install 'retrieval-engine[distributed]' (ray[data])")
+    ]
     assert not (tmp_path / "idx").exists()
 
 

@@ -7,12 +7,12 @@ import os
 import time
 
 import pytest
-
 from corpus import LONG_NAME, NON_UTF8_NAME, make_jpeg, make_png, make_text_file
+
 from index_data import scan as scan_mod
 from index_data.scan import ScannedFile, ScanProblem, scan
-from retrieval.hashing import hash_file
 from retrieval.errors import RetrievalError
+from retrieval.hashing import hash_file
 from retrieval.images import load_image
 
 
@@ -30,8 +30,20 @@ def touch(path, data: bytes = b"x") -> str:
 @pytest.fixture
 def tree(tmp_path):
     root = str(tmp_path / "photos")
-    for rel in ["a.jpg", "b.JPEG", "c.png", "d.WebP", "e.gif", "f.bmp", "g.tif", "h.TIFF", "sub/deep/i.jpg", "raw/j.jpg",
-                "sub/thumbnails/k.jpg", "thumbnails/l.jpg"]:
+    for rel in [
+        "a.jpg",
+        "b.JPEG",
+        "c.png",
+        "d.WebP",
+        "e.gif",
+        "f.bmp",
+        "g.tif",
+        "h.TIFF",
+        "sub/deep/i.jpg",
+        "raw/j.jpg",
+        "sub/thumbnails/k.jpg",
+        "thumbnails/l.jpg",
+    ]:
         touch(os.path.join(root, rel))
     for rel in ["notes.txt", "sub/readme", "m.jpg.bak", "noext"]:
         touch(os.path.join(root, rel))
@@ -44,10 +56,22 @@ def tree(tmp_path):
 def test_finds_images_by_extension_any_case(tree):
     files, problems = scan([tree])
     assert problems == []
-    assert names(files, tree) == sorted([
-        "a.jpg", "b.JPEG", "c.png", "d.WebP", "e.gif", "f.bmp", "g.tif", "h.TIFF", "sub/deep/i.jpg", "raw/j.jpg",
-        "sub/thumbnails/k.jpg", "thumbnails/l.jpg",
-    ])
+    assert names(files, tree) == sorted(
+        [
+            "a.jpg",
+            "b.JPEG",
+            "c.png",
+            "d.WebP",
+            "e.gif",
+            "f.bmp",
+            "g.tif",
+            "h.TIFF",
+            "sub/deep/i.jpg",
+            "raw/j.jpg",
+            "sub/thumbnails/k.jpg",
+            "thumbnails/l.jpg",
+        ]
+    )
     f = files[0]
     assert isinstance(f, ScannedFile) and os.path.isabs(f.path) and f.size == 1
     assert f.mtime_ns == os.stat(f.path).st_mtime_ns
@@ -229,8 +253,14 @@ def test_hash_file(tmp_path):
 
 def test_default_excludes_skip_nas_thumbnails_node_modules_and_git(tmp_path):
     root = str(tmp_path / "lib")
-    for rel in ["keep.jpg", "@eaDir/keep.jpg/SYNOPHOTO_THUMB_XL.jpg", "web/node_modules/pkg/logo.png",
-                ".git/objects/x.jpg", "album/@eaDir/t.jpg", "album/p.jpg"]:
+    for rel in [
+        "keep.jpg",
+        "@eaDir/keep.jpg/SYNOPHOTO_THUMB_XL.jpg",
+        "web/node_modules/pkg/logo.png",
+        ".git/objects/x.jpg",
+        "album/@eaDir/t.jpg",
+        "album/p.jpg",
+    ]:
         touch(os.path.join(root, rel))
     assert names(scan([root])[0], root) == ["album/p.jpg", "keep.jpg"]
     # --include-hidden brings hidden folders back, but not the default excludes (.git stays out)
@@ -238,7 +268,11 @@ def test_default_excludes_skip_nas_thumbnails_node_modules_and_git(tmp_path):
     assert names(scan([root], include_hidden=True)[0], root) == [".photos/h.jpg", "album/p.jpg", "keep.jpg"]
     # the explicit way to walk them all
     got = names(scan([root], include_hidden=True, default_excludes=())[0], root)
-    assert {"@eaDir/keep.jpg/SYNOPHOTO_THUMB_XL.jpg", "web/node_modules/pkg/logo.png", ".git/objects/x.jpg",
-            "album/@eaDir/t.jpg"} <= set(got)
+    assert {
+        "@eaDir/keep.jpg/SYNOPHOTO_THUMB_XL.jpg",
+        "web/node_modules/pkg/logo.png",
+        ".git/objects/x.jpg",
+        "album/@eaDir/t.jpg",
+    } <= set(got)
     # user excludes still add to the defaults
     assert names(scan([root], exclude=["album"])[0], root) == ["keep.jpg"]

@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import build_index, write_photos
 from PIL import Image
 
-from conftest import build_index, draw_scene, write_photos
 from retrieval.errors import EmptyIndexError, ImageDecodeError, IndexNotFoundError, RetrievalError
 from retrieval.search import CaptionResult, ImageResult, Searcher
 

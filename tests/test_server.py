@@ -15,16 +15,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import fastapi  # noqa: E402,F401 - part of the [test] extra: missing, this module fails rather than skips
 import pytest
 from click.testing import CliRunner
+from conftest import TINY, build_index, draw_scene, write_photos  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image
 
-import fastapi  # noqa: E402,F401 - part of the [test] extra: missing, this module fails rather than skips
-
-from fastapi.testclient import TestClient  # noqa: E402
-
 from retrieval.cli import main  # noqa: E402
-from conftest import TINY, build_index, draw_scene, write_photos  # noqa: E402
 from retrieval.errors import EmptyIndexError, IndexNotFoundError, RetrievalError  # noqa: E402
 from retrieval.server import create_app, status_for  # noqa: E402
 
@@ -145,8 +143,9 @@ def test_upload_self_image_is_rank_one(client, corpus):
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert len(res) == 3 and res[0]["path"] == str(p) and res[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    r = client.post("/api/search", files={"image": (p.name, p.read_bytes(), "image/jpeg")},
-                    data={"k": "3", "exclude_self": "true"})
+    r = client.post(
+        "/api/search", files={"image": (p.name, p.read_bytes(), "image/jpeg")}, data={"k": "3", "exclude_self": "true"}
+    )
     assert str(p) not in [x["path"] for x in r.json()["results"]]
 
 
@@ -157,8 +156,13 @@ def test_composite_query_weights(client, corpus):
     image_only = _ids(client.post("/api/search", files={"image": ("q.jpg", img)}, data={"k": str(N)}))
 
     def composite(w):
-        return _ids(client.post("/api/search", files={"image": ("q.jpg", img)},
-                                data={"q": "a blue square", "weight": str(w), "k": str(N)}))
+        return _ids(
+            client.post(
+                "/api/search",
+                files={"image": ("q.jpg", img)},
+                data={"q": "a blue square", "weight": str(w), "k": str(N)},
+            )
+        )
 
     assert composite(1.0) == image_only
     assert composite(0.0) == text_only
@@ -169,7 +173,9 @@ def test_composite_query_weights(client, corpus):
 
 def test_captions(client, corpus):
     _, photos = corpus
-    r = client.post("/api/search", files={"image": ("q.jpg", photos[2].read_bytes())}, data={"to": "captions", "k": "4"})
+    r = client.post(
+        "/api/search", files={"image": ("q.jpg", photos[2].read_bytes())}, data={"to": "captions", "k": "4"}
+    )
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert len(res) == 4
@@ -240,13 +246,17 @@ def test_upload_too_big_is_413(client):
     boundary = "xyzBOUNDARYxyz"
 
     def chunked():  # no Content-Length: the stream is cut off once it passes the cap
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"c.jpg\"\r\n"
-               "Content-Type: image/jpeg\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="c.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
         for _ in range(30):
             yield b"\xff" * 20_000
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    r = client.post("/api/search", content=chunked(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    r = client.post(
+        "/api/search", content=chunked(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
 
@@ -288,26 +298,29 @@ def test_empty_index_is_409(corpus, monkeypatch):
 # -- files and thumbnails ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", [
-    "/file/../../etc/passwd",
-    "/thumb/../../../etc/passwd",
-    "/file/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/thumb/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/file/..%2f..%2fmeta.sqlite",
-    "/thumb/%2Fetc%2Fpasswd",
-    "/file/%00",
-    "/file/1%2f..%2f..%2fetc%2fpasswd",
-    "/file/-1",
-    "/file/0",
-    "/file/999999",
-    "/thumb/999999",
-    "/file/1.0",
-    "/thumb/1e3",
-    "/file/" + "9" * 40,
-    "/file/%EF%BC%91",  # fullwidth digit one
-    "/static/../../../etc/passwd",
-    "/static/%2e%2e/server.py",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/file/../../etc/passwd",
+        "/thumb/../../../etc/passwd",
+        "/file/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/thumb/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/file/..%2f..%2fmeta.sqlite",
+        "/thumb/%2Fetc%2Fpasswd",
+        "/file/%00",
+        "/file/1%2f..%2f..%2fetc%2fpasswd",
+        "/file/-1",
+        "/file/0",
+        "/file/999999",
+        "/thumb/999999",
+        "/file/1.0",
+        "/thumb/1e3",
+        "/file/" + "9" * 40,
+        "/file/%EF%BC%91",  # fullwidth digit one
+        "/static/../../../etc/passwd",
+        "/static/%2e%2e/server.py",
+    ],
+)
 def test_files_only_by_id_path_traversal_is_404(client, url):
     r = client.get(url)
     assert r.status_code == 404, (url, r.status_code, r.text[:200])
@@ -383,8 +396,13 @@ def test_cli_serve_subprocess_starts_without_model(corpus):
     root, _ = corpus
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(root / "idx"), "--port", "0"],
-                         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(root / "idx"), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     try:
         line = p.stderr.readline()
         m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
@@ -406,8 +424,14 @@ def test_cli_serve_subprocess_starts_without_model(corpus):
 
 # -- fuzzing from the OpenAPI schema ------------------------------------------------------------------
 
-FUZZED = [("/api/info", "GET"), ("/api/search", "GET"), ("/api/search", "POST"), ("/thumb/{image_id}", "GET"),
-          ("/file/{image_id}", "GET"), ("/api/duplicates", "GET")]
+FUZZED = [
+    ("/api/info", "GET"),
+    ("/api/search", "GET"),
+    ("/api/search", "POST"),
+    ("/thumb/{image_id}", "GET"),
+    ("/file/{image_id}", "GET"),
+    ("/api/duplicates", "GET"),
+]
 
 
 @pytest.mark.parametrize("path,method", FUZZED)
@@ -420,11 +444,17 @@ def test_fuzz_from_openapi_schema_never_5xx(client, path, method):
     operation = schemathesis.openapi.from_asgi("/openapi.json", client.app)[path][method]
 
     strategy = operation.as_strategy(schemathesis.GenerationMode.POSITIVE) | operation.as_strategy(
-        schemathesis.GenerationMode.NEGATIVE)
+        schemathesis.GenerationMode.NEGATIVE
+    )
 
     @given(case=strategy)
-    @settings(max_examples=20, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @settings(
+        max_examples=20,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
     def check(case):
         response = case.call()
         assert response.status_code < 500, (case.path, case.query, response.status_code, response.text[:300])

@@ -54,10 +54,10 @@ def test_swapped_files_are_not_served(served):
     ids = [rows[str(p)] for p in photos]
     for i in ids:  # every file is served, and its thumbnail cached, while it is the indexed one
         assert c.get(f"/file/{i}").status_code == 200 and c.get(f"/thumb/{i}").status_code == 200
-    _swap(photos[0], lambda t: os.symlink(secret, t))                              # a symlink to a secret
-    _swap(photos[1], lambda t: shutil.copy(secret, t))                             # a text file
-    _swap(photos[2], lambda t: shutil.copy(tmp / "idx" / "meta.sqlite", t))         # the index's own database
-    _swap(photos[3], lambda t: os.symlink(tmp / "idx" / "meta.sqlite", t))          # a link into the index
+    _swap(photos[0], lambda t: os.symlink(secret, t))  # a symlink to a secret
+    _swap(photos[1], lambda t: shutil.copy(secret, t))  # a text file
+    _swap(photos[2], lambda t: shutil.copy(tmp / "idx" / "meta.sqlite", t))  # the index's own database
+    _swap(photos[3], lambda t: os.symlink(tmp / "idx" / "meta.sqlite", t))  # a link into the index
     for i in ids:
         _assert_changed(c, i)
         assert b"root:" not in c.get(f"/file/{i}").content
@@ -91,8 +91,10 @@ def test_a_row_pointing_inside_the_index_directory_is_refused(served):
     from retrieval.index import Index
 
     with Index.open_for_write(tmp / "idx") as w, w.store.transaction():
-        w.store.db.execute("UPDATE images SET path = ?, path_raw = ?, mtime_ns = ? WHERE id = ?",
-                           [str(inside), os.fsencode(str(inside)), inside.stat().st_mtime_ns, rows[str(p)]])
+        w.store.db.execute(
+            "UPDATE images SET path = ?, path_raw = ?, mtime_ns = ? WHERE id = ?",
+            [str(inside), os.fsencode(str(inside)), inside.stat().st_mtime_ns, rows[str(p)]],
+        )
     assert db is not None
     _assert_changed(c, rows[str(p)])
 
@@ -123,8 +125,15 @@ def test_the_checked_descriptor_is_what_is_read(tmp_path):
 def test_head_answers_like_get_without_a_body(served):
     c, photos, rows, _ = served
     i = rows[str(photos[0])]
-    for url in ("/", "/static/index.html", "/api/info", f"/api/search?id={i}&k=2", f"/file/{i}", f"/thumb/{i}",
-                "/static/app.js"):
+    for url in (
+        "/",
+        "/static/index.html",
+        "/api/info",
+        f"/api/search?id={i}&k=2",
+        f"/file/{i}",
+        f"/thumb/{i}",
+        "/static/app.js",
+    ):
         g, h = c.get(url), c.head(url)
         assert g.status_code == 200 and h.status_code == 200, (url, h.status_code)
         assert h.content == b"" and h.headers["content-type"] == g.headers["content-type"], url
@@ -213,8 +222,22 @@ def test_serve_removes_its_temporary_thumbnail_dir_on_ctrl_c(tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    proc = subprocess.Popen([sys.executable, str(root / "cli.py"), "serve", "--index", str(tmp_path / "idx"),
-                             "--port", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(root / "cli.py"),
+            "serve",
+            "--index",
+            str(tmp_path / "idx"),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url = None
         for line in proc.stderr:

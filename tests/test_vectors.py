@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -236,7 +234,9 @@ def test_choose_config():
         choose_config(10, 8, "annoy")
 
 
-@pytest.mark.parametrize("kind, params", [("ivfpq", {"nlist": 64, "m": 8, "nbits": 8}), ("ivfflat", {"nlist": 64}), ("ivfsq", {"nlist": 64})])
+@pytest.mark.parametrize(
+    "kind, params", [("ivfpq", {"nlist": 64, "m": 8, "nbits": 8}), ("ivfflat", {"nlist": 64}), ("ivfsq", {"nlist": 64})]
+)
 def test_ivf_falls_back_to_flat_when_too_small(data, kind, params):
     ids, x = data
     vi = VectorIndex.build(DIM, ids[:20], x[:20], VectorIndexConfig(kind, params))

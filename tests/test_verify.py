@@ -10,9 +10,9 @@ import sqlite3
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import build_index, write_photos
 
 from retrieval.cli import main
-from conftest import build_index, write_photos
 from retrieval.index import Index
 from retrieval.search import Searcher
 
@@ -106,7 +106,7 @@ def test_flipped_bytes_inside_the_vectors(idx):
     f = d / f"images.g{gen_of(d)}.faiss"
     data = bytearray(f.read_bytes())
     vec_start = 200  # past the flat index header, inside the float32 vectors
-    data[vec_start:vec_start + 64] = bytes(64)
+    data[vec_start : vec_start + 64] = bytes(64)
     f.write_bytes(bytes(data))
     code, out, _ = verify(d)
     assert code == 1 and "sampled vectors in images.g" in out and "differ" in out, out
@@ -129,8 +129,11 @@ def test_rows_removed_behind_its_back(idx):
 def test_rows_without_vectors(idx):
     """Rows committed to SQLite but never published (what a killed run leaves) are reported."""
     d, photos = idx
-    sql(d, "INSERT INTO images(path, path_raw, size, mtime_ns, hash, status) "
-           "SELECT path || '.copy', CAST(path || '.copy' AS BLOB), size, mtime_ns, hash, status FROM images WHERE id = 5")
+    sql(
+        d,
+        "INSERT INTO images(path, path_raw, size, mtime_ns, hash, status) "
+        "SELECT path || '.copy', CAST(path || '.copy' AS BLOB), size, mtime_ns, hash, status FROM images WHERE id = 5",
+    )
     code, out, _ = verify(d)
     assert code == 1 and "problem: images: 1 rows have no vector (in SQLite, not in FAISS;" in out
     assert_repairs(d, photos)
@@ -153,14 +156,21 @@ def test_lost_raw_embedding_is_removed_then_reencoded(idx, golden):
 
 def test_manifest_problems(idx):
     d, photos = idx
-    sql(d, "UPDATE manifest SET value = '999' WHERE key = 'dim'",
-        "UPDATE manifest SET value = '7' WHERE key = 'vectors_captions'")
+    sql(
+        d,
+        "UPDATE manifest SET value = '999' WHERE key = 'dim'",
+        "UPDATE manifest SET value = '7' WHERE key = 'vectors_captions'",
+    )
     code, out, _ = verify(d)
     assert code == 1
     assert "problem: manifest: dim 999 but the model tiny-clip:none has dim 64" in out
     assert "problem: images: 12 stored raw embeddings are not 999 float32 values" in out
     assert "problem: captions: the manifest counts 7 vectors" in out
-    sql(d, "UPDATE manifest SET value = '64' WHERE key = 'dim'", "UPDATE manifest SET value = '42' WHERE key = 'generation'")
+    sql(
+        d,
+        "UPDATE manifest SET value = '64' WHERE key = 'dim'",
+        "UPDATE manifest SET value = '42' WHERE key = 'generation'",
+    )
     code, out, _ = verify(d)
     assert code == 1 and "images.g42.faiss of generation 42 is missing" in out
     assert_repairs(d, photos)
@@ -205,7 +215,11 @@ def test_float16_vectors_verify_clean(golden, tmp_path):
         assert i.vectors("images").kind == "ivfsq"
     code, out, _ = verify(d)
     assert code == 0, out
-    sql(d, "UPDATE embeddings SET vector = (SELECT vector FROM embeddings WHERE kind = 'image' ORDER BY rowid DESC LIMIT 1) "
-           "WHERE rowid = (SELECT MIN(rowid) FROM embeddings WHERE kind = 'image')")
+    sql(
+        d,
+        "UPDATE embeddings SET vector = (SELECT vector FROM embeddings WHERE kind = 'image' ORDER BY rowid DESC "
+        "LIMIT 1) "
+        "WHERE rowid = (SELECT MIN(rowid) FROM embeddings WHERE kind = 'image')",
+    )
     code, out, _ = verify(d)
     assert code == 1 and "differ" in out, out
