@@ -131,7 +131,7 @@ def main():
 
     import torch
 
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     print(
         f"python={sys.version.split()[0]} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "

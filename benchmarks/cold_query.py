@@ -6,7 +6,7 @@ What it measures, side by side in one run so that both paths meet the same machi
   subprocesses, `--runs` times each, interleaved:
   - "before": torch (the child's RETRIEVAL_CACHE_DIR is an empty directory, so no ONNX export is found and
     the query loads torch and open_clip, as before exports existed);
-  - "after": the model's ONNX export in the cache on onnxruntime (retrieval/onnx_runtime.py), no torch import;
+  - "after": the model's ONNX export in the cache on onnxruntime (retrieval/models/onnx_runtime.py), no torch import;
   on a ViT-B-32:none index of `--n` images and on a starter-model index of the sample photos. Each pair of
   runs is checked: same top 10, scores within 1e-5, and no torch/open_clip import on the ONNX path
   (PYTHONPROFILEIMPORTTIME).
@@ -108,11 +108,11 @@ def _meta_ok(root: Path, want: dict) -> bool:
 
 def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "auto") -> Path:
     """A ViT-B-32:none index of n synthetic image vectors, plus the real exported text encoder."""
-    from retrieval.encoders import load_encoder
-    from retrieval.index import Index
-    from retrieval.onnx_export import ensure_export
-    from retrieval.onnx_runtime import export_key
-    from retrieval.vectors import choose_config
+    from retrieval.models.onnx_export import ensure_export
+    from retrieval.models.onnx_runtime import export_key
+    from retrieval.models.registry import load_encoder
+    from retrieval.store.index import Index
+    from retrieval.store.vectors import choose_config
 
     # the vector layer's current defaults are part of the key: an index built under older ones is rebuilt
     want = {
@@ -124,7 +124,7 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
         "vectors": choose_config(n, 512, index_type).to_dict(),
     }
     if _meta_ok(root, want) and (root / "meta.sqlite").is_file():
-        from retrieval.onnx_export import usable_export
+        from retrieval.models.onnx_export import usable_export
 
         with Index.open(root) as idx:
             ident = idx.identity
@@ -174,7 +174,7 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
 
 def build_checkpoint_index(root: Path) -> Path:
     """The 18 sample photos indexed with ViT-B-32 loaded from a local checkpoint file (ARCH:/path), as a user
-    with downloaded weights has it: loading then skips random init (retrieval/encoders.py). The checkpoint
+    with downloaded weights has it: loading then skips random init (retrieval/models/openclip.py). The checkpoint
     is the seeded random init saved to safetensors under --workdir (600 MB, never committed)."""
     want = {"spec": "ViT-B-32:checkpoint", "version": 1}
     ckpt = root / "vitb32.safetensors"
@@ -186,7 +186,7 @@ def build_checkpoint_index(root: Path) -> Path:
 
     from benchmarks.samples import write_sample_photos
     from index_data.pipeline import IndexOptions, run_index
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -444,7 +444,7 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
                     f"[index] round {r + 1}/{rounds} {rt} {name}: {n / wall:.1f} images/s", file=sys.stderr, flush=True
                 )
                 if r == 0 and name == "default":
-                    from retrieval.index import Index
+                    from retrieval.store.index import Index
 
                     with Index.open(target) as idx:
                         rows = sorted(idx.store.image_ids_with_hash(), key=lambda x: x[1])
@@ -470,7 +470,7 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
 # ------------------------------------------------------------------------------------------ warm
 def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
     """Runs in its own process: one Searcher, warm-up, then n distinct queries timed end to end."""
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     out: dict = {"mode": mode}
     image_mode = mode.startswith("image")
@@ -540,7 +540,7 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
 def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
     """The search-time knob (IVF nprobe / HNSW efSearch, as `search --probes`) raised until recall@10 >= 0.98
     on these queries; at that setting the end-to-end pass is timed again."""
-    from retrieval.vectors import probes_param
+    from retrieval.store.vectors import probes_param
 
     key = probes_param(vi.kind)
     if key is None:

@@ -1,4 +1,4 @@
-"""Near-duplicate grouping speed and completeness (retrieval/duplicates.py).
+"""Near-duplicate grouping speed and completeness (retrieval/query/duplicates.py).
 
 Data: n clustered 512-d vectors shaped like CLIP image embeddings (benchmarks/speed_vectors.make_vectors), of
 which a share are planted near-duplicate groups: an original plus 1-4 copies at cosine ~0.97-0.99 to it (as
@@ -6,7 +6,7 @@ resized copies and light edits score with CLIP). They are written to a real inde
 embeddings, no encoder), and `find_duplicates` runs on it end to end: reading the vectors from SQLite, the FAISS
 range search (IVF above EXACT_MAX distinct images), leader grouping and building the result rows.
 
-Reported: seconds for the whole call and for the pair search (retrieval.duplicates.neighbours) alone, groups
+Reported: seconds for the whole call and for the pair search (retrieval.query.duplicates.neighbours) alone, groups
 found, and how many planted copies
 landed in their original's group (recall), plus pairs found by exact search that the IVF search missed, checked
 on a subset small enough to search exactly.
@@ -66,7 +66,7 @@ def plant_duplicates(base: np.ndarray, fraction: float, seed: int = 1):
 
 def fake_index(root: Path, vecs: np.ndarray, widths):
     """A real index store holding `vecs` as image embeddings, one image row each (no encoder, no FAISS files)."""
-    from retrieval.store import Store
+    from retrieval.store.db import Store
 
     store = Store(root / "meta.sqlite")
     n = len(vecs)
@@ -87,7 +87,7 @@ def fake_index(root: Path, vecs: np.ndarray, widths):
 def run(n: int, dim: int, threshold: float, fraction: float, check: int) -> dict:
     import faiss
 
-    from retrieval import duplicates as dup
+    from retrieval.query import duplicates as dup
 
     vecs, planted = plant_duplicates(make_vectors(n, dim), fraction)
     out = {

@@ -104,7 +104,7 @@ def faiss_vectors(idx, ids: np.ndarray) -> np.ndarray:
 
 def recall_rows(D: np.ndarray, Q: np.ndarray, q_img: np.ndarray, A: np.ndarray, C: np.ndarray, masks: dict) -> dict:
     """t2i: queries Q against documents D; i2t: images A against the query captions C."""
-    from retrieval.evaluate import evaluate_embeddings, recall_at_k
+    from retrieval.eval.recall import evaluate_embeddings, recall_at_k
 
     rep = evaluate_embeddings(D, Q, q_img, KS)
     i2t = evaluate_embeddings(A, C, q_img, KS).metrics
@@ -158,10 +158,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from index_data.pipeline import IndexOptions, run_index
-    from retrieval.fusion import Fusion
-    from retrieval.fusion_train import TrainConfig, evaluate_fusion, index_pairs, install_fusion, train_fusion
-    from retrieval.index import Index
-    from retrieval.search import Searcher
+    from retrieval.fusion.model import Fusion
+    from retrieval.fusion.train import TrainConfig, evaluate_fusion, index_pairs, install_fusion, train_fusion
+    from retrieval.query.encoder import QueryEncoder
+    from retrieval.query.searcher import Searcher
+    from retrieval.store.index import Index
 
     t_start = time.perf_counter()
     corpus = a.data / f"synth_{a.images}_{a.seed}"
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
         test_ids = ids["test"]
         row_of = {int(i): r for r, i in enumerate(test_ids)}
         q_img = np.array([row_of[path_to_id[p]] for p, _ in queries], np.int64)
-        enc = idx.encoder("cpu")
+        enc = QueryEncoder(idx, "cpu").get()
         q_raw = enc.encode_texts([t for _, t in queries])
         img_hash = {i: store.images_by_ids([i])[i].hash for i in test_ids}
         img_raw = store.get_embeddings("image", [img_hash[int(i)] for i in test_ids], idx.dim)
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
             D = faiss_vectors(idx, test_ids)  # what the engine actually serves
             f = fusion or Fusion.untrained(idx.dim)
             caps = store.captions_for_images([int(i) for i in test_ids])
-            from retrieval.store import text_hash
+            from retrieval.store.db import text_hash
 
             expect = f.document_vectors(
                 img_raw,
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
             m = recall_rows(D, Q, q_img, f.query_image(img_raw), f.caption_vectors(q_raw), masks)
             # end-to-end: the Searcher (query encoding + fusion + FAISS + filters) agrees with the matrix
             with Searcher(Index.open(index_dir), device="cpu") as s:
-                s.index._encoder = enc  # same model, already loaded
+                s.query_encoder.loaded = enc  # same model, already loaded
                 agree, n_check = 0, min(40, len(queries))
                 top_matrix = (Q[:n_check] @ D.T).argmax(1)
                 for j in range(n_check):

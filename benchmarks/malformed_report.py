@@ -108,7 +108,7 @@ def run(workdir: Path, sidecar_bytes: int = 5 * 2**20, workers: int = 1) -> dict
 
     import cli
     from retrieval.datasets import SIDECAR_MAX_LINES
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     folder, index_dir = workdir / "corpus", workdir / "index"
     cases = build_corpus(folder, sidecar_bytes)

@@ -72,7 +72,7 @@ def _index(folder: Path, index_dir: Path, model: str, executor: str, actors, bat
 
 
 def _vectors(index_dir: Path) -> dict:
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     with Index.open(index_dir) as idx:
         hashes = sorted(h for (h,) in idx.store.db.execute("SELECT DISTINCT hash FROM images"))
@@ -81,7 +81,7 @@ def _vectors(index_dir: Path) -> dict:
 
 def driver_commit_rate(dim: int, n: int = 4096, batch: int = 64) -> float:
     """Images/s the driver can commit (SQLite, one transaction per batch): the cluster's ceiling."""
-    from retrieval.store import Store
+    from retrieval.store.db import Store
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
@@ -156,7 +156,7 @@ def main() -> None:
 
     from index_data.decode import decode_stream
     from index_data.workers import affinity_workers as default_workers
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     folder = _photos(Path(args.data), args.n)
     enc = load_encoder(args.model, device="cpu")

@@ -5,7 +5,7 @@
         --models ViT-B-32:laion2b_s34b_b79k --name flickr30k_test --exact
     python benchmarks/recall.py --synthetic 40 --models tiny-clip:none --out /tmp/x   # mechanics only (smoke test)
 
-A thin wrapper: the logic is retrieval/benchmark.py (see its docstring for exactly what is measured); indexing is
+A thin wrapper: the logic is retrieval/eval/benchmark.py (see its docstring for exactly what is measured); indexing is
 the real pipeline (index_data.pipeline.run_index). Without --index each model gets a fresh temporary index.
 Metric keys follow clip_benchmark: image_retrieval_recall@K (text->image), text_retrieval_recall@K (image->text).
 """
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from report import machine_info
 
     from index_data.pipeline import IndexOptions, run_index
-    from retrieval.benchmark import run_recall_benchmark
+    from retrieval.eval.benchmark import run_recall_benchmark
 
     cmd = "python benchmarks/recall.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
     print(f"reproduce: {cmd}", flush=True)

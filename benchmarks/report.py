@@ -350,7 +350,7 @@ def render_speed(d: dict) -> str:
             "the column says 1 thread. On this shared machine, whenever another process holds a core, two "
             "OpenMP threads wait on each other at every op, and an image query takes 1-2 s instead of "
             "~0.1-0.15 s; the 1-thread column is the stable figure. Text queries use the index's "
-            "ONNX export (retrieval/onnx_runtime.py) when 'torch-free text' says yes.\n"
+            "ONNX export (retrieval/models/onnx_runtime.py) when 'torch-free text' says yes.\n"
         )
     cold = d.get("cold_cli")
     if cold:

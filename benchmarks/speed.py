@@ -265,8 +265,8 @@ def task_indexing(t: dict) -> dict:
     from index_data.gpu_stream import choose_decode_stream, resolve_decode
     from index_data.pipeline import IndexOptions, run_index
     from index_data.workers import affinity_workers as default_workers
-    from retrieval.encoders import load_encoder
     from retrieval.images import load_image
+    from retrieval.models.registry import load_encoder
 
     import_s = time.perf_counter() - t0
     if t.get("torch_threads"):
@@ -415,7 +415,7 @@ def _decode_agreement(enc, paths: list, workers: int) -> dict:
 def task_rerun(t: dict) -> dict:
     from index_data.pipeline import IndexOptions, run_index
     from index_data.scan import scan
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     folder = t["folder"]
     s = time.perf_counter()
@@ -455,9 +455,9 @@ def task_rerun(t: dict) -> dict:
 def _identity_and_export(spec: str, root: Path):
     """The model identity for the manifest, and whether its ONNX export is in the cache (made here if not, as
     run_index does), so that queries take the same path as on a real index."""
-    from retrieval.encoders import load_encoder
-    from retrieval.onnx_export import ExportFailed, ensure_export
-    from retrieval.onnx_runtime import export_key
+    from retrieval.models.onnx_export import ExportFailed, ensure_export
+    from retrieval.models.onnx_runtime import export_key
+    from retrieval.models.registry import load_encoder
 
     enc = load_encoder(spec, device="cpu")
     try:
@@ -471,7 +471,7 @@ def task_build(t: dict) -> dict:
     """Write a synthetic index of ``size`` vectors (first call: SQLite rows + embeddings) and publish ``kind``."""
     import speed_vectors as SV
 
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     root = Path(t["index"])
     n, kind = int(t["size"]), t["kind"]
@@ -528,7 +528,7 @@ def task_build(t: dict) -> dict:
 
 
 def task_query(t: dict) -> dict:
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     root = Path(t["index"])
     data = np.load(root / "bench_queries.npz")
@@ -612,9 +612,9 @@ def task_cold_breakdown(t: dict) -> dict:
     s = time.perf_counter()
     import click  # noqa: F401
 
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
-    stages["import click + retrieval.search"] = time.perf_counter() - s
+    stages["import click + retrieval.query.searcher"] = time.perf_counter() - s
     s = time.perf_counter()
     searcher = Searcher.open(t["index"], device="cpu")
     stages["open index (SQLite, manifest)"] = time.perf_counter() - s
@@ -829,7 +829,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--rerun-files", type=int, default=10_000)
     ap.add_argument("--sizes", default="10000,100000,1000000")
-    ap.add_argument("--kinds", default=None, help="index kinds (default: every kind retrieval.vectors knows)")
+    ap.add_argument("--kinds", default=None, help="index kinds (default: every kind retrieval.store.vectors knows)")
     ap.add_argument("--latency-model", default=LATENCY_MODEL)
     ap.add_argument("--queries", type=int, default=200, help="synthetic queries for search+join latency and recall")
     ap.add_argument("--text-repeats", type=int, default=2, help="passes over the 20 text queries")
@@ -986,7 +986,7 @@ def main(argv=None) -> int:
         write(out, doc)
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
-    from retrieval.vectors import KINDS, choose_config
+    from retrieval.store.vectors import KINDS, choose_config
 
     kinds = [k.strip() for k in (args.kinds or ",".join(KINDS)).split(",") if k.strip()]
 

@@ -148,7 +148,7 @@ def _latencies(vi, queries: np.ndarray, allowed=None, cpu: list | None = None):
 def run_worker(cache: Path, n: int, kind: str, args) -> dict:
     import faiss
 
-    from retrieval import vectors as V
+    from retrieval.store.db import vectors as V
 
     data = np.load(cache / "data.npz")
     x = data["x"]
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--tiny", action="store_true", help="sizes 2000, dim 32, 20 queries: a smoke test")
-    ap.add_argument("--hnsw-m", type=int, default=None, help="HNSW M (default: retrieval.vectors default)")
+    ap.add_argument("--hnsw-m", type=int, default=None, help="HNSW M (default: retrieval.store.vectors default)")
     ap.add_argument("--hnsw-efc", type=int, default=None, help="HNSW efConstruction")
     ap.add_argument("--ef-sweep", default="16,32,64,128,256,512")
     ap.add_argument("--nprobe-sweep", default="4,8,16,32,64,128,256")
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.sizes, args.dim, args.queries = "2000", 32, 20
         args.ef_sweep, args.nprobe_sweep = "16,64", "4,16"
-    from retrieval import vectors as V
+    from retrieval.store.db import vectors as V
 
     args.hnsw_m = args.hnsw_m or V.HNSW_DEFAULTS["M"]
     args.hnsw_efc = args.hnsw_efc or V.HNSW_DEFAULTS["efConstruction"]

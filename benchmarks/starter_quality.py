@@ -103,8 +103,8 @@ def per_photo(img: np.ndarray, cap: np.ndarray, labels: np.ndarray, names: list[
 def run_sweep(enc, paths, captions, labels, template_sets, log) -> tuple[list[dict], dict]:
     import torch
 
-    from retrieval import starter as S
     from retrieval.images import load_image
+    from retrieval.models import starter as S
 
     files = S.locate_files()
     images = [load_image(p, S.IMAGE_SIZE) for p in paths]  # the decode encode_images uses (JPEG draft)
@@ -185,7 +185,7 @@ def smooth(grid: dict) -> dict:
 
 def choose(rows: list[dict], default) -> tuple[dict, dict]:
     """The measured choice; the current default is kept while nothing beats it by more than the tolerance."""
-    from retrieval.starter import TEMPLATE_SETS
+    from retrieval.models.starter import TEMPLATE_SETS
 
     sm = smooth(pooled_grid(rows))
     best_cell = max(sm, key=lambda k: (round(sm[k], 9), -k[0], -abs(k[1] - 1.0)))
@@ -246,7 +246,7 @@ def make_big_jpegs(src_paths, dest: Path, n: int) -> list[Path]:
 def fresh_process_load(use_cache: bool, reps: int) -> dict:
     code = (
         "import time; t0=time.perf_counter();"
-        "from retrieval.starter import load_starter;"
+        "from retrieval.models.starter import load_starter;"
         f"e=load_starter(device='cpu', use_cache={use_cache});"
         "print(time.perf_counter()-t0)"
     )
@@ -277,7 +277,7 @@ def run_speed(enc, sample_paths, tmp: Path, log) -> dict:
     log(f"  model only: {32 / t:.1f} images/s (batch 32)")
 
     # the inference rewrite of the CNN (BN folding, channels-last, ...) against the plain model, interleaved
-    from retrieval.starter import _load_cnn, locate_files
+    from retrieval.models.starter import _load_cnn, locate_files
 
     plain = _load_cnn(locate_files(), "cpu", optimize=False)
     xc = batch.contiguous(memory_format=torch.channels_last)
@@ -331,7 +331,7 @@ def check_text_tower(enc, texts) -> float | None:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         return None
-    from retrieval.starter import locate_files
+    from retrieval.models.starter import locate_files
 
     st = SentenceTransformer(str(locate_files().minilm_dir), device="cpu")
     ref = st.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
@@ -366,8 +366,8 @@ def main(argv=None) -> int:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos
-    from retrieval import starter as S
-    from retrieval.encoders import load_encoder
+    from retrieval.models import starter as S
+    from retrieval.models.registry import load_encoder
 
     template_sets = [t for t in S.TEMPLATE_SETS if not (args.quick and t == "openai")]
     with tempfile.TemporaryDirectory() as tmpd:

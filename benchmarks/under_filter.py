@@ -5,7 +5,7 @@ run, interleaved, on the same SQLite store:
 
 * "full scan": what the filter did before: read every (id, path_raw) row of `images` into Python and keep
   those whose decoded path starts with the folder;
-* "range": the code on PYTHONPATH (retrieval/search.py): an indexed range on the raw path
+* "range": the code on PYTHONPATH (retrieval/query/searcher.py): an indexed range on the raw path
   (`path_raw >= 'folder/' AND path_raw < 'folder0'`), reading only the rows under the folder.
 
 and the whole filtered query (filter + FAISS search restricted to those ids, k=10) over a flat index of random
@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from retrieval.search import Searcher  # noqa: E402
-from retrieval.store import Store, path_from_db  # noqa: E402
+from retrieval.query.searcher import Searcher  # noqa: E402
+from retrieval.store.db import Store, path_from_db  # noqa: E402
 
 
 def full_scan(store, under: str) -> np.ndarray:
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "under_filter"))
     args = ap.parse_args()
-    from retrieval.vectors import VectorIndex, VectorIndexConfig
+    from retrieval.store.vectors import VectorIndex, VectorIndexConfig
 
     with tempfile.TemporaryDirectory(prefix="under-filter-") as tmp:
         t = time.perf_counter()

@@ -72,7 +72,7 @@ def _child(index_dir: str, upload: str, concurrent: int) -> None:
 
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
 
     try:
         app = create_app(index_dir, device="cpu", for_tests=True)

@@ -30,8 +30,16 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
-from .decode import ITEM_TIMEOUT_S, DecodeResult, _worker_init, decode_file, decode_stream, finish_array, make_plan
-from .gpu_decode import GpuDecodeConfig, decode_batch, preprocess_batch, probe_and_read, tensor_plan
+from index_data.decode import (
+    ITEM_TIMEOUT_S,
+    DecodeResult,
+    _worker_init,
+    decode_file,
+    decode_stream,
+    finish_array,
+    make_plan,
+)
+from index_data.gpu_decode import GpuDecodeConfig, decode_batch, preprocess_batch, probe_and_read, tensor_plan
 
 log = logging.getLogger(__name__)
 DECODE_CHOICES = ("auto", "cpu", "gpu")

@@ -15,19 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from index_data.decode import DecodeWorkerError
+from index_data.gpu_stream import choose_decode_stream
+from index_data.photo_meta import fill_photo_meta
+from index_data.scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
+from index_data.workers import index_workers
 from retrieval.datasets import read_caption_pairs, read_sidecar
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.hashing import hash_file
-from retrieval.index import PENDING_DIRTY_KEY as PENDING_KEY
-from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
-
-from .decode import DecodeWorkerError
-from .gpu_stream import choose_decode_stream
-from .photo_meta import fill_photo_meta
-from .scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
-from .workers import index_workers
+from retrieval.store.index import PENDING_DIRTY_KEY as PENDING_KEY
+from retrieval.store.index import Index, default_index_dir, storage_error
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
@@ -45,7 +44,7 @@ class IndexOptions:
     workers: int | None = None
     device: str = "auto"
     decode: str = "auto"  # auto | cpu | gpu: see index_data/gpu_stream.py
-    runtime: str = "auto"  # auto | onnx | torch (retrieval/runtime.py)
+    runtime: str = "auto"  # auto | onnx | torch (retrieval/models/runtime.py)
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False
@@ -114,7 +113,7 @@ class _StopFlag:
 
 def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexReport:
     if opts.rebuild:  # built aside and switched in at the end (index_data/rebuild.py)
-        from .rebuild import run_rebuild
+        from index_data.rebuild import run_rebuild
 
         return run_rebuild(index_dir, opts, run_index)
     t0 = time.perf_counter()
@@ -133,7 +132,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         parse_spec(opts.model)
     preloaded = None
     if _needs_new_model(root):
-        from retrieval.runtime import index_encoder
+        from retrieval.models.runtime import index_encoder
 
         preloaded = index_encoder(opts.model or DEFAULT_MODEL, opts.device, opts.runtime)
     idx = Index.open_for_write(root)
@@ -236,7 +235,7 @@ def _record_export(idx: Index, encoder) -> None:
     """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
     export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
     loads no model when the export is recorded and in the cache."""
-    from retrieval.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
+    from retrieval.models.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
 
     ident = idx.identity
     key = export_key(ident) if ident is not None else None
@@ -263,7 +262,7 @@ def _record_export(idx: Index, encoder) -> None:
 
 
 def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
-    from retrieval.runtime import index_encoder
+    from retrieval.models.runtime import index_encoder
 
     current = idx.identity
     # opts.rebuild is never set here: run_index hands --rebuild to index_data/rebuild.py, which builds aside
@@ -455,7 +454,7 @@ def _result_stream(jobs, encoder, opts: IndexOptions, workers: int):
     """The executor seam: (work, path) jobs in, one result per file out, each with a decoded `tensor` for
     the encoder here (local) or a `vector` already made on a cluster (ray), or an `error`."""
     if opts.executor == "ray":
-        from .ray_executor import ray_stream
+        from index_data.ray_executor import ray_stream
 
         return ray_stream(jobs, encoder, opts)
     decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
@@ -479,7 +478,7 @@ def _vectors(encoder, results):
 def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[str, list[str]], dirty: set[int]) -> int:
     """Attach sidecar and corpus captions to indexed images. Each chunk's new texts are encoded first and
     committed together with their caption rows, so a killed run never leaves a caption without its vector."""
-    from retrieval.store import text_hash
+    from retrieval.store.db import text_hash
 
     store = idx.store
     wanted: list[tuple[int, str, str]] = []  # (image id, text, source)

@@ -3,7 +3,7 @@
 The driver (index_data/pipeline.py) still scans, plans and writes; only the stage that turns work
 items into vectors runs here. Ray Data reads and decodes in CPU tasks (the same decode_file as the
 local decode workers, so a bad file gets the same reason), encodes in a fixed pool of actors that
-each load the index's model once (retrieval.runtime.index_encoder: torch bf16 on a GPU node, onnxruntime
+each load the index's model once (retrieval.models.runtime.index_encoder: torch bf16 on a GPU node, onnxruntime
 on a CPU node), and streams (width, height, vector | error) rows back. The driver commits them in its own
 batches, so crash safety is the local executor's: SQLite holds every committed batch.
 
@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from index_data.decode import decode_file, make_plan
 from retrieval.errors import RetrievalError
-
-from .decode import decode_file, make_plan
 
 CPU_THREADS_PER_ACTOR = 4  # torch threads of one CPU actor; more actors beat more threads per model
 GPU_BATCH = 256
@@ -143,7 +142,7 @@ class EncodeActor:
     """Ray Data actor: one model per actor process, loaded once, checked against the index's model."""
 
     def __init__(self, spec: str, device: str, identity, finish, threads: float):
-        from retrieval.runtime import index_encoder
+        from retrieval.models.runtime import index_encoder
 
         if device == "cpu":
             from threadpoolctl import threadpool_limits
@@ -167,7 +166,7 @@ class EncodeActor:
     def _tensor(self, arr: np.ndarray, complete: bool):
         from PIL import Image
 
-        from .decode import finish_array
+        from index_data.decode import finish_array
 
         if complete and self.finish is not None:
             x = finish_array(arr, self.finish)

@@ -3,7 +3,7 @@
 The new index is built aside, in `<index>/rebuild/`, by the ordinary incremental pipeline, while the
 index's lock is held (no other writer) and the index itself stays complete and searchable with its old
 model. When the staging index is finished it is switched in with one transaction
-(retrieval/switch.py). A killed rebuild leaves the old index untouched; running the same command again
+(retrieval/store/switch.py). A killed rebuild leaves the old index untouched; running the same command again
 resumes the staging index (only what it lacks is encoded); a rebuild with another model, or deleting
 the folder, abandons it.
 """
@@ -16,10 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.index import Index, default_index_dir, storage_error
 from retrieval.modelspec import parse_spec
-from retrieval.store import DB_NAME
-from retrieval.switch import STAGING_KEY, staging_dir, switch_in
+from retrieval.store.db import DB_NAME
+from retrieval.store.index import Index, default_index_dir, storage_error
+from retrieval.store.switch import STAGING_KEY, staging_dir, switch_in
 
 
 def _what(opts, spec: str) -> dict:

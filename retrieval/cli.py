@@ -309,7 +309,7 @@ def search(
     """Search by TEXT, by --image, or both, plus or minus --add/--subtract terms. Exit code 0 with results, 1 with
     none, 2 on error."""
     from retrieval.errors import RetrievalError
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     if as_json + as_paths + as_null > 1:
         raise RetrievalError("--json, --paths and --null cannot be combined: pick one output format")
@@ -422,7 +422,7 @@ def _print_results(results, as_json: bool, as_paths: bool, as_null: bool = False
 @click.option("--errors", "show_errors", is_flag=True, help="List the files that were skipped, with reasons.")
 def info(index_dir, as_json, show_errors):
     """What an index holds: counts, model, vector index type."""
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     idx = Index.open(index_dir)
     try:
@@ -451,7 +451,7 @@ def verify(index_dir, repair):
     """Check that the manifest, SQLite and FAISS agree. Exit 1 if a problem is found."""
     from pathlib import Path
 
-    from retrieval.index import Index, default_index_dir
+    from retrieval.store.index import Index, default_index_dir
 
     root = Path(index_dir).expanduser() if index_dir else default_index_dir()
     Index.open(root).close()  # no index there: one line, exit 2, and nothing created
@@ -488,8 +488,8 @@ def verify(index_dir, repair):
 def duplicates(index_dir, threshold, as_json):
     """Groups of near-identical photos (bursts, resized copies, edits), best-quality member first.
     Exit code 0 with groups, 1 with none."""
-    from retrieval.duplicates import find_duplicates
-    from retrieval.index import Index
+    from retrieval.query.duplicates import find_duplicates
+    from retrieval.store.index import Index
 
     with Index.open(index_dir) as idx:
         groups = find_duplicates(idx, threshold=threshold)
@@ -558,7 +558,7 @@ def benchmark_recall(
     captions_file, images_dir, fmt, split, index_dir, model, ks, exact, device, workers, as_json, quiet
 ):
     """Recall@K on FILE's image-caption pairs, through the index's own query path (clip_benchmark key names)."""
-    from retrieval.benchmark import format_recall, run_recall_benchmark
+    from retrieval.eval.benchmark import format_recall, run_recall_benchmark
 
     def build(path, options):
         from index_data.pipeline import IndexOptions, run_index
@@ -611,7 +611,7 @@ def benchmark_recall(
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto")
 def serve(index_dir, host, port, max_upload_mb, device):
     """Web page and JSON API over an index (http://127.0.0.1:8000/). The model loads on the first query."""
-    from retrieval.server import serve as run_server
+    from retrieval.server.app import serve as run_server
 
     def ready(url, app, loopback):
         info = app.state.service.info()
@@ -658,7 +658,7 @@ def serve(index_dir, host, port, max_upload_mb, device):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_fusion(index_dir, epochs, seed, val_fraction, dry_run, as_json, quiet):
     """Learn a fusion from the index's image-caption pairs; install it only if it beats the current one."""
-    from retrieval.fusion_train import format_report, train_fusion_for_index
+    from retrieval.fusion.train import format_report, train_fusion_for_index
 
     r = train_fusion_for_index(
         index_dir,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DatasetFormatError
+from retrieval.errors import DatasetFormatError
 
 __all__ = [
     "CaptionRecord",

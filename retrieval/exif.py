@@ -78,7 +78,7 @@ def read_meta(path: str, mtime_ns: int) -> PhotoMeta:
 def _read_exif(path: str):
     from PIL import Image
 
-    from .formats import ensure_plugins, is_raw_name
+    from retrieval.formats import ensure_plugins, is_raw_name
 
     ensure_plugins()
     with warnings.catch_warnings():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 
-from .errors import ImageDecodeError
+from retrieval.errors import ImageDecodeError
 
 HEIF_EXTENSIONS = (".heic", ".heif", ".hif")
 RAW_EXTENSIONS = (".arw", ".cr2", ".cr3", ".nef", ".dng", ".orf", ".rw2", ".raf")
@@ -19,6 +19,7 @@ EXTRA_EXTENSIONS = HEIF_EXTENSIONS + PILLOW_EXTRA_EXTENSIONS + RAW_EXTENSIONS
 # a RAW whose folder holds one of these with the same stem is the same photo: the scanner skips the RAW
 RAW_COMPANION_EXTENSIONS = (".jpg", ".jpeg", ".heic", ".heif", ".hif")
 
+MAX_PIXELS = 178_956_970  # PIL's default; retrieval.images sets it as Pillow's limit
 INSTALL_HINT = "pip install 'retrieval-engine[formats]'"
 
 _heif_state: bool | None = None  # None: not tried yet; True: registered; False: pillow-heif missing
@@ -57,12 +58,13 @@ def check_decoder(name: str) -> None:
 _FLIPS = {3: "ROTATE_180", 5: "ROTATE_90", 6: "ROTATE_270"}
 
 
-def open_raw(source, name: str, min_side: int):
+def open_raw(source, name: str, min_side: int, decode):
     """Decode a camera RAW file to (PIL RGB image, (width, height) of the full photo as displayed).
 
     The camera's embedded preview is used when there is one at least `min_side` pixels on its shorter side
     (a full-size JPEG in most cameras: fast, and with the camera's own colours); else the sensor data is
-    demosaiced at half size. Any LibRaw failure is an ImageDecodeError.
+    demosaiced at half size, `decode` (retrieval.images.load_image) reads a JPEG preview with the usual size
+    and bomb guards. Any LibRaw failure is an ImageDecodeError.
     """
     try:
         import rawpy
@@ -78,11 +80,9 @@ def open_raw(source, name: str, min_side: int):
             w, h = int(sizes.width), int(sizes.height)
             if sizes.flip in (5, 6):
                 w, h = h, w
-            from .images import MAX_PIXELS
-
             if w * h > MAX_PIXELS:
                 raise ImageDecodeError(f"{name}: {w}x{h} exceeds the {MAX_PIXELS} pixel limit")
-            img, oriented = _preview(raw, rawpy, min_side)
+            img, oriented = _preview(raw, rawpy, min_side, decode)
             if oriented:
                 flip = None
             if img is None:
@@ -104,12 +104,10 @@ def open_raw(source, name: str, min_side: int):
         raise ImageDecodeError(f"{name}: corrupt or unsupported RAW file ({detail})") from None
 
 
-def _preview(raw, rawpy, min_side: int):
+def _preview(raw, rawpy, min_side: int, decode):
     """(embedded preview as an RGB PIL image, whether it is already oriented), or (None, False) when there is
     none or it is too small. A JPEG preview with its own EXIF orientation is turned by that, not by LibRaw's."""
     from PIL import Image
-
-    from .images import load_image
 
     try:
         thumb = raw.extract_thumb()
@@ -122,7 +120,7 @@ def _preview(raw, rawpy, min_side: int):
             with Image.open(data) as probe:
                 oriented = probe.getexif().get(0x0112, 1) != 1
             data.seek(0)
-            img = load_image(data)  # the usual size and bomb guards
+            img = decode(data)  # the usual size and bomb guards
         elif thumb.format == rawpy.ThumbFormat.BITMAP:
             img = Image.fromarray(thumb.data).convert("RGB")
         else:

@@ -6,12 +6,11 @@ import os
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageDecodeError
-from .formats import EXTRA_EXTENSIONS, check_decoder, ensure_plugins, is_raw_name, open_raw
+from retrieval.errors import ImageDecodeError
+from retrieval.formats import EXTRA_EXTENSIONS, MAX_PIXELS, check_decoder, ensure_plugins, is_raw_name, open_raw
 
 # Refuse absurd dimensions before decoding. PIL's own guard (warn at MAX_IMAGE_PIXELS, raise at 2x)
 # stays on; we set the limit explicitly so it cannot be lifted by another library by accident.
-MAX_PIXELS = 178_956_970  # PIL's default
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -85,7 +84,7 @@ def load_image_with_size(source, target_size: int | None = None) -> tuple[Image.
 
 def _load_raw(source, name: str, target_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
     """A camera RAW file (retrieval.formats.open_raw), through the same aspect check as other images."""
-    img, (w, h) = open_raw(source, name, min_side=target_size or 256)
+    img, (w, h) = open_raw(source, name, min_side=target_size or 256, decode=load_image)
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise ImageDecodeError(f"{name}: {w}x{h} has an extreme aspect ratio (over {MAX_ASPECT}:1)")
     return _to_rgb(img), (w, h)

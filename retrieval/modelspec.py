@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import ModelSpecError
+from retrieval.errors import ModelSpecError
 
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
 STARTER = "starter"

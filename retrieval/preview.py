@@ -94,7 +94,7 @@ def thumbnail_png(path: str, max_px: int = THUMB_PX) -> bytes:
     included). Raises ImageDecodeError for a file that cannot be shown."""
     from PIL import Image
 
-    from .images import load_image
+    from retrieval.images import load_image
 
     img = load_image(path, target_size=max_px)
     img.thumbnail((max_px, max_px), Image.LANCZOS)

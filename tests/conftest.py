@@ -29,7 +29,7 @@ TINY = "tiny-clip:none"
 
 @pytest.fixture(scope="session")
 def tiny_encoder():
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     return load_encoder(TINY, device="cpu")
 

@@ -248,10 +248,11 @@ def _zygote_main() -> None:  # runs in the zygote process
     import open_clip  # noqa: F401
     import torch  # noqa: F401
 
-    import cli
     import index_data.pipeline  # noqa: F401
-    import retrieval.encoders  # noqa: F401
-    import retrieval.search  # noqa: F401
+    import retrieval.cli
+    import retrieval.models.openclip  # noqa: F401
+    import retrieval.models.registry  # noqa: F401
+    import retrieval.query.searcher  # noqa: F401
     from retrieval import faults
 
     out = sys.stdout.buffer
@@ -280,7 +281,7 @@ def _zygote_main() -> None:  # runs in the zygote process
                     mod, attr = dotted.rsplit(".", 1)
                     setattr(importlib.import_module(mod), attr, value)
                 sys.argv = [str(ROOT / "cli.py"), *req["argv"]]
-                cli.main(args=req["argv"], prog_name="cli.py")
+                retrieval.cli.main(args=req["argv"], prog_name="cli.py")
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -309,7 +310,7 @@ def _reader_main(index_dir: str, out_path: str, stop_path: str, seed: str) -> No
 
     import numpy as np
 
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     rng = np.random.default_rng(int(seed))
     out = open(out_path, "w")
@@ -453,8 +454,8 @@ PENDING_PATTERNS = (
 def snapshot(index_dir) -> dict:
     """What an index holds, in run-independent terms (paths and hashes, not row ids), plus the checks
     that need no encoder. Raises if the index cannot be opened."""
-    from retrieval.index import Index
-    from retrieval.store import path_from_db
+    from retrieval.store.db import path_from_db
+    from retrieval.store.index import Index
 
     with Index.open(index_dir) as idx:
         db = idx.store.db
@@ -538,8 +539,8 @@ def self_query_failures(index_dir, paths, hashes) -> list[str]:
     """Search by each image: the top result must be that image (or a byte-identical copy). The query is
     embedded by one encoder of the index's model kept for the whole test session (what
     Searcher.search(image=...) does, minus loading the model again for every check)."""
-    from retrieval.encoders import load_encoder
-    from retrieval.search import Searcher
+    from retrieval.models.registry import load_encoder
+    from retrieval.query.searcher import Searcher
 
     bad = []
     with Searcher.open(index_dir, device="cpu") as s:

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, build_index, write_photos
 
-from retrieval.benchmark import (
+from retrieval.errors import RetrievalError
+from retrieval.eval.benchmark import (
     evaluate_index,
     load_pairs,
     parse_ks,
@@ -18,10 +19,9 @@ from retrieval.benchmark import (
     query_text_vectors,
     run_recall_benchmark,
 )
-from retrieval.errors import RetrievalError
-from retrieval.evaluate import evaluate_embeddings
-from retrieval.search import Searcher
-from retrieval.store import text_hash
+from retrieval.eval.recall import evaluate_embeddings
+from retrieval.query.searcher import Searcher
+from retrieval.store.db import text_hash
 
 KEYS = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
 
@@ -256,12 +256,12 @@ def test_cli_errors(corpus, tmp_path):
 def test_recall_applies_the_index_fusion(corpus, tmp_path):
     """With a fusion installed, recall is computed on fused vectors: documents (image blended with its captions)
     for text->image, adapted image queries against adapted captions for image->text."""
-    fusion_mod = pytest.importorskip("retrieval.fusion")
-    fusion_train = pytest.importorskip("retrieval.fusion_train")
+    fusion_mod = pytest.importorskip("retrieval.fusion.model")
+    fusion_train = pytest.importorskip("retrieval.fusion.train")
     root, caps, _, _ = corpus
     idx_dir = tmp_path / "fused"
     shutil.copytree(root / "idx_file", idx_dir)
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     with Index.open_for_write(idx_dir, create=False) as idx:
         f = fusion_mod.Fusion.untrained(idx.dim, idx.identity, seed=3)

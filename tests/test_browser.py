@@ -61,7 +61,7 @@ def server(demo_index):
 def _serve(index_dir):
     import uvicorn
 
-    from retrieval.server import bind_socket, create_app, url_for
+    from retrieval.server.app import bind_socket, create_app, url_for
 
     app = create_app(index_dir, device="cpu")
     sock = bind_socket("127.0.0.1", 0)

@@ -181,7 +181,7 @@ def test_weights_replaced_after_indexing_are_refused_at_query_time(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     model = load_encoder(TINY, device="cpu").model
     weights = tmp_path / "tiny.safetensors"
@@ -217,7 +217,7 @@ def test_weights_replaced_after_indexing_are_refused_at_query_time(tmp_path):
 
 
 def test_search_probes_reaches_the_vector_index(indexed, monkeypatch):
-    from retrieval.vectors import VectorIndex
+    from retrieval.store.vectors import VectorIndex
 
     root, photos = indexed
     seen = []

@@ -1,4 +1,4 @@
-"""The torch-free CLIP tokenizer (retrieval/clip_tokenizer.py) that ONNX text queries use: a differential
+"""The torch-free CLIP tokenizer (retrieval/models/tokenizer.py) that ONNX text queries use: a differential
 fuzz test against open_clip's own tokenizer."""
 
 import html
@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from retrieval.clip_tokenizer import ClipTokenizer, _is_safe_ascii, read_merges
+from retrieval.models.tokenizer import ClipTokenizer, _is_safe_ascii, read_merges
 
 STRINGS = [
     "",
@@ -47,7 +47,7 @@ def merges():
 def test_tokenizer_matches_open_clip(arch, merges):
     import open_clip
 
-    from retrieval.encoders import register_model_configs
+    from retrieval.models.openclip import register_model_configs
 
     register_model_configs()
     ref = open_clip.get_tokenizer(arch)

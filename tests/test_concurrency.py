@@ -25,8 +25,8 @@ import pytest
 from conftest import build_index, write_photos
 
 from retrieval.errors import IndexLockedError
-from retrieval.index import Index
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
+from retrieval.store.index import Index
 
 
 def test_readers_see_whole_generations_only(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_writer_lock_dies_with_the_writer(tmp_path):
     d = tmp_path / "idx"
     script = (
         "import os, signal, sys, time\n"
-        "from retrieval.index import Index\n"
+        "from retrieval.store.index import Index\n"
         "idx = Index.open_for_write(sys.argv[1])\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from conftest import build_index, write_photos
 
 from retrieval.cli import main
-from retrieval.index import Index
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
+from retrieval.store.index import Index
 
 FAISS_ENOSPC = (
     "Error in void faiss::write_index(const Index*, IOWriter*, int) at /project/faiss/impl/index_write.cpp:499: "
@@ -119,7 +119,7 @@ def test_faiss_write_fails_with_enospc(idx, monkeypatch):
 def test_sqlite_write_fails_with_disk_full(idx, monkeypatch):
     d, root, old, new = idx
     gen = gen_of(d)
-    from retrieval.store import Store
+    from retrieval.store.db import Store
 
     def full(self, *a, **k):
         raise sqlite3.OperationalError("database or disk is full")
@@ -171,7 +171,7 @@ def test_repair_on_a_full_disk_is_one_line_and_harmless(idx, monkeypatch):
 def test_a_bug_is_not_disguised_as_a_disk_error(idx, monkeypatch):
     """Only storage errors become one-line user errors; anything else keeps its traceback (under --debug)."""
     d, root, old, new = idx
-    from retrieval.store import Store
+    from retrieval.store.db import Store
 
     monkeypatch.setattr(
         Store,

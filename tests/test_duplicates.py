@@ -15,8 +15,8 @@ from conftest import build_index
 from PIL import Image, ImageEnhance
 
 from retrieval.cli import main
-from retrieval.duplicates import find_duplicates, leader_groups, neighbours
-from retrieval.index import Index
+from retrieval.query.duplicates import find_duplicates, leader_groups, neighbours
+from retrieval.store.index import Index
 
 THRESHOLD = 0.98  # the starter model puts two different space photos at 0.96
 
@@ -119,7 +119,7 @@ def test_no_duplicates_exit_1(tmp_path):
 def test_http_duplicates(library):
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
 
     with TestClient(create_app(library / "idx", device="cpu", for_tests=True)) as c:
         body = c.get("/api/duplicates", params={"threshold": THRESHOLD}).json()

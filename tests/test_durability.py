@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from conftest import build_index, write_photos
 
-from retrieval.index import Index
-from retrieval.switch import switch_in
+from retrieval.store.index import Index
+from retrieval.store.switch import switch_in
 
 
 def _traced(idx: Index) -> list[str]:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.encoders import load_encoder
 from retrieval.errors import ModelSpecError, OfflineWeightsError
+from retrieval.models.registry import load_encoder
 from retrieval.modelspec import ModelIdentity, parse_spec
 
 

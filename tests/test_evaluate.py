@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from retrieval.evaluate import (
+from retrieval.eval.recall import (
     RecallReport,
     clip_benchmark_metrics,
     evaluate_embeddings,
@@ -108,7 +108,7 @@ def test_small_hand_examples():
 
 
 def test_block_processing_matches(monkeypatch):
-    import retrieval.evaluate as ev
+    import retrieval.eval.recall as ev
 
     rng = np.random.default_rng(3)
     scores, positives = random_case(rng, 50, 20, score_range=4, pos_rate=0.2)
@@ -147,7 +147,7 @@ def test_metric_key_names_and_report():
 
 
 def test_evaluate_embeddings_matches_clip_benchmark_pairing(monkeypatch):
-    import retrieval.evaluate as ev
+    import retrieval.eval.recall as ev
 
     rng = np.random.default_rng(11)
     n_images, d = 10, 8
@@ -177,6 +177,6 @@ def test_no_torch_import():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = "import sys, retrieval.evaluate, retrieval.datasets; print('torch' in sys.modules)"
+    code = "import sys, retrieval.eval.recall, retrieval.datasets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"

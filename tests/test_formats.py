@@ -99,7 +99,7 @@ def test_index_holds_every_format_and_records_bad_ones(tmp_path):
     reasons = {os.path.basename(p): why for p, why in r.errors}
     assert set(reasons) == {"bad.heic", "broken.cr3"}
     assert "RAW" in reasons["broken.cr3"] and "\n" not in reasons["bad.heic"]
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     with Index.open(tmp_path / "idx") as idx:
         dims = {os.path.basename(r.path): (r.width, r.height) for r in idx.store.iter_images()}

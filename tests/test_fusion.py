@@ -15,8 +15,8 @@ from conftest import build_index, write_photos
 
 from retrieval.cli import main
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.fusion import FILE_RE, Fusion, fusion_files, load_fusion, save_fusion
-from retrieval.fusion_train import (
+from retrieval.fusion.model import FILE_RE, Fusion, fusion_files, load_fusion, save_fusion
+from retrieval.fusion.train import (
     PairData,
     TrainConfig,
     _torch_net,
@@ -26,9 +26,9 @@ from retrieval.fusion_train import (
     train_fusion,
     train_fusion_for_index,
 )
-from retrieval.index import Index
 from retrieval.modelspec import ModelIdentity
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
+from retrieval.store.index import Index
 
 N_IMAGES = 72
 CAPS = 3
@@ -175,7 +175,7 @@ def base_index(tmp_path_factory):
         path_of = idx.store.images_by_ids([i for i, _ in rows])
         order = {str(p): n for n, p in enumerate(photos)}
         caps_of = idx.store.captions_for_images([i for i, _ in rows])
-        from retrieval.store import text_hash
+        from retrieval.store.db import text_hash
 
         with idx.store.transaction():
             for image_id, h in rows:
@@ -278,7 +278,7 @@ def test_mismatched_fusion_is_refused(index_dir):
 
 @pytest.mark.parametrize("fail", ["vector_save", "os_replace"])
 def test_interrupted_rebuild_keeps_old_vectors_and_fusion(index_dir, monkeypatch, fail):
-    from retrieval import vectors
+    from retrieval.store.db import vectors
 
     with Index.open_for_write(index_dir, create=False) as idx:
         old_meta = install_fusion(idx, perturbed(Fusion.untrained(idx.dim, idx.identity)))
@@ -364,7 +364,7 @@ def test_cli_installs_and_later_images_get_the_fusion(index_dir, tmp_path):
         assert len(rows) == 6
         raw = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
         caps = idx.store.captions_for_images([i for i, _ in rows])
-        from retrieval.store import text_hash
+        from retrieval.store.db import text_hash
 
         cap_vecs = [
             idx.store.get_embeddings("text", [text_hash(t) for _, t in caps[i]], idx.dim) if i in caps else None
@@ -380,7 +380,7 @@ def test_cli_installs_and_later_images_get_the_fusion(index_dir, tmp_path):
 
 
 def test_worse_fusion_is_not_installed(index_dir, monkeypatch):
-    from retrieval import fusion_train
+    from retrieval.fusion.model import train as fusion_train
 
     # the current fusion: trained, so it is good on validation
     r = CliRunner().invoke(main, ["train-fusion", "--index", str(index_dir), "--epochs", EPOCHS, "-q"])

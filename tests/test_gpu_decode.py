@@ -26,7 +26,7 @@ from index_data import gpu_stream
 from index_data.decode import decode_stream
 from index_data.gpu_decode import GpuDecodeConfig, apply_orientation, probe_and_read
 from index_data.gpu_stream import choose_decode_stream, gpu_decode_stream, resolve_decode
-from retrieval.index import Index
+from retrieval.store.index import Index
 
 # Measured on the photo-like JPEGs below: the lowest per-image cosine between the two paths' embeddings
 # was 0.9974 (starter, a 640x480 JPEG: PIL's draft decode at 1/2 scale vs full decode + 2x2 averaging),
@@ -36,7 +36,7 @@ MIN_COSINE = 0.995
 
 @pytest.fixture(scope="module")
 def starter_encoder():
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     return load_encoder("starter", device="cpu")
 
@@ -244,7 +244,7 @@ def test_cli_index_decode_gpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG); the same code runs on the CPU above")
 def test_cuda_nvjpeg_path_matches_pil_path(photos, tmp_path):
-    from retrieval.encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     enc = load_encoder("tiny-clip:none", device="cuda", precision="fp32")
     cpu, _ = run(decode_stream, photos, enc, workers=0)

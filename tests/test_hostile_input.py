@@ -13,9 +13,9 @@ from conftest import TINY, build_index, draw_scene, write_photos
 
 from retrieval.cli import main
 from retrieval.errors import RetrievalError
-from retrieval.index import Index
-from retrieval.search import Searcher
-from retrieval.vectors import _FOOTER
+from retrieval.query.searcher import Searcher
+from retrieval.store.index import Index
+from retrieval.store.vectors import _FOOTER
 
 
 def run(*args):
@@ -61,7 +61,7 @@ def test_damaged_vector_file_names_verify_repair(tmp_path, damage):
     assert "verify --repair" in out and vec.name in out
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
 
     with TestClient(create_app(tmp_path / "idx", device="cpu", for_tests=True)) as c:
         res = c.get("/api/search", params={"q": "a photo"})
@@ -116,7 +116,7 @@ def test_non_finite_min_score_is_a_user_error(indexed, value):
 def test_http_rejects_empty_query_and_nan_min_score(indexed):
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
 
     with TestClient(create_app(indexed / "idx", device="cpu", for_tests=True)) as c:
         for value in ("nan", "inf"):
@@ -235,7 +235,7 @@ def test_edited_photo_vector_is_republished_after_a_kill(tmp_path, monkeypatch, 
 
 def test_unchanged_bad_file_is_not_decoded_again_and_the_model_not_loaded(tmp_path, monkeypatch):
     from index_data import decode as D
-    from retrieval import runtime
+    from retrieval.models import runtime
 
     write_photos(tmp_path / "p", 2)
     (tmp_path / "p" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -28,7 +28,7 @@ import faultkit as fk
 import pytest
 from conftest import draw_scene, write_photos
 
-from retrieval.index import Index
+from retrieval.store.index import Index
 
 SEED = 11
 # (phase, how many cases); "time" is a kill after a random delay, "time-cli" the same on `python cli.py`

@@ -20,7 +20,7 @@ import faultkit as fk
 import pytest
 from conftest import write_photos
 
-from retrieval.index import Index
+from retrieval.store.index import Index
 
 OTHER = "tiny-clip-b:none"  # dim 32, vs tiny-clip's 64
 
@@ -149,7 +149,7 @@ def test_kill_during_rebuild_keeps_the_old_index_and_resumes(world):
 def test_rebuild_with_another_model_switches_a_running_searcher(world, tmp_path):
     """A long-lived reader (the server's Searcher) keeps working across the switch: it picks up the new
     model and its vectors instead of mixing a 64-dim query with 32-dim vectors."""
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     d = tmp_path / "idx"
     shutil.copytree(world["base"], d)

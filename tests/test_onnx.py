@@ -1,4 +1,4 @@
-"""ONNX Runtime as the CPU runtime (retrieval/onnx_export.py, onnx_runtime.py, runtime.py): exports match
+"""ONNX Runtime as the CPU runtime (retrieval/models/onnx_export.py, onnx_runtime.py, runtime.py): exports match
 torch, every query path runs without importing torch, CPU indexing runs on onnxruntime, damaged exports and
 models that cannot be exported are reported in one line, and indexes of the older layout keep working."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import TINY, build_index, write_photos
 
-from retrieval.onnx_runtime import (
+from retrieval.models.onnx_runtime import (
     ENV_CACHE,
     META_NAME,
     cache_root,
@@ -50,7 +50,7 @@ def _cli(*args, **env) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_encoder):
-    from retrieval.onnx_export import ensure_export
+    from retrieval.models.onnx_export import ensure_export
 
     return ensure_export(tiny_encoder)
 
@@ -98,8 +98,8 @@ def test_starter_export_matches_torch(tmp_path):
     """The starter's EfficientNet + ConSE (numpy) and MiniLM through onnxruntime give the torch vectors."""
     import torch
 
-    from retrieval.encoders import load_encoder
-    from retrieval.onnx_export import ensure_export
+    from retrieval.models.onnx_export import ensure_export
+    from retrieval.models.registry import load_encoder
 
     starter = load_encoder("starter", device="cpu")
     enc = open_export(ensure_export(starter))
@@ -114,7 +114,7 @@ def test_starter_export_matches_torch(tmp_path):
 
 QUERY = """
 import sys, json
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
 s = Searcher.open(sys.argv[1])
 out = {
     "text": [r.id for r in s.search("a red circle", k=3)],
@@ -124,7 +124,7 @@ out = {
     "runtime": s.encoder.runtime,
 }
 from fastapi.testclient import TestClient
-from retrieval.server import create_app
+from retrieval.server.app import create_app
 c = TestClient(create_app(sys.argv[1], for_tests=True))
 out["serve"] = c.get("/api/search", params={"q": "a red circle", "k": 3}).status_code
 with open(sys.argv[2], "rb") as f:
@@ -164,11 +164,11 @@ def test_every_query_path_runs_without_torch(onnx_index, tiny_encoder):
         ]
         assert heavy == [], heavy[:3]
     # the same top results as the torch encoder, scores within 1e-5
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     with Searcher.open(idx) as s:
         got = s.search("a red circle", k=5)
-        s.index._encoder = s.index._torch_encoder("cpu")
+        s.query_encoder.loaded = s.query_encoder.torch_encoder()
         ref = s.search("a red circle", k=5)
     assert [r.id for r in got] == [r.id for r in ref]
     assert max(abs(a.score - b.score) for a, b in zip(got, ref)) <= 1e-5
@@ -199,7 +199,7 @@ def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_exp
 
 
 def test_onnx_and_torch_runtimes_store_the_same_vectors(tmp_path, tiny_export):
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     write_photos(tmp_path / "photos", 6)
     (tmp_path / "photos" / "img_0001.jpg.txt").write_text("a caption\n")
@@ -236,13 +236,13 @@ def _private_cache(tmp_path, tiny_export) -> Path:
 
 
 def _search(index, monkeypatch, cache, **query):
-    from retrieval import onnx_runtime
-    from retrieval.search import Searcher
+    from retrieval.models import onnx_runtime
+    from retrieval.query.searcher import Searcher
 
     monkeypatch.setenv(ENV_CACHE, str(cache))
     onnx_runtime._warned.clear()
     with Searcher.open(index) as s:
-        return [r.id for r in s.search(k=2, **query)], s.index._encoder
+        return [r.id for r in s.search(k=2, **query)], s.query_encoder.loaded
 
 
 def test_damaged_export_is_reported_once_and_queries_still_answer(
@@ -271,8 +271,8 @@ def test_damaged_export_is_reported_once_and_queries_still_answer(
 
 
 def test_killed_export_leaves_nothing_that_is_used(tmp_path, onnx_index):
-    from retrieval.index import Index
-    from retrieval.onnx_runtime import load_for_identity
+    from retrieval.models.onnx_runtime import load_for_identity
+    from retrieval.store.index import Index
 
     cache = tmp_path / "cache"
     r = _cli(
@@ -298,8 +298,8 @@ def test_killed_export_leaves_nothing_that_is_used(tmp_path, onnx_index):
 
 
 def test_unexportable_model_says_so_once_and_runs_on_torch(tmp_path, capsys):
-    from retrieval import onnx_runtime, runtime
-    from retrieval.encoders import load_encoder
+    from retrieval.models import onnx_runtime, runtime
+    from retrieval.models.registry import load_encoder
 
     enc = load_encoder("tiny-clip-b:none", device="cpu")
     enc.preprocess = lambda im: None  # a model whose preprocessing is no torchvision pipeline

@@ -19,8 +19,8 @@ from PIL import Image
 from retrieval.cli import main
 from retrieval.errors import EmptyIndexError, RetrievalError
 from retrieval.exif import read_meta
-from retrieval.photo_filters import PhotoFilter, haversine_km
-from retrieval.search import Searcher
+from retrieval.query.photo_filters import PhotoFilter, haversine_km
+from retrieval.query.searcher import Searcher
 
 PARIS = (48.8584, 2.2945)
 ROME = (41.8902, 12.4922)
@@ -210,7 +210,7 @@ def test_cli_filters_and_json_fields(library):
 def test_http_filters(library):
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
 
     with TestClient(create_app(library / "idx", device="cpu", for_tests=True)) as c:
         resp = c.get("/api/search", params={"q": "a photo", "camera": "canon", "before": "2019-08", "k": 10})

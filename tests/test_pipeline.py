@@ -8,8 +8,8 @@ from conftest import TINY, build_index, draw_scene, write_photos
 from PIL import Image
 
 from retrieval.errors import ModelMismatchError, RetrievalError
-from retrieval.index import Index
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
+from retrieval.store.index import Index
 
 
 def _state(index_dir):
@@ -68,7 +68,7 @@ def test_unchanged_rerun_writes_no_generation(tmp_path):
 def test_model_is_loaded_only_when_something_needs_encoding(tmp_path, monkeypatch):
     """A re-run that finds nothing new (moves and deletions included) never loads the model; a new photo or
     a new caption does, and the index's model identity is still checked then."""
-    from retrieval import runtime
+    from retrieval.models import runtime
 
     folder = tmp_path / "p"
     photos = write_photos(folder, 4)
@@ -161,7 +161,7 @@ def test_caption_corpus_and_sidecars(tmp_path):
 def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path, monkeypatch):
     """Captions and their text vectors commit together: a run that dies while encoding the texts leaves
     the index as it was (verify clean), and the next run attaches them."""
-    from retrieval import onnx_runtime
+    from retrieval.models import onnx_runtime
 
     folder = tmp_path / "p"
     write_photos(folder, 3)
@@ -188,7 +188,7 @@ def test_crash_while_encoding_captions_leaves_no_caption_without_vector(tmp_path
 def test_ctrl_c_after_encoding_still_publishes_what_was_committed(tmp_path, monkeypatch):
     """Ctrl-C while captions are being encoded: the photos this run already committed are published to
     FAISS before the run stops, so they are searchable and verify is clean."""
-    from retrieval import onnx_runtime
+    from retrieval.models import onnx_runtime
 
     folder = tmp_path / "p"
     write_photos(folder, 5)

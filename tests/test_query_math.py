@@ -12,8 +12,8 @@ from conftest import build_index, write_photos
 
 from retrieval.cli import main
 from retrieval.errors import RetrievalError
-from retrieval.query_math import QueryTerm, parse_term, weighted_sum
-from retrieval.search import Searcher
+from retrieval.query.arithmetic import QueryTerm, parse_term, weighted_sum
+from retrieval.query.searcher import Searcher
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_cli_add_subtract(lib):
 def test_http_add_subtract(lib):
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
 
     root, photos = lib
     with TestClient(create_app(root / "idx", device="cpu", for_tests=True)) as c:

@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, build_index, draw_scene, write_photos
 
-from retrieval.index import Index
-from retrieval.store import DB_NAME, path_from_db
+from retrieval.store.db import DB_NAME, path_from_db
+from retrieval.store.index import Index
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +140,7 @@ def test_parity_with_local_including_incremental_rerun(tmp_path, ray_address):
     _assert_same(_state(ray_idx), _state(local))
 
     # search reads what the Ray run wrote like a local index
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     def top(index_dir):
         with Searcher.open(index_dir, device="cpu") as s:

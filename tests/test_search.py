@@ -9,7 +9,7 @@ from conftest import build_index, write_photos
 from PIL import Image
 
 from retrieval.errors import EmptyIndexError, ImageDecodeError, IndexNotFoundError, RetrievalError
-from retrieval.search import CaptionResult, ImageResult, Searcher
+from retrieval.query.searcher import CaptionResult, ImageResult, Searcher
 
 
 @pytest.fixture(scope="module")

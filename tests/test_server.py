@@ -24,7 +24,7 @@ from PIL import Image
 
 from retrieval.cli import main  # noqa: E402
 from retrieval.errors import EmptyIndexError, IndexNotFoundError, RetrievalError  # noqa: E402
-from retrieval.server import create_app, status_for  # noqa: E402
+from retrieval.server.app import create_app, status_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 12
@@ -93,14 +93,14 @@ def test_openapi_schema(client):
 def test_model_is_not_loaded_at_start(corpus):
     app = create_app(corpus[0] / "idx", device="cpu", for_tests=True)
     svc = app.state.service
-    assert svc.searcher.index._encoder is None
+    assert svc.searcher.query_encoder.loaded is None
     with TestClient(app) as c:
         assert c.get("/api/info").status_code == 200
         assert c.get("/thumb/1").status_code == 200
         assert c.get("/api/search", params={"id": 1, "k": 2}).status_code == 200  # stored vector: no model
-        assert svc.searcher.index._encoder is None  # nothing so far needed the model
+        assert svc.searcher.query_encoder.loaded is None  # nothing so far needed the model
         r = c.post("/api/search", files={"image": ("q.jpg", _jpeg())}, data={"k": "1"})
-        assert r.status_code == 200 and svc.searcher.index._encoder is not None
+        assert r.status_code == 200 and svc.searcher.query_encoder.loaded is not None
 
 
 # -- search ---------------------------------------------------------------------------------------

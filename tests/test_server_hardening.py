@@ -18,8 +18,8 @@ from PIL import Image
 
 from retrieval.errors import ImageDecodeError
 from retrieval.images import load_upload
-from retrieval.served_files import FileChanged, open_indexed
-from retrieval.server import create_app
+from retrieval.server.app import create_app
+from retrieval.server.served_files import FileChanged, open_indexed
 
 CHANGED = "changed since it was indexed; run index"
 
@@ -88,7 +88,7 @@ def test_a_row_pointing_inside_the_index_directory_is_refused(served):
     inside = tmp / "idx" / "copy.jpg"
     shutil.copy2(p, inside)  # same bytes, size and mtime as the row: only its place gives it away
     db = c.app.state.service.searcher.index.store.db
-    from retrieval.index import Index
+    from retrieval.store.index import Index
 
     with Index.open_for_write(tmp / "idx") as w, w.store.transaction():
         w.store.db.execute(

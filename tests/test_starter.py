@@ -19,9 +19,10 @@ import pytest
 import skimage  # noqa: E402,F401
 
 from benchmarks.samples import SAMPLE_CAPTIONS, write_sample_photos  # noqa: E402
-from retrieval import starter as S  # noqa: E402
-from retrieval.encoders import Encoder, load_encoder  # noqa: E402
 from retrieval.errors import ModelSpecError  # noqa: E402
+from retrieval.models import starter as S  # noqa: E402
+from retrieval.models.base import Encoder
+from retrieval.models.registry import load_encoder  # noqa: E402
 
 # Measured with the shipped defaults (benchmarks/out/starter_quality.json, 2-core CPU sandbox):
 #   text->image R@1 = 0.605 (26/43), R@5 = 0.907 (39/43); image->text R@1 = 0.556 (10/18), R@5 = 0.611 (11/18).
@@ -205,7 +206,7 @@ def test_resized_copy_finds_the_indexed_original_through_search(samples, tmp_pat
     from conftest import build_index
     from PIL import Image
 
-    from retrieval.search import Searcher
+    from retrieval.query.searcher import Searcher
 
     build_index(tmp_path / "idx", [samples[0].parent], model="starter")
     with Searcher.open(tmp_path / "idx", device="cpu") as s:

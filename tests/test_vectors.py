@@ -1,12 +1,12 @@
-"""retrieval.vectors: build/search/add/remove/filters/persistence for every index kind."""
+"""retrieval.store.vectors: build/search/add/remove/filters/persistence for every index kind."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval import vectors as V
-from retrieval.vectors import VectorIndex, VectorIndexConfig, choose_config
+from retrieval.store.db import vectors as V
+from retrieval.store.vectors import VectorIndex, VectorIndexConfig, choose_config
 
 DIM = 64
 N = 3000

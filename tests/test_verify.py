@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from conftest import build_index, write_photos
 
 from retrieval.cli import main
-from retrieval.index import Index
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
+from retrieval.store.index import Index
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .errors import EmptyIndexError, ModelMismatchError, RetrievalError
-from .evaluate import recall_at_k
-from .fusion import FORMAT_VERSION, Fusion, FusionConfig, init_params, prune_fusion_files, save_fusion
-from .modelspec import ModelIdentity
+from retrieval.errors import EmptyIndexError, ModelMismatchError, RetrievalError
+from retrieval.eval.recall import recall_at_k
+from retrieval.fusion.model import FORMAT_VERSION, Fusion, FusionConfig, init_params, prune_fusion_files, save_fusion
+from retrieval.modelspec import ModelIdentity
 
 MIN_PAIRS = 20
 MIN_IMAGES = 10
@@ -536,7 +536,7 @@ def train_fusion_for_index(
 ) -> FusionTrainReport:
     """What `retrieval train-fusion` does: train on the index's pairs, compare with the fusion in force on the
     validation images, install only a strictly better one (unless dry_run), rebuilding vectors atomically."""
-    from .index import Index
+    from retrieval.store.index import Index
 
     cfg = replace(config or TrainConfig(), seed=seed)
     if epochs is not None:

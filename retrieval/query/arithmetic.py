@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RetrievalError
+from retrieval.errors import RetrievalError
 
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*:(.*)$", re.S)
 _ID = re.compile(r"^id:(\d{1,18})$")

@@ -23,17 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import (
-    EmptyIndexError,
+from retrieval.errors import (
     IndexDamagedError,
     IndexLockedError,
     IndexNotFoundError,
     ModelMismatchError,
     RetrievalError,
 )
-from .faults import checkpoint
-from .modelspec import ModelIdentity
-from .store import DB_NAME, Store
+from retrieval.faults import checkpoint
+from retrieval.modelspec import ModelIdentity
+from retrieval.store.db import DB_NAME, Store
 
 ENV_INDEX = "RETRIEVAL_INDEX"
 KEEP_GENERATIONS = (
@@ -140,7 +139,6 @@ class Index:
         self.writable = writable
         self._lock_fd: int | None = None
         self._vectors: dict[tuple[str, int], object] = {}
-        self._encoder = None
         self._fusion_cache: tuple[int, object] | None = None
         self._fusion_override: tuple[dict | None] | None = None
         self._pin = threading.local()  # this thread's (generation, fusion meta) while pinned()
@@ -305,42 +303,7 @@ class Index:
             caption_vectors=int(self.store.get_manifest("vectors_captions", 0)),
         )
 
-    # -- encoder and fusion ---------------------------------------------------------------------
-
-    def encoder(self, device: str = "auto"):
-        """The query encoder always comes from the manifest; its identity must still match. On the CPU it is
-        the model's ONNX export (retrieval/onnx_runtime.py, no torch import), else the torch model."""
-        ident = self.identity
-        # a rebuild with another model may have switched in since the encoder was loaded: load the new one
-        if self._encoder is None or ident is None or not self._encoder.identity.matches(ident):
-            from .runtime import query_encoder
-
-            if ident is None:
-                raise EmptyIndexError(f"the index at {self.root} has no model recorded")
-            enc = query_encoder(ident, device, (self.store.get_manifest("onnx_export") or {}).get("key"))
-            if enc is None:
-                enc = self._torch_encoder(device)
-            else:
-                enc.fallback = lambda: self._torch_encoder(device)
-            self._encoder = enc
-        return self._encoder
-
-    def _torch_encoder(self, device: str):
-        if getattr(self, "_torch", None) is None:
-            import importlib.util
-
-            if importlib.util.find_spec("torch") is None:
-                raise RetrievalError(
-                    f"the model {self.identity.spec} has no usable ONNX export in this user's cache, and "
-                    f"torch is not installed: run `retrieval index` with torch installed once "
-                    f"(pip install 'retrieval-engine[torch]') to make it"
-                )
-            from .encoders import load_encoder
-
-            enc = load_encoder(self.identity.spec, device=device)
-            self.check_identity(enc.identity)
-            self._torch = enc
-        return self._torch
+    # -- fusion --------------------------------------------------------------------------------
 
     def fusion(self):
         """The trained fusion in force for this generation, or None (identity)."""
@@ -354,7 +317,7 @@ class Index:
         key = hash(str(sorted(meta.items())))
         if self._fusion_cache and self._fusion_cache[0] == key:
             return self._fusion_cache[1]
-        from .fusion import load_fusion
+        from retrieval.fusion.model import load_fusion
 
         fusion = load_fusion(self.root / meta["file"])
         ident = self.identity
@@ -369,7 +332,7 @@ class Index:
 
     def vectors(self, kind: str = "images", mmap: bool = False):
         """The VectorIndex of the current generation (`images` or `captions`), or None if empty."""
-        from .vectors import VectorIndex
+        from retrieval.store.vectors import VectorIndex
 
         for _attempt in range(3):
             gen = self.generation
@@ -409,7 +372,7 @@ class Index:
         for image_id, _ in rows:
             texts = caps.get(image_id, [])
             if texts:
-                from .store import text_hash
+                from retrieval.store.db import text_hash
 
                 cap_vecs.append(self.store.get_embeddings("text", [text_hash(t) for _, t in texts], dim))
             else:
@@ -452,7 +415,7 @@ class Index:
         return self._publish(new, gen + 1, requested_type, fusion_meta)
 
     def _updated_vectors(self, requested_type, dirty_images, force_rebuild, gen):
-        from .vectors import VectorIndex, choose_config
+        from retrieval.store.vectors import VectorIndex, choose_config
 
         store = self.store
         new = {}
@@ -564,8 +527,8 @@ class Index:
             return [f"sqlite: {self.store.path.name} is damaged: {e}"]
 
     def _verify(self) -> list[str]:
-        from .store import SCHEMA_VERSION
-        from .vectors import VectorIndex
+        from retrieval.store.db import SCHEMA_VERSION
+        from retrieval.store.vectors import VectorIndex
 
         problems: list[str] = []
         store = self.store

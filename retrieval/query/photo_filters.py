@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from .errors import RetrievalError
+from retrieval.errors import RetrievalError
 
 EARTH_RADIUS_KM = 6371.0088
 DEFAULT_KM = 10.0

@@ -58,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import Encoder, pick_device
-from .errors import ModelSpecError
-from .hashing import sha256_file
-from .modelspec import ModelIdentity
-from .preprocess import resize_crop_normalize
-from .vecmath import l2_normalize
+from retrieval.errors import ModelSpecError
+from retrieval.hashing import sha256_file
+from retrieval.models.base import Encoder, pick_device
+from retrieval.models.preprocess import resize_crop_normalize
+from retrieval.modelspec import ModelIdentity
+from retrieval.vecmath import l2_normalize
 
 VERSION = "effnet-lite0+minilm-l6-v2/conse-v1"
 DIM = 384

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import RetrievalError
+from retrieval.errors import RetrievalError
 
 DEFAULT_THRESHOLD = 0.95
 EXACT_MAX = 8_000  # distinct images compared exactly, pair by pair; beyond, IVF
@@ -140,10 +140,10 @@ def leader_groups(
 
 
 def find_duplicates(index, threshold: float = DEFAULT_THRESHOLD, exact_max: int = EXACT_MAX) -> list[DuplicateGroup]:
-    """Near-duplicate groups of an open retrieval.index.Index, largest groups first."""
+    """Near-duplicate groups of an open retrieval.store.index.Index, largest groups first."""
     if not (MIN_THRESHOLD <= threshold <= 1.0) or math.isnan(threshold):
         raise RetrievalError(f"--threshold must be between {MIN_THRESHOLD} and 1, got {threshold:g}")
-    from .names import display_text
+    from retrieval.names import display_text
 
     store = index.store
     rows = list(store.db.execute("SELECT id, path_raw, hash, width, height, mtime_ns FROM images ORDER BY id"))

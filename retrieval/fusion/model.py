@@ -38,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import fsync_dir as _fsync_dir
-from .atomic import write_atomic as _write_atomic
-from .errors import RetrievalError
-from .modelspec import ModelIdentity
-from .vecmath import l2_normalize
+from retrieval.errors import RetrievalError
+from retrieval.modelspec import ModelIdentity
+from retrieval.store.atomic import fsync_dir as _fsync_dir
+from retrieval.store.atomic import write_atomic as _write_atomic
+from retrieval.vecmath import l2_normalize
 
 
 def _unit(x):

@@ -1,4 +1,4 @@
-"""Encoders: one interface over open_clip models and the offline starter model.
+"""open_clip encoders: architecture configs, weights, and the torch model behind one Encoder.
 
 Every encoder returns L2-normalised float32 numpy arrays of shape [n, dim]. Heavy imports (torch,
 open_clip) happen inside functions so that light commands never pay for them.
@@ -10,74 +10,20 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import OFFLINE_HELP, ModelSpecError, OfflineWeightsError
-from .hashing import sha256_file
-from .images import load_image
-from .modelspec import ModelIdentity, ModelSpec, parse_spec
-from .vecmath import l2_normalize
+from retrieval.errors import OFFLINE_HELP, ModelSpecError, OfflineWeightsError
+from retrieval.hashing import sha256_file
+from retrieval.models.base import Encoder, pick_device
+from retrieval.modelspec import ModelIdentity, ModelSpec
+from retrieval.vecmath import l2_normalize
 
 # Extra open_clip architecture configs (a folder of ARCH.json files, several joined by os.pathsep): the test
 # suite's tiny models live under tests/model_configs and are never registered for users.
 CONFIG_DIRS_ENV = "RETRIEVAL_MODEL_CONFIGS"
 RANDOM_INIT_SEED = 0
-
-
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelSpecError(f"--device {device} requested but CUDA is not available")
-        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ModelSpecError("--device mps requested but Apple's MPS backend is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-class Encoder:
-    """The shared interface. Subclasses implement preprocess, encode_image_tensors and encode_texts."""
-
-    identity: ModelIdentity
-    image_size: int  # shorter side the model looks at; decoders may draft-decode down to it
-    device: str = "cpu"
-    runtime: str = "torch"  # "onnx" for retrieval.onnx_runtime.OnnxEncoder
-
-    @property
-    def dim(self) -> int:
-        return int(self.identity.dim)
-
-    def preprocess(self, image):  # PIL.Image -> torch.Tensor [3, H, W]
-        raise NotImplementedError
-
-    def encode_image_tensors(self, batch) -> np.ndarray:  # torch.Tensor [n, 3, H, W]
-        raise NotImplementedError
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        raise NotImplementedError
-
-    def encode_images(self, images: Iterable, batch_size: int = 64) -> np.ndarray:
-        """Encode PIL images or paths. A path that is not an image raises ImageDecodeError."""
-        import torch
-
-        out, buf = [], []
-        for item in images:
-            buf.append(self.preprocess(load_image(item, self.image_size)))
-            if len(buf) == batch_size:
-                out.append(self.encode_image_tensors(torch.stack(buf)))
-                buf = []
-        if buf:
-            out.append(self.encode_image_tensors(torch.stack(buf)))
-        if not out:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate(out, axis=0)
 
 
 class OpenClipEncoder(Encoder):
@@ -197,16 +143,8 @@ def _skip_param_init():
                 setattr(init, n, f)
 
 
-def load_encoder(
-    spec: str | ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None
-) -> Encoder:
-    """Build the encoder a spec names: `ARCH:TAG`, `ARCH:/path/to/weights`, `ARCH:none`, or `starter`."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.is_starter:
-        from .starter import load_starter
-
-        return load_starter(device=device)
-
+def load_open_clip(spec: ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None):
+    """The open_clip encoder of `ARCH:TAG`, `ARCH:/path/to/weights` or `ARCH:none`."""
     import open_clip
     import torch
 

@@ -1,6 +1,6 @@
 """open_clip's SimpleTokenizer (the CLIP BPE tokenizer), reproduced without torch or open_clip.
 
-`open_clip.tokenizer` imports torch at module level, so the ONNX query path (retrieval/onnx_runtime.py)
+`open_clip.tokenizer` imports torch at module level, so the ONNX query path (retrieval/models/onnx_runtime.py)
 cannot use it. This module gives the same token ids for every input: the same cleaning
 (ftfy.fix_text, html.unescape twice, whitespace collapse, lowercase), the same pre-tokenizer regex
 (through the `regex` package), the same byte-level BPE over the merges in open_clip's bundled

@@ -7,9 +7,9 @@ from typing import Literal, Optional
 
 from fastapi import Form, Query
 
-from .errors import RetrievalError
-from .photo_filters import PhotoFilter
-from .query_math import parse_terms
+from retrieval.errors import RetrievalError
+from retrieval.query.arithmetic import parse_terms
+from retrieval.query.photo_filters import PhotoFilter
 
 MAX_K = 1000
 MAX_TERMS = 32

@@ -1,7 +1,7 @@
 """Recall@k of an index, measured through the engine's own query path, with clip_benchmark's metric names.
 
-    from retrieval.benchmark import load_pairs, evaluate_index
-    from retrieval.search import Searcher
+    from retrieval.eval.benchmark import load_pairs, evaluate_index
+    from retrieval.query.searcher import Searcher
 
     pairs = load_pairs("dataset_flickr30k.json", images_dir="flickr30k-images", split="test")
     with Searcher.open("f30k.idx") as s:
@@ -26,11 +26,11 @@ What is measured, and how it maps onto clip_benchmark's ``zeroshot_retrieval``:
   not applied: the result ids are scored directly, so a dataset holding the same picture under two names (or the
   same caption on two images) counts exactly as clip_benchmark counts it, not hidden by de-duplication.
 
-Ranking rule: the one of :mod:`retrieval.evaluate` (optimistic ties): a query's rank is 1 + the number of
+Ranking rule: the one of :mod:`retrieval.eval.recall` (optimistic ties): a query's rank is 1 + the number of
 retrieved candidates scoring strictly more than its best positive, so an exact duplicate of the positive does not
 push it down. The store keeps one caption row per (image, text); when FILE repeats a caption for the same image,
 that row counts with its multiplicity, as clip_benchmark's candidate list would. With these two rules the numbers
-over an exact (flat) index are the numbers :func:`~retrieval.evaluate.evaluate_embeddings` gives on the same
+over an exact (flat) index are the numbers :func:`~retrieval.eval.recall.evaluate_embeddings` gives on the same
 vectors. Ties are resolved within the ``max(K) + TIE_MARGIN`` results fetched per query.
 
 Missing pieces count as misses and stay in the denominators: an image of FILE that is not in the index (it failed
@@ -64,9 +64,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .datasets import read_caption_pairs
-from .errors import ModelMismatchError, RetrievalError
-from .evaluate import DEFAULT_KS, clip_benchmark_metrics
+from retrieval.datasets import read_caption_pairs
+from retrieval.errors import ModelMismatchError, RetrievalError
+from retrieval.eval.recall import DEFAULT_KS, clip_benchmark_metrics
 
 __all__ = [
     "RecallPairs",
@@ -263,14 +263,14 @@ def _hit_counts(
 
 
 def _flat_copy(dim: int, ids: np.ndarray, vecs: np.ndarray):
-    from .vectors import VectorIndex, VectorIndexConfig
+    from retrieval.store.vectors import VectorIndex, VectorIndexConfig
 
     return VectorIndex.build(dim, np.asarray(ids, np.int64), np.asarray(vecs, np.float32), VectorIndexConfig("flat"))
 
 
 def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS, exact: bool = False) -> IndexRecall:
     """Recall@k of the index behind ``searcher`` on ``pairs`` (see the module docstring for every rule)."""
-    from .store import text_hash
+    from retrieval.store.db import text_hash
 
     ks_t = parse_ks(ks)
     if pairs.n_images == 0 or pairs.n_captions == 0:
@@ -385,7 +385,7 @@ def _file_caption_candidates(searcher, pairs: RecallPairs, rows):
     """(flat VectorIndex over FILE's captions of indexed images, their positions in FILE): each caption's
     stored text embedding when the index has one, else encoded now with the index's model (the encoder the
     write path uses), then the fusion's caption transform, as the write path makes caption vectors."""
-    from .store import text_hash
+    from retrieval.store.db import text_hash
 
     index = searcher.index
     store = index.store
@@ -417,7 +417,7 @@ BuildFn = Callable[[Path, dict], object]
 
 
 def _index_exists(path: Path) -> bool:
-    from .store import DB_NAME
+    from retrieval.store.db import DB_NAME
 
     return (path / DB_NAME).is_file()
 
@@ -444,8 +444,8 @@ def run_recall_benchmark(
     ``build(path, options)`` indexes FILE into ``path``; ``options`` holds ``captions_file``, ``fmt``, ``split``,
     ``images_dir``, ``model`` and ``device`` (the field names of ``index_data.pipeline.IndexOptions``).
     """
-    from .modelspec import parse_spec
-    from .search import Searcher
+    from retrieval.modelspec import parse_spec
+    from retrieval.query.searcher import Searcher
 
     ks_t = parse_ks(ks)
     pairs = load_pairs(captions_file, images_dir, fmt, split)

@@ -1,4 +1,4 @@
-"""Export a loaded torch encoder's towers to ONNX, once per model per user (layout: retrieval/onnx_runtime.py).
+"""Export a loaded torch encoder's towers to ONNX, once per model per user (layout: retrieval/models/onnx_runtime.py).
 
 torch's TorchScript-based exporter (`dynamo=False`) is used: it exports open_clip's towers and the
 starter's parts as they are, in seconds, and the outputs match torch to ~1e-7. fp32, a dynamic batch and,
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import fsync_dir, write_atomic
-from .faults import checkpoint
-from .onnx_runtime import (
+from retrieval.faults import checkpoint
+from retrieval.models.onnx_runtime import (
     FORMAT,
     FORMAT_VERSION,
     META_NAME,
@@ -38,6 +37,7 @@ from .onnx_runtime import (
     read_meta,
     warn_once,
 )
+from retrieval.store.atomic import fsync_dir, write_atomic
 
 TOLERANCE = 1e-5  # max abs difference of the normalised outputs, onnxruntime vs torch, both fp32 on the CPU
 OPSET = 17
@@ -158,7 +158,7 @@ def _check_clip_tokenizer(tok) -> None:
 def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
     import torch
 
-    from .clip_tokenizer import VOCAB_NAME, open_clip_vocab_path
+    from retrieval.models.tokenizer import VOCAB_NAME, open_clip_vocab_path
 
     _check_clip_tokenizer(encoder.tokenizer)
     vocab = open_clip_vocab_path()
@@ -199,7 +199,7 @@ def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
 def _export_starter(encoder, tmp: Path) -> tuple[dict, None]:
     import torch
 
-    from . import starter as S
+    from retrieval.models import starter as S
 
     files = S.locate_files()
     shutil.copyfile(files.tokenizer, tmp / "tokenizer.json")
@@ -344,12 +344,12 @@ def _verify(encoder, ref_model, onnx: OnnxEncoder) -> dict:
         else:  # the starter: its encoder is on the CPU in fp32 already, or a copy is made
             enc = encoder if encoder.device == "cpu" else None
             if enc is None:
-                from .starter import load_starter
+                from retrieval.models.starter import load_starter
 
                 enc = load_starter(device="cpu", config=encoder.config)
             ref_img = enc.encode_image_tensors(torch.from_numpy(pixels))
             ref_txt = enc.encode_texts(texts)
-    from .vecmath import l2_normalize
+    from retrieval.vecmath import l2_normalize
 
     for name, ref, got in (
         ("image", ref_img, onnx.encode_image_tensors(pixels)),
@@ -404,8 +404,8 @@ def ensure_export(encoder) -> Path:
     found = usable_export(encoder.identity)
     if found is not None:
         return found
-    from .encoders import OpenClipEncoder
-    from .starter import StarterEncoder
+    from retrieval.models.openclip import OpenClipEncoder
+    from retrieval.models.starter import StarterEncoder
 
     root = cache_root()
     final = export_dir(key)
@@ -425,7 +425,7 @@ def ensure_export(encoder) -> Path:
             sources = meta.pop("_sources")
         else:
             raise ExportFailed(f"{type(encoder).__name__} has no ONNX exporter")
-        from .hashing import sha256_file
+        from retrieval.hashing import sha256_file
 
         meta.update(
             format=FORMAT,

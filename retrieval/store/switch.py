@@ -14,11 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import fsync_dir, replacing
-from .errors import RetrievalError
-from .faults import checkpoint
-from .index import Index, _vec_file
-from .store import DB_NAME
+from retrieval.errors import RetrievalError
+from retrieval.faults import checkpoint
+from retrieval.store.atomic import fsync_dir, replacing
+from retrieval.store.db import DB_NAME
+from retrieval.store.index import Index, _vec_file
 
 STAGING_DIR = "rebuild"
 STAGING_KEY = "rebuild_of"  # the staging manifest's record of what the rebuild indexes; not switched in
@@ -120,7 +120,6 @@ def switch_in(main: Index, staging: Path) -> int:
         db.execute("DETACH DATABASE staging")
     main._vectors = {}
     main._fusion_cache = None
-    main._encoder = None
     main._prune_generations(next_gen)
     for p in main.root.glob("text_encoder.*"):  # an older version's per-index export of the old model
         try:

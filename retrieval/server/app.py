@@ -1,6 +1,6 @@
 """`retrieval serve`: a small web UI and JSON API over one index (FastAPI + uvicorn).
 
-    from retrieval.server import create_app
+    from retrieval.server.app import create_app
     app = create_app("~/photos.idx")          # any ASGI server; `serve()` runs uvicorn
 
 Endpoints (the OpenAPI schema is at /openapi.json):
@@ -16,7 +16,7 @@ Endpoints (the OpenAPI schema is at /openapi.json):
     GET  /file/{id}             the original file of an indexed image
 
 Safety: binds 127.0.0.1 by default; files and thumbnails are looked up by numeric id in the index, never by a
-client-supplied path, and only while the file at that path is still the one indexed (retrieval/served_files.py:
+client-supplied path, and only while the file at that path is still the one indexed (retrieval/server/served_files.py:
 no symlink swapped in, nothing inside the index directory, same size and mtime or same hash), read from the
 descriptor that was checked; requests whose Host header is not a loopback name are refused unless the server was
 started on another interface (DNS-rebinding guard); uploads are capped (20 MB by default, 413 beyond) and
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import (
+from retrieval.errors import (
     EmptyIndexError,
     ImageDecodeError,
     IndexDamagedError,
@@ -53,7 +53,7 @@ from .errors import (
     OfflineWeightsError,
     RetrievalError,
 )
-from .served_files import CheckedFile, FileChanged, open_indexed
+from retrieval.server.served_files import CheckedFile, FileChanged, open_indexed
 
 try:
     from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
@@ -66,9 +66,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"the web server needs the [serve] extra ({e.name} is missing): pip install 'retrieval-engine[serve]'"
     ) from None
 
-from .search_params import SearchParams, form_params, query_params  # noqa: E402 - after the [serve] check
+from retrieval.server.params import SearchParams, form_params, query_params  # noqa: E402 - after the [serve] check
 
-log = logging.getLogger("retrieval.server")
+log = logging.getLogger("retrieval.server.app")
 
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -180,7 +180,7 @@ class _Service:
     """The Searcher plus the lock that serialises every use of it, and the thumbnail cache."""
 
     def __init__(self, index_dir, device: str, thumbs_dir, thumb_size: int):
-        from .search import Searcher
+        from retrieval.query.searcher import Searcher
 
         self.searcher = Searcher.open(index_dir, device=device)
         self.root = self.searcher.index.root
@@ -228,7 +228,7 @@ class _Service:
         return row
 
     def checked_file(self, row) -> CheckedFile:
-        """The image's file, open and checked to be the one indexed (retrieval/served_files.py)."""
+        """The image's file, open and checked to be the one indexed (retrieval/server/served_files.py)."""
         try:
             return open_indexed(row.path, row.size, row.mtime_ns, row.hash, self.root)
         except FileChanged as e:
@@ -248,7 +248,7 @@ class _Service:
                 return dest, True
             from PIL import Image
 
-            from .images import load_image
+            from retrieval.images import load_image
 
             with checked.reader() as f:
                 im = load_image(f, target_size=self.thumb_size)
@@ -280,7 +280,7 @@ class _Service:
 
     def stored_query(self, row, text: Optional[str], weight: float):
         """Query vector for an indexed image (its stored raw embedding), optionally combined with text."""
-        from .images import load_image
+        from retrieval.images import load_image
 
         s = self.searcher
         idx = s.index
@@ -368,8 +368,8 @@ class _Service:
             return self.searcher.index.info().to_dict()
 
     def duplicates(self, threshold: float):
-        """Near-duplicate groups (retrieval/duplicates.py), cached until the index changes."""
-        from .duplicates import find_duplicates
+        """Near-duplicate groups (retrieval/query/duplicates.py), cached until the index changes."""
+        from retrieval.query.duplicates import find_duplicates
 
         with self.lock:
             idx = self.searcher.index
@@ -524,7 +524,7 @@ def create_app(
         image: UploadFile = File(..., description="Query image"),
         p: SearchParams = Depends(form_params),
     ):
-        from .images import load_upload
+        from retrieval.images import load_upload
 
         photo = p.photo()
         terms = p.terms()

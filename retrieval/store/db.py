@@ -17,8 +17,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .faults import checkpoint
-from .names import display_text
+from retrieval.faults import checkpoint
+from retrieval.names import display_text
 
 SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
@@ -160,7 +160,7 @@ class Store:
 
     def set_photo_meta(self, rows: Sequence[tuple]) -> None:
         """rows: (id, hash, PhotoMeta)."""
-        from .exif import META_COLUMNS
+        from retrieval.exif import META_COLUMNS
 
         sets = ", ".join(f"{c}=?" for c in META_COLUMNS)
         self.db.conn.executemany(
@@ -169,7 +169,7 @@ class Store:
 
     def photo_meta(self, ids: Sequence[int]) -> dict:
         """id -> PhotoMeta for images whose metadata has been read ({} for an index from before it existed)."""
-        from .exif import META_COLUMNS, PhotoMeta
+        from retrieval.exif import META_COLUMNS, PhotoMeta
 
         if not self.has_photo_meta():
             return {}

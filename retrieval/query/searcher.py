@@ -1,6 +1,6 @@
 """The read path: encode a query with the index's own model, search FAISS, join SQLite metadata.
 
-from retrieval.search import Searcher
+from retrieval.query.searcher import Searcher
 s = Searcher.open("~/photos.idx")
 for r in s.search("a dog on a beach", k=5):
     print(r.rank, r.score, r.path)
@@ -18,13 +18,14 @@ from typing import Union
 
 import numpy as np
 
-from .errors import EmptyIndexError, RetrievalError
-from .index import Index
-from .names import display_text
-from .photo_filters import PhotoFilter
-from .query_math import QueryTerm, parse_terms, weighted_sum
-from .store import path_from_db
-from .vecmath import l2_normalize
+from retrieval.errors import EmptyIndexError, RetrievalError
+from retrieval.names import display_text
+from retrieval.query.arithmetic import QueryTerm, parse_terms, weighted_sum
+from retrieval.query.encoder import QueryEncoder
+from retrieval.query.photo_filters import PhotoFilter
+from retrieval.store.db import path_from_db
+from retrieval.store.index import Index
+from retrieval.vecmath import l2_normalize
 
 MAX_OVERFETCH_ROUNDS = 8
 
@@ -96,6 +97,7 @@ class Searcher:
     def __init__(self, index: Index, device: str = "auto"):
         self.index = index
         self.device = device
+        self.query_encoder = QueryEncoder(index, device)
 
     @classmethod
     def open(cls, path=None, device: str = "auto") -> "Searcher":
@@ -114,7 +116,7 @@ class Searcher:
 
     @property
     def encoder(self):
-        return self.index.encoder(self.device)
+        return self.query_encoder.get()
 
     def _text_vector(self, text: str) -> np.ndarray:
         return self.encoder.encode_texts([text])[0]
@@ -199,9 +201,9 @@ class Searcher:
     ) -> list[Result]:
         """probes: ANN effort for this query (IVF lists probed, or HNSW efSearch); None: the index's own.
         after/before (ISO dates, inclusive), camera (substring of make and model), near=(lat, lon) with km:
-        photo metadata filters (retrieval/photo_filters.py); they also apply to captions' images.
+        photo metadata filters (retrieval/query/photo_filters.py); they also apply to captions' images.
         add/subtract: query arithmetic terms, "[W:]TEXT", "[W:]IMAGE_PATH", "id:N", PIL images or (W, Q) pairs
-        (retrieval/query_math.py), summed with the base query and normalised."""
+        (retrieval/query/arithmetic.py), summed with the base query and normalised."""
         terms = parse_terms(add, subtract)
         if photo is None:
             photo = PhotoFilter.make(after, before, camera, near, km)
@@ -378,7 +380,7 @@ class Searcher:
 
 def _query_hash(image) -> str | None:
     if isinstance(image, (str, os.PathLike)) and Path(image).is_file():
-        from .hashing import hash_file
+        from retrieval.hashing import hash_file
 
         return hash_file(image)
     return None

@@ -1,6 +1,6 @@
 """Run a model's ONNX export with onnxruntime: queries and CPU indexing without importing torch.
 
-An export (written by retrieval/onnx_export.py) lives once per user and model in the cache,
+An export (written by retrieval/models/onnx_export.py) lives once per user and model in the cache,
 
     $RETRIEVAL_CACHE_DIR/onnx/<key>/      (default: $XDG_CACHE_HOME/retrieval/onnx, ~/.cache/retrieval/onnx)
         meta.json        format, model identity, file sizes, preprocessing, tokenizer, checks (written last)
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoders import Encoder
-from .hashing import sha256_file
-from .images import load_image
-from .modelspec import ModelIdentity
-from .preprocess import resize_crop_normalize
-from .vecmath import l2_normalize
+from retrieval.hashing import sha256_file
+from retrieval.images import load_image
+from retrieval.models.base import Encoder
+from retrieval.models.preprocess import resize_crop_normalize
+from retrieval.modelspec import ModelIdentity
+from retrieval.vecmath import l2_normalize
 
 FORMAT = "retrieval-onnx"
 FORMAT_VERSION = 2  # 2: weights in <tower>.onnx.data beside each graph
@@ -86,7 +86,7 @@ def warn_once(message: str) -> None:
 def set_aside(directory: Path) -> None:
     """Move an unusable export out of the way in one rename (readers that have it open keep their copy), so
     that the next `index` run, which only checks that an export is there, makes it again. The stale
-    temp-directory sweep of retrieval/onnx_export.py deletes it later. Best effort: the cache may be
+    temp-directory sweep of retrieval/models/onnx_export.py deletes it later. Best effort: the cache may be
     read-only for this process."""
     try:
         os.rename(directory, directory.parent / f".{directory.name}.damaged.{os.getpid()}.{time.time_ns()}.tmp")
@@ -298,7 +298,7 @@ class OnnxEncoder(Encoder):
         if self._tokenizer is None:
             t = self.meta["tokenizer"]
             if t["kind"] == "clip-bpe":
-                from .clip_tokenizer import ClipTokenizer
+                from retrieval.models.tokenizer import ClipTokenizer
 
                 self._tokenizer = ClipTokenizer.from_file(
                     self.directory / t["file"], context_length=t["context_length"]

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from .errors import ModelSpecError
-from .modelspec import ModelIdentity, parse_spec
-from .onnx_runtime import (
+from retrieval.errors import ModelSpecError
+from retrieval.models.onnx_runtime import (
     cache_root,
     export_key,
     find_by_spec,
@@ -18,6 +17,7 @@ from .onnx_runtime import (
     open_export,
     warn_once,
 )
+from retrieval.modelspec import ModelIdentity, parse_spec
 
 RUNTIMES = ("auto", "onnx", "torch")
 
@@ -32,7 +32,7 @@ def resolve(runtime: str, device: str) -> tuple[str, str]:
     if runtime == "torch" or device not in ("auto", "cpu"):
         return "torch", device
     if device == "auto" and runtime == "auto" and importlib.util.find_spec("torch") is not None:
-        from .encoders import pick_device
+        from retrieval.models.base import pick_device
 
         picked = pick_device("auto")
         if picked != "cpu":
@@ -46,7 +46,7 @@ def resolve(runtime: str, device: str) -> tuple[str, str]:
 
 def _export(torch_encoder):
     """The encoder's export directory, or None after one line on stderr (the model cannot be exported)."""
-    from .onnx_export import ExportFailed, ensure_export
+    from retrieval.models.onnx_export import ExportFailed, ensure_export
 
     try:
         return ensure_export(torch_encoder)
@@ -81,7 +81,7 @@ def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expect
             f"no ONNX export of {spec} in {cache_root()}, and making one needs torch: "
             f"pip install 'retrieval-engine[torch]'"
         )
-    from .encoders import load_encoder
+    from retrieval.models.registry import load_encoder
 
     torch_enc = load_encoder(spec, device=dev)
     d = _export(torch_enc)

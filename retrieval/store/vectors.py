@@ -50,9 +50,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .atomic import fsync_dir as _fsync_dir
-from .atomic import replacing
-from .faults import checkpoint
+from retrieval.faults import checkpoint
+from retrieval.store.atomic import fsync_dir as _fsync_dir
+from retrieval.store.atomic import replacing
 
 KINDS = ("flat", "hnsw", "ivfflat", "ivfsq", "ivfpq")
 IVF_KINDS = ("ivfflat", "ivfsq", "ivfpq")
