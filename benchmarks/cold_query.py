@@ -112,7 +112,7 @@ def build_synthetic_index(root: Path, n: int, seed: int = 0, index_type: str = "
     from retrieval.models.onnx_runtime import export_key
     from retrieval.models.registry import load_encoder
     from retrieval.store.index import Index
-    from retrieval.store.vectors import choose_config
+    from retrieval.store.vector_kinds import choose_config
 
     # the vector layer's current defaults are part of the key: an index built under older ones is rebuilt
     want = {
@@ -540,7 +540,7 @@ def warm_worker(index: str, mode: str, n_queries: int, image: str) -> dict:
 def _sweep(s, vi, Q, recall, items, mode, ms) -> list[dict]:
     """The search-time knob (IVF nprobe / HNSW efSearch, as `search --probes`) raised until recall@10 >= 0.98
     on these queries; at that setting the end-to-end pass is timed again."""
-    from retrieval.store.vectors import probes_param
+    from retrieval.store.vector_kinds import probes_param
 
     key = probes_param(vi.kind)
     if key is None:

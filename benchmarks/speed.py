@@ -986,7 +986,7 @@ def main(argv=None) -> int:
         write(out, doc)
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
-    from retrieval.store.vectors import KINDS, choose_config
+    from retrieval.store.vector_kinds import KINDS, choose_config
 
     kinds = [k.strip() for k in (args.kinds or ",".join(KINDS)).split(",") if k.strip()]
 

@@ -148,7 +148,8 @@ def _latencies(vi, queries: np.ndarray, allowed=None, cpu: list | None = None):
 def run_worker(cache: Path, n: int, kind: str, args) -> dict:
     import faiss
 
-    from retrieval.store.db import vectors as V
+    from retrieval.store import vector_kinds as VK
+    from retrieval.store import vectors as V
 
     data = np.load(cache / "data.npz")
     x = data["x"]
@@ -158,7 +159,7 @@ def run_worker(cache: Path, n: int, kind: str, args) -> dict:
     del data
     ids = np.arange(len(x), dtype=np.int64)
     dim = x.shape[1]
-    cfg = V.choose_config(n, dim, kind)
+    cfg = VK.choose_config(n, dim, kind)
     if kind == "hnsw":
         cfg.params.update({"M": args.hnsw_m, "efConstruction": args.hnsw_efc})
     rss0 = rss_mb()
@@ -199,7 +200,7 @@ def run_worker(cache: Path, n: int, kind: str, args) -> dict:
         del mm
 
     # Sweep the speed/recall knob; the tuned point is the cheapest that reaches the target recall.
-    knob = V.probes_param(real_kind)
+    knob = VK.probes_param(real_kind)
     values = {"efSearch": args.ef_sweep, "nprobe": args.nprobe_sweep}.get(knob, [None])
     if knob == "nprobe":
         values = [v for v in values if v <= vi.config.params["nlist"]] or [vi.config.params["nlist"]]
@@ -404,10 +405,10 @@ def main(argv=None) -> int:
     if args.tiny:
         args.sizes, args.dim, args.queries = "2000", 32, 20
         args.ef_sweep, args.nprobe_sweep = "16,64", "4,16"
-    from retrieval.store.db import vectors as V
+    from retrieval.store import vector_kinds as VK
 
-    args.hnsw_m = args.hnsw_m or V.HNSW_DEFAULTS["M"]
-    args.hnsw_efc = args.hnsw_efc or V.HNSW_DEFAULTS["efConstruction"]
+    args.hnsw_m = args.hnsw_m or VK.HNSW_DEFAULTS["M"]
+    args.hnsw_efc = args.hnsw_efc or VK.HNSW_DEFAULTS["efConstruction"]
     args.ef_sweep, args.nprobe_sweep = parse_ints(args.ef_sweep), parse_ints(args.nprobe_sweep)
 
     if args.worker:  # internal: one (size, kind) in its own process

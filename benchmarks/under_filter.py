@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "under_filter"))
     args = ap.parse_args()
-    from retrieval.store.vectors import VectorIndex, VectorIndexConfig
+    from retrieval.store.vector_kinds import VectorIndexConfig
+    from retrieval.store.vectors import VectorIndex
 
     with tempfile.TemporaryDirectory(prefix="under-filter-") as tmp:
         t = time.perf_counter()

@@ -278,7 +278,7 @@ def test_mismatched_fusion_is_refused(index_dir):
 
 @pytest.mark.parametrize("fail", ["vector_save", "os_replace"])
 def test_interrupted_rebuild_keeps_old_vectors_and_fusion(index_dir, monkeypatch, fail):
-    from retrieval.store.db import vectors
+    from retrieval.store import vectors
 
     with Index.open_for_write(index_dir, create=False) as idx:
         old_meta = install_fusion(idx, perturbed(Fusion.untrained(idx.dim, idx.identity)))
@@ -380,7 +380,7 @@ def test_cli_installs_and_later_images_get_the_fusion(index_dir, tmp_path):
 
 
 def test_worse_fusion_is_not_installed(index_dir, monkeypatch):
-    from retrieval.fusion.model import train as fusion_train
+    from retrieval.fusion import train as fusion_train
 
     # the current fusion: trained, so it is good on validation
     r = CliRunner().invoke(main, ["train-fusion", "--index", str(index_dir), "--epochs", EPOCHS, "-q"])

@@ -15,7 +15,7 @@ from retrieval.cli import main
 from retrieval.errors import RetrievalError
 from retrieval.query.searcher import Searcher
 from retrieval.store.index import Index
-from retrieval.store.vectors import _FOOTER
+from retrieval.store.vector_file import _FOOTER
 
 
 def run(*args):

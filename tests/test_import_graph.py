@@ -26,7 +26,6 @@ OVERSIZE = {
     "retrieval.server.app",
     "retrieval.store.db",
     "retrieval.store.index",
-    "retrieval.store.vectors",
 }
 CLI = "retrieval.cli"
 

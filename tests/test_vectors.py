@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from retrieval.store.db import vectors as V
-from retrieval.store.vectors import VectorIndex, VectorIndexConfig, choose_config
+from retrieval.store import vector_search
+from retrieval.store.vector_kinds import VectorIndexConfig, choose_config
+from retrieval.store.vectors import VectorIndex
 
 DIM = 64
 N = 3000
@@ -128,7 +131,7 @@ def test_hnsw_selective_filter_uses_graph_and_still_returns_k(data, monkeypatch)
     """Force the graph path (not the exact shortcut) for a 1% filter: k results must still come back."""
     ids, x = data
     vi = fresh("hnsw", data)
-    monkeypatch.setattr(V, "FLAT_MAX_FLOATS", 0)
+    monkeypatch.setattr(vector_search, "FLAT_MAX_FLOATS", 0)
     vi.config.params["efSearch"] = 16
     allowed = np.random.default_rng(2).choice(ids, N // 100, replace=False)
     _, found = vi.search(x[:30], 10, allowed_ids=allowed)
@@ -195,7 +198,7 @@ def test_atomic_save_survives_crash(data, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(V.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="simulated crash"):
         new.save(path)
     monkeypatch.undo()

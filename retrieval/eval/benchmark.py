@@ -263,7 +263,8 @@ def _hit_counts(
 
 
 def _flat_copy(dim: int, ids: np.ndarray, vecs: np.ndarray):
-    from retrieval.store.vectors import VectorIndex, VectorIndexConfig
+    from retrieval.store.vector_kinds import VectorIndexConfig
+    from retrieval.store.vectors import VectorIndex
 
     return VectorIndex.build(dim, np.asarray(ids, np.int64), np.asarray(vecs, np.float32), VectorIndexConfig("flat"))
 

@@ -415,7 +415,8 @@ class Index:
         return self._publish(new, gen + 1, requested_type, fusion_meta)
 
     def _updated_vectors(self, requested_type, dirty_images, force_rebuild, gen):
-        from retrieval.store.vectors import VectorIndex, choose_config
+        from retrieval.store.vector_kinds import choose_config
+        from retrieval.store.vectors import VectorIndex
 
         store = self.store
         new = {}
