@@ -23,7 +23,6 @@ OVERSIZE = {
     "retrieval.fusion.train",
     "retrieval.models.onnx_export",
     "retrieval.models.starter",
-    "retrieval.server.app",
     "retrieval.store.db",
     "retrieval.store.index",
 }
