@@ -25,8 +25,10 @@ from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.hashing import hash_file
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
-from retrieval.store.index import PENDING_DIRTY_KEY as PENDING_KEY
-from retrieval.store.index import Index, default_index_dir, storage_error
+from retrieval.store.disk_errors import storage_error
+from retrieval.store.index import Index
+from retrieval.store.layout import PENDING_DIRTY_KEY as PENDING_KEY
+from retrieval.store.layout import default_index_dir
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"

@@ -18,7 +18,9 @@ from pathlib import Path
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.modelspec import parse_spec
 from retrieval.store.db import DB_NAME
-from retrieval.store.index import Index, default_index_dir, storage_error
+from retrieval.store.disk_errors import storage_error
+from retrieval.store.index import Index
+from retrieval.store.layout import default_index_dir
 from retrieval.store.switch import STAGING_KEY, staging_dir, switch_in
 
 

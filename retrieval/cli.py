@@ -451,7 +451,8 @@ def verify(index_dir, repair):
     """Check that the manifest, SQLite and FAISS agree. Exit 1 if a problem is found."""
     from pathlib import Path
 
-    from retrieval.store.index import Index, default_index_dir
+    from retrieval.store.index import Index
+    from retrieval.store.layout import default_index_dir
 
     root = Path(index_dir).expanduser() if index_dir else default_index_dir()
     Index.open(root).close()  # no index there: one line, exit 2, and nothing created

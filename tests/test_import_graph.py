@@ -24,7 +24,6 @@ OVERSIZE = {
     "retrieval.models.onnx_export",
     "retrieval.models.starter",
     "retrieval.store.db",
-    "retrieval.store.index",
 }
 CLI = "retrieval.cli"
 

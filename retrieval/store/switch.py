@@ -18,7 +18,8 @@ from retrieval.errors import RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.store.atomic import fsync_dir, replacing
 from retrieval.store.db import DB_NAME
-from retrieval.store.index import Index, _vec_file
+from retrieval.store.index import Index
+from retrieval.store.layout import _vec_file
 
 STAGING_DIR = "rebuild"
 STAGING_KEY = "rebuild_of"  # the staging manifest's record of what the rebuild indexes; not switched in
