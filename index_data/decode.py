@@ -1,19 +1,8 @@
 """Decode images for the write path: in worker processes, ahead of the encoder, in input order.
 
-Design (chosen by measurement; figures in benchmarks/bench_decode.py's report):
-- Worker processes (fork on Linux) do only PIL work: decode through retrieval.images (JPEG draft
-  mode, EXIF orientation, RGB), then the model preprocess's leading Resize + CenterCrop. They send
-  back small uint8 arrays (224x224x3 = 150 KB for ViT-B-32) and never import or run torch, so forking
-  a parent that has torch loaded is safe and a worker starts in milliseconds.
-- The parent finishes with numpy (ToTensor + Normalize, bit-identical to torchvision's) and wraps the
-  result with torch.from_numpy. Running the torch preprocess in the parent instead costs 10-70 ms
-  per image on a busy 2-core machine (two OpenMP threads waiting on each other for a tiny op).
-- Both shortcuts are recognised from the encoder's torchvision Compose and checked once per encoder
-  on probe images to give exactly preprocess's output; any other preprocess simply runs whole in
-  the parent. So the tensors equal those `encoder.encode_images([path])` builds for a query.
-- A worker that dies or hangs costs the file it was decoding (reported as an error), not the run.
-
-This module imports only numpy and PIL at import time (torch when a stream is made).
+Workers do only PIL work (decode, resize, crop) and send back small uint8 arrays; the parent finishes with
+numpy, so a forked worker never runs torch. A worker that dies or hangs costs one file, not the run. The design
+and the measurements behind it: docs/decode.md. Imports only numpy and PIL (torch when a stream is made).
 """
 
 from __future__ import annotations
@@ -40,7 +29,7 @@ from retrieval.images import load_image_with_size
 
 # a decode that takes longer than this is treated like a crashed worker (a hostile file looping the decoder)
 ITEM_TIMEOUT_S = 120.0
-# this many files in a row killing their worker means something else is wrong (memory, sandbox): raise
+# this many files in a row killing their worker means something else is wrong (memory, limits): raise
 MAX_CONSECUTIVE_CRASHES = 5
 
 

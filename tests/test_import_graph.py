@@ -140,3 +140,30 @@ def test_checker_sees_a_cycle_and_a_forbidden_import():
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     deps = _imports("retrieval.store.index", ROOT / "retrieval/store/index.py", set(_modules()))
     assert "retrieval.store.db" in deps
+
+
+def _readme_tree() -> set[str]:
+    """The .py files the README's Architecture drawing lists (two spaces of indent per folder level)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    stack: list[str] = []
+    files = set()
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        stack = stack[:depth]
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+        elif name.endswith(".py"):
+            files.add("/".join(stack + [name]))
+    return files
+
+
+def test_readme_architecture_is_the_tree():
+    on_disk = {
+        str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p.name != "__init__.py"
+    }
+    listed = {f for f in _readme_tree() if f.split("/")[0] in PACKAGES}
+    assert sorted(on_disk - listed) == [] and sorted(listed - on_disk) == []

@@ -211,8 +211,8 @@ def _session(path: Path, threads: int | None):
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    # idle workers sleep instead of spinning: on a busy 2-core machine a spinning thread takes the core from
-    # the decode worker and the other processes (measured: 20% less CPU per batch, no slower; RESULTS_onnx.md)
+    # idle workers sleep instead of spinning: a spinning thread takes a core from the decode worker and the
+    # other processes (docs/fast-queries.md)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])

@@ -121,9 +121,9 @@ def _skip_param_init():
     """Make torch.nn.init's in-place initialisers no-ops while a model is built only to receive a checkpoint.
 
     open_clip builds the model (random init of every parameter) and then loads the weights with
-    strict=True, so every parameter is overwritten and the init is wasted: 0.9 of the 1.2 s that
-    ViT-B-32 took to load from a local file on the 2-core sandbox, paid by every cold image query and every
-    `index` run. The same trick as transformers' no_init_weights. The patch is process-wide, so loads are
+    strict=True, so every parameter is overwritten and the init is wasted (most of a cold model load,
+    docs/fast-queries.md), paid by every cold image query and every `index` run.
+    The same trick as transformers' no_init_weights. The patch is process-wide, so loads are
     serialised by a lock (two overlapping patches could otherwise restore the no-ops for good).
     RETRIEVAL_INIT_BEFORE_LOAD=1 turns it off (a diagnostic, and the "before" of benchmarks/cold_query.py)."""
     import torch.nn.init as init

