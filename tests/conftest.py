@@ -27,6 +27,13 @@ import pytest  # noqa: E402
 TINY = "tiny-clip:none"
 
 
+def machine() -> str:
+    """This machine in words, for the figures the fault suites write (FAULTS_OUT)."""
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder():
     from retrieval.models.registry import load_encoder

@@ -256,8 +256,9 @@ def test_cli_errors(corpus, tmp_path):
 def test_recall_applies_the_index_fusion(corpus, tmp_path):
     """With a fusion installed, recall is computed on fused vectors: documents (image blended with its captions)
     for text->image, adapted image queries against adapted captions for image->text."""
-    fusion_mod = pytest.importorskip("retrieval.fusion.model")
-    fusion_train = pytest.importorskip("retrieval.fusion.train")
+    from retrieval.fusion import model as fusion_mod
+    from retrieval.fusion import train as fusion_train
+
     root, caps, _, _ = corpus
     idx_dir = tmp_path / "fused"
     shutil.copytree(root / "idx_file", idx_dir)

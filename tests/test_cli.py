@@ -46,8 +46,10 @@ def run(*args):
 def test_help_lists_commands():
     r = run("--help")
     assert r.exit_code == 0
-    for cmd in ("index", "search", "info", "verify"):
-        assert cmd in r.output
+    listed = set(main.commands)
+    assert listed == {"index", "search", "info", "verify", "duplicates", "benchmark", "serve", "train-fusion"}
+    for cmd in sorted(listed):
+        assert f"  {cmd} " in r.output, cmd
 
 
 def test_info_json(indexed):

@@ -22,7 +22,7 @@ from pathlib import Path
 import faultkit as fk
 import numpy as np
 import pytest
-from conftest import build_index, write_photos
+from conftest import build_index, machine, write_photos
 
 from retrieval.errors import IndexLockedError
 from retrieval.query.searcher import Searcher
@@ -73,7 +73,7 @@ def test_readers_see_whole_generations_only(tmp_path, monkeypatch):
     with Index.open(d) as idx:
         assert idx.verify() == [] and idx.info().images == 56
     figures = {
-        "machine": "2-core CPU sandbox (no GPU)",
+        "machine": machine(),
         "writer": "2 index runs (24 + 24 new images, batch 3 then 4, a generation published after every batch)",
         "generations_published": len(published),
         "generations_observed_by_reader": len(gens),

@@ -95,9 +95,8 @@ def test_specific_error_reasons(malformed, tiny_encoder):
 def test_bomb_refused_before_decoding(tmp_path):
     p = make_bomb_png(str(tmp_path / "bomb.png"))
     assert os.path.getsize(p) < 200
-    t = time.perf_counter()
     _, _, _, err, _ = decode_file(p, 224)
-    assert err and "bomb" in err and time.perf_counter() - t < 0.5
+    assert err and "bomb" in err and "10000000000 pixels" in err  # refused from the header, never decoded
 
 
 def test_odd_but_valid_images(tmp_path):

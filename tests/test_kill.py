@@ -26,7 +26,7 @@ from pathlib import Path
 
 import faultkit as fk
 import pytest
-from conftest import draw_scene, write_photos
+from conftest import draw_scene, machine, write_photos
 
 from retrieval.store.index import Index
 
@@ -206,7 +206,7 @@ def test_kill_at_random_points_and_resume(world):
     killed = [c for c in cases if c["killed"]]
     survived = [c for c in killed if c["survived"]]
     summary = {
-        "machine": "2-core CPU sandbox (no GPU)",
+        "machine": machine(),
         "seed": SEED,
         "corpus": "61 good JPEGs 96x72 (+1 zero-byte file), 10 sidecar captions, batch size 8, 1 decode worker",
         "cases": len(cases),

@@ -24,7 +24,7 @@ from retrieval.models import starter as S  # noqa: E402
 from retrieval.models.base import Encoder
 from retrieval.models.registry import load_encoder  # noqa: E402
 
-# Measured with the shipped defaults (benchmarks/out/starter_quality.json, 2-core CPU sandbox):
+# Measured with the shipped defaults (benchmarks/out/starter_quality.json, a 2-core CPU):
 #   text->image R@1 = 0.605 (26/43), R@5 = 0.907 (39/43); image->text R@1 = 0.556 (10/18), R@5 = 0.611 (11/18).
 # The thresholds sit three text queries / two image queries below, so a real regression fails but a
 # change in float rounding (another CPU, BLAS or Pillow version) that flips one near-tie does not.
@@ -124,10 +124,8 @@ def test_preprocess_equals_torchvision_and_decode_plan(starter):
     ]
     for im in probes:
         assert torch.equal(starter.preprocess(im), tv(im))
-    try:
-        from index_data.decode import apply_pil_steps, finish_array
-    except ImportError:
-        return
+    from index_data.decode import apply_pil_steps, finish_array
+
     steps, finish = starter.preprocess.decode_plan
     for im in probes:
         out, complete = apply_pil_steps(im, steps)
