@@ -57,3 +57,16 @@ def test_speed_vectors_tiny(tmp_path):
     flat = next(r for r in doc["results"] if r["kind"] == "flat")
     assert flat["tuned"]["recall_at_10"] == 1.0
     assert (tmp_path / "speed_vectors.md").read_text().startswith("# Vector index speed")
+    # the report has a section for it, from this run's JSON (not from committed figures)
+    results = tmp_path / "RESULTS.md"
+    report = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "report.py"),
+        "--out-dir",
+        str(tmp_path),
+        "--results",
+        str(results),
+    ]
+    proc = subprocess.run(report, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "## Vector index speed" in results.read_text()
