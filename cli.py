@@ -1,4 +1,4 @@
-"""`python cli.py ...` runs the `retrieval` command; the command itself lives in retrieval/cli.py."""
+"""`python cli.py ...` runs the `retrieval` command; the command itself lives in retrieval/cli/."""
 
 from retrieval.cli import main
 

@@ -1,7 +1,7 @@
 """The layering rules, read from the source (AST), so a newcomer's map of the code stays true.
 
 - no import cycles among the modules of retrieval/ and index_data/ (imports inside functions count too);
-- retrieval never imports index_data (the CLI, retrieval/cli.py, is the one place that drives the write path);
+- retrieval never imports index_data (the CLI, retrieval/cli/, is the one place that drives the write path);
 - retrieval.store never imports retrieval.models (storage records a model's identity, it never loads one);
 - no production module is over MAX_LINES lines.
 """
@@ -17,7 +17,6 @@ OVERSIZE = {
     "index_data.decode",
     "index_data.pipeline",
     "index_data.ray_executor",
-    "retrieval.cli",
     "retrieval.datasets",
     "retrieval.eval.benchmark",
     "retrieval.fusion.train",
@@ -114,7 +113,7 @@ def test_retrieval_never_imports_index_data():
     bad = {
         m: sorted(d for d in deps if _under(d, "index_data"))
         for m, deps in _graph().items()
-        if _under(m, "retrieval") and m != CLI
+        if _under(m, "retrieval") and not _under(m, CLI)
     }
     assert {m: d for m, d in bad.items() if d} == {}
 

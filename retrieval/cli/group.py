@@ -1,0 +1,49 @@
+"""The click group of the `retrieval` command: one-line errors, the --index option. Commands only parse, call
+the Python API and print.
+
+Heavy modules are imported inside commands so `--help` and `info` stay instant.
+"""
+
+from __future__ import annotations
+
+import click
+
+INDEX_HELP = "Index directory. Default: $RETRIEVAL_INDEX, else ~/.local/share/retrieval/default."
+
+
+class Cli(click.Group):
+    """Turns user errors into one line on stderr and exit code 2; --debug keeps tracebacks."""
+
+    def invoke(self, ctx):
+        from retrieval.errors import RetrievalError
+
+        try:
+            return super().invoke(ctx)
+        except RetrievalError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def index_option(f):
+    return click.option(
+        "--index",
+        "index_dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        envvar="RETRIEVAL_INDEX",
+        help=INDEX_HELP,
+    )(f)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Search your photos by sentence, by example image, or both — offline, on your machine."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
