@@ -10,7 +10,7 @@ Steps:
    seen in training, and disjoint from any document's captions, so document fusion cannot leak the answer.
 3. Train fusions on the stored raw embeddings of the TRAIN split (early stopping on the VAL split):
    (b) adapters only (document gate closed), (c) adapters + document fusion + query weight.
-4. Publish each variant with the engine's own install path (`fusion_train.install_fusion`, which rebuilds
+4. Publish each variant with the engine's own install path (`retrieval.fusion.install.install_fusion`, which rebuilds
    every FAISS vector atomically) and read the test images' vectors back from the published FAISS file:
    (a) no fusion, (a+) an untrained fixed 50/50 image/caption blend (to separate "using captions" from
    "learning"), (b), (c). Score the held-out queries against the test images only.
@@ -158,8 +158,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from index_data.pipeline import IndexOptions, run_index
+    from retrieval.fusion.install import install_fusion
     from retrieval.fusion.model import Fusion
-    from retrieval.fusion.train import TrainConfig, evaluate_fusion, index_pairs, install_fusion, train_fusion
+    from retrieval.fusion.pairs import evaluate_fusion, index_pairs
+    from retrieval.fusion.train import TrainConfig, train_fusion
     from retrieval.query.encoder import QueryEncoder
     from retrieval.query.searcher import Searcher
     from retrieval.store.index import Index

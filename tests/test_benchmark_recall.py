@@ -256,8 +256,8 @@ def test_cli_errors(corpus, tmp_path):
 def test_recall_applies_the_index_fusion(corpus, tmp_path):
     """With a fusion installed, recall is computed on fused vectors: documents (image blended with its captions)
     for text->image, adapted image queries against adapted captions for image->text."""
+    from retrieval.fusion import install as fusion_install
     from retrieval.fusion import model as fusion_mod
-    from retrieval.fusion import train as fusion_train
 
     root, caps, _, _ = corpus
     idx_dir = tmp_path / "fused"
@@ -270,7 +270,7 @@ def test_recall_applies_the_index_fusion(corpus, tmp_path):
         for m in ("image", "text"):  # a visible, non-identity adapter and an open document gate
             f.params[f"{m}.up"][:] = rng.standard_normal(f.params[f"{m}.up"].shape).astype(np.float32) * 0.5
         f.params["gate.bias"][:] = 0.4
-        fusion_train.install_fusion(idx, f)
+        fusion_install.install_fusion(idx, f)
     pairs = load_pairs(caps)
     r = engine_recall(idx_dir, pairs, exact=True)
     assert r.fusion

@@ -15,17 +15,10 @@ from conftest import build_index, write_photos
 
 from retrieval.cli import main
 from retrieval.errors import ModelMismatchError, RetrievalError
+from retrieval.fusion.install import install_fusion, train_fusion_for_index
 from retrieval.fusion.model import FILE_RE, Fusion, fusion_files, load_fusion, save_fusion
-from retrieval.fusion.train import (
-    PairData,
-    TrainConfig,
-    _torch_net,
-    evaluate_fusion,
-    install_fusion,
-    split_by_image,
-    train_fusion,
-    train_fusion_for_index,
-)
+from retrieval.fusion.pairs import PairData, evaluate_fusion, split_by_image
+from retrieval.fusion.train import TrainConfig, _torch_net, train_fusion
 from retrieval.modelspec import ModelIdentity
 from retrieval.query.searcher import Searcher
 from retrieval.store.index import Index
@@ -380,6 +373,7 @@ def test_cli_installs_and_later_images_get_the_fusion(index_dir, tmp_path):
 
 
 def test_worse_fusion_is_not_installed(index_dir, monkeypatch):
+    from retrieval.fusion import install as fusion_install
     from retrieval.fusion import train as fusion_train
 
     # the current fusion: trained, so it is good on validation
@@ -391,7 +385,7 @@ def test_worse_fusion_is_not_installed(index_dir, monkeypatch):
         f = perturbed(Fusion.untrained(train.dim, identity), seed=5, scale=3.0, gate=0.0)
         return f, fusion_train.TrainHistory(epochs_run=1, best_epoch=1)
 
-    monkeypatch.setattr(fusion_train, "train_fusion", bad_training)
+    monkeypatch.setattr(fusion_install, "train_fusion", bad_training)
     rep = train_fusion_for_index(index_dir, epochs=1, progress=False)
     assert not rep.installed and rep.gain < 0 and rep.decision.startswith("kept the current fusion")
     assert _snapshot(index_dir) == before

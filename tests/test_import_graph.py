@@ -19,7 +19,6 @@ OVERSIZE = {
     "index_data.ray_executor",
     "retrieval.datasets",
     "retrieval.eval.benchmark",
-    "retrieval.fusion.train",
     "retrieval.models.onnx_export",
     "retrieval.models.starter",
     "retrieval.store.db",

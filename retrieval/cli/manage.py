@@ -254,7 +254,7 @@ def serve(index_dir, host, port, max_upload_mb, device):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_fusion(index_dir, epochs, seed, val_fraction, dry_run, as_json, quiet):
     """Learn a fusion from the index's image-caption pairs; install it only if it beats the current one."""
-    from retrieval.fusion.train import format_report, train_fusion_for_index
+    from retrieval.fusion.install import format_report, train_fusion_for_index
 
     r = train_fusion_for_index(
         index_dir,

@@ -1,6 +1,7 @@
 """Learned fusion: what turns raw encoder outputs into the vectors an index searches.
 
-Three parts, all trained on an index's own image-caption pairs (see `fusion_train.py`) and all exactly the
+Three parts, all trained on an index's own image-caption pairs (see `train.py`, installed by
+`install.py`) and all exactly the
 identity when untrained, so publishing an untrained fusion changes no search result:
 
 1. **Residual adapters**, one per modality:  ``a(x) = normalise(x + U·act(D·x) + c)``.
@@ -22,7 +23,7 @@ identity when untrained, so publishing an untrained fusion changes no search res
    pure image. At the default ``w = 0.5``, ``w_eff = sigmoid(b)`` is the learned default weight.
 
 Inference here is pure numpy (no torch import), so loading an index with a fusion stays light. The torch twin
-used for training lives in `fusion_train.py` and exports the same parameters. Saving and loading are separate
+used for training lives in `train.py` and exports the same parameters. Saving and loading are separate
 functions (`save_fusion`, `load_fusion`); the classes do no I/O. One file holds everything: the tensors in
 safetensors, the config, encoder identity and format version as JSON in the safetensors metadata.
 """
