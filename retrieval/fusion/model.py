@@ -1,8 +1,7 @@
 """Learned fusion: what turns raw encoder outputs into the vectors an index searches.
 
 Three parts, all trained on an index's own image-caption pairs (see `train.py`, installed by
-`install.py`) and all exactly the
-identity when untrained, so publishing an untrained fusion changes no search result:
+`install.py`) and all exactly the identity when untrained, so publishing an untrained fusion changes no search result:
 
 1. **Residual adapters**, one per modality:  ``a(x) = normalise(x + U·act(D·x) + c)``.
    ``D`` (rank x dim) starts random (LoRA style), ``U`` (dim x rank) and ``c`` start at zero, so ``a(x) == x``
