@@ -107,7 +107,7 @@ def run(workdir: Path, sidecar_bytes: int = 5 * 2**20, workers: int = 1) -> dict
     from faultkit import no_dac_override
 
     import cli
-    from retrieval.datasets import SIDECAR_MAX_LINES
+    from retrieval.sidecar import SIDECAR_MAX_LINES
     from retrieval.store.index import Index
 
     folder, index_dir = workdir / "corpus", workdir / "index"

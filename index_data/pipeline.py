@@ -20,11 +20,12 @@ from index_data.gpu_stream import choose_decode_stream
 from index_data.photo_meta import fill_photo_meta
 from index_data.scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
 from index_data.workers import index_workers
-from retrieval.datasets import read_caption_pairs, read_sidecar
+from retrieval.datasets import read_caption_pairs
 from retrieval.errors import ModelMismatchError, RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.hashing import hash_file
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
+from retrieval.sidecar import read_sidecar
 from retrieval.store.disk_errors import storage_error
 from retrieval.store.index import Index
 from retrieval.store.layout import PENDING_DIRTY_KEY as PENDING_KEY

@@ -1,11 +1,9 @@
-"""Readers for image-caption corpora: CSV/TSV, JSONL, Karpathy JSON, COCO captions JSON, sidecar ``.txt``.
+"""Readers for image-caption corpora: CSV/TSV, JSONL, Karpathy JSON, COCO captions JSON (sidecars: sidecar.py).
 
 Every reader returns a flat list of :class:`CaptionRecord` (one per caption, so an image with five captions
 gives five records). Captions are stripped and empty ones dropped. Any malformed input raises
 :class:`~retrieval.errors.DatasetFormatError` with a one-line message that names the file (and the line, where
-the format has lines) -- never a raw ``KeyError``, ``JSONDecodeError`` or ``UnicodeDecodeError``.
-
-Pure Python: importing this module does not import torch.
+the format has lines) -- never a raw ``KeyError``, ``JSONDecodeError`` or ``UnicodeDecodeError``. No torch.
 """
 
 from __future__ import annotations
@@ -15,10 +13,23 @@ import io
 import json
 import os
 import posixpath
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from retrieval.caption_text import (
+    _PEEK_BYTES,
+    CAPTION_COLUMNS,
+    FORMATS,
+    IMAGE_COLUMNS,
+    SPLIT_COLUMN,
+    CaptionRecord,
+    _clean,
+    _fail,
+    _parse_json,
+    _pick,
+    _read_bytes,
+    _read_text,
+)
 from retrieval.errors import DatasetFormatError
 
 __all__ = [
@@ -26,113 +37,15 @@ __all__ = [
     "FORMATS",
     "IMAGE_COLUMNS",
     "CAPTION_COLUMNS",
-    "SIDECAR_MAX_BYTES",
-    "SIDECAR_MAX_LINES",
-    "SIDECAR_MAX_CHARS",
     "detect_format",
     "read_captions",
     "resolve_image_path",
-    "read_sidecar",
-    "sidecar_paths",
     "group_by_image",
 ]
-
-FORMATS = ("csv", "jsonl", "karpathy", "coco")
-
-# Column / key aliases, in priority order (first one present wins). Matched case-insensitively.
-# Follows clip-retrieval / webdataset / open_clip CsvDataset conventions.
-IMAGE_COLUMNS = ("image", "filepath", "file_name", "filename", "path", "image_path", "img", "file", "url")
-CAPTION_COLUMNS = ("caption", "text", "title", "txt", "sentence")
-SPLIT_COLUMN = "split"
-
-# Caps on a sidecar caption file, so a huge or hostile one cannot blow memory.
-SIDECAR_MAX_BYTES = 64 * 1024  # per file
-SIDECAR_MAX_LINES = 20  # captions per image, all sidecar files together
-SIDECAR_MAX_CHARS = 1000  # per caption
-
-_PEEK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class CaptionRecord:
-    """One caption of one image, as written in the corpus file."""
-
-    image: str  # image path as written in the corpus (relative or absolute); Karpathy: "filepath/filename"
-    caption: str
-    source: str  # "csv", "jsonl", "karpathy", "coco" or "sidecar"
-    split: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(path: str | os.PathLike[str], what: str, line: int | None = None) -> DatasetFormatError:
-    where = f"{os.fspath(path)}: line {line}" if line is not None else os.fspath(path)
-    return DatasetFormatError(f"{where}: {_one_line(what)}")
-
-
-def _read_bytes(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
-    try:
-        if not os.path.isfile(path):
-            if os.path.exists(path):
-                raise _fail(path, "not a regular file")
-            raise _fail(path, "no such file")
-        with open(path, "rb") as f:
-            return f.read() if limit is None else f.read(limit)
-    except OSError as e:
-        raise _fail(path, f"cannot read: {e.strerror or e}") from None
-
-
-def _decode(path: str | os.PathLike[str], data: bytes) -> str:
-    """Strict UTF-8 (BOM tolerated). Raises DatasetFormatError on bad bytes or an empty file."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise _fail(
-            path, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8", line
-        ) from None
-    if not text.strip():
-        raise _fail(path, "file is empty")
-    return text
-
-
-def _read_text(path: str | os.PathLike[str]) -> str:
-    return _decode(path, _read_bytes(path))
-
-
-def _pick(keys: Iterable[str], aliases: tuple[str, ...]) -> str | None:
-    """The actual key (original spelling) matching the highest-priority alias, case-insensitively."""
-    lowered: dict[str, str] = {}
-    for k in keys:
-        lowered.setdefault(k.strip().lower(), k)
-    for alias in aliases:
-        if alias in lowered:
-            return lowered[alias]
-    return None
-
-
-def _clean(caption: str) -> str:
-    caption = caption.strip()
-    try:
-        caption.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates (JSON "\ud800" escapes): make the text encodable
-        caption = caption.encode("utf-8", errors="replace").decode("utf-8")
-    return caption
-
-
-def _parse_json(path: str | os.PathLike[str], text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _fail(path, f"invalid JSON: {e.msg} (column {e.colno})", e.lineno) from None
-    except (ValueError, RecursionError) as e:
-        raise _fail(path, f"invalid JSON: {e}") from None
 
 
 def _classify_json(path: str | os.PathLike[str], obj: Any) -> str:
@@ -477,55 +390,6 @@ def read_caption_pairs(
         (os.path.abspath(resolve_image_path(rec.image, images_dir, captions_file)), rec.caption)
         for rec in read_captions(captions_file, fmt, split)
     ]
-
-
-def sidecar_paths(image_path: str | os.PathLike[str]) -> list[str]:
-    """Candidate sidecar caption files for an image: ``<image>.txt`` then ``<stem>.txt`` (existing or not)."""
-    image = os.fspath(image_path)
-    stem, _ = os.path.splitext(image)
-    out = [image + ".txt"]
-    other = stem + ".txt"
-    if other not in out and os.path.normpath(other) != os.path.normpath(image):
-        out.append(other)
-    return out
-
-
-def read_sidecar(image_path: str | os.PathLike[str]) -> list[str]:
-    """Captions for an image from its sidecar text file(s), one caption per non-empty line.
-
-    Reads ``<image>.txt`` (``photo.jpg.txt``) and ``<stem>.txt`` (``photo.txt``), in that order; only regular
-    files are opened (never a FIFO or device). Bounded: at most ``SIDECAR_MAX_BYTES`` read per file (a line cut
-    by that limit is dropped), ``SIDECAR_MAX_LINES`` captions in all, each cut to ``SIDECAR_MAX_CHARS``
-    characters. Decoded as UTF-8 with ``errors="replace"``; exact duplicates are dropped. A missing or
-    unreadable sidecar gives no captions rather than an error.
-    """
-    captions: list[str] = []
-    seen: set[str] = set()
-    for candidate in sidecar_paths(image_path):
-        if len(captions) >= SIDECAR_MAX_LINES:
-            break
-        try:
-            if not os.path.isfile(candidate):
-                continue
-            with open(candidate, "rb") as f:
-                data = f.read(SIDECAR_MAX_BYTES + 1)
-        except OSError:
-            continue
-        if len(data) > SIDECAR_MAX_BYTES:
-            data = data[:SIDECAR_MAX_BYTES]
-            cut = data.rfind(b"\n")
-            if cut > 0:
-                data = data[:cut]
-        text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
-        for line in text.splitlines():
-            caption = line.strip()[:SIDECAR_MAX_CHARS].strip()
-            if not caption or caption in seen:
-                continue
-            seen.add(caption)
-            captions.append(caption)
-            if len(captions) >= SIDECAR_MAX_LINES:
-                break
-    return captions
 
 
 def group_by_image(records: Iterable[CaptionRecord]) -> dict[str, list[str]]:

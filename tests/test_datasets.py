@@ -8,18 +8,10 @@ import os
 
 import pytest
 
-from retrieval.datasets import (
-    SIDECAR_MAX_CHARS,
-    SIDECAR_MAX_LINES,
-    CaptionRecord,
-    detect_format,
-    group_by_image,
-    read_captions,
-    read_sidecar,
-    resolve_image_path,
-    sidecar_paths,
-)
+from retrieval.caption_text import CaptionRecord
+from retrieval.datasets import detect_format, group_by_image, read_captions, resolve_image_path
 from retrieval.errors import DatasetFormatError, RetrievalError
+from retrieval.sidecar import SIDECAR_MAX_CHARS, SIDECAR_MAX_LINES, read_sidecar, sidecar_paths
 
 TRICKY = [
     ("a.jpg", 'A dog, running "fast" on grass'),
