@@ -277,7 +277,8 @@ def run_speed(enc, sample_paths, tmp: Path, log) -> dict:
     log(f"  model only: {32 / t:.1f} images/s (batch 32)")
 
     # the inference rewrite of the CNN (BN folding, channels-last, ...) against the plain model, interleaved
-    from retrieval.models.starter import _load_cnn, locate_files
+    from retrieval.models.starter import _load_cnn
+    from retrieval.models.starter_files import locate_files
 
     plain = _load_cnn(locate_files(), "cpu", optimize=False)
     xc = batch.contiguous(memory_format=torch.channels_last)
@@ -331,7 +332,7 @@ def check_text_tower(enc, texts) -> float | None:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         return None
-    from retrieval.models.starter import locate_files
+    from retrieval.models.starter_files import locate_files
 
     st = SentenceTransformer(str(locate_files().minilm_dir), device="cpu")
     ref = st.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)

@@ -19,7 +19,6 @@ OVERSIZE = {
     "index_data.ray_executor",
     "retrieval.eval.benchmark",
     "retrieval.models.onnx_export",
-    "retrieval.models.starter",
     "retrieval.store.db",
 }
 CLI = "retrieval.cli"

@@ -200,6 +200,7 @@ def _export_starter(encoder, tmp: Path) -> tuple[dict, None]:
     import torch
 
     from retrieval.models import starter as S
+    from retrieval.models.minilm import MAX_TEXT_TOKENS
 
     files = S.locate_files()
     shutil.copyfile(files.tokenizer, tmp / "tokenizer.json")
@@ -211,7 +212,7 @@ def _export_starter(encoder, tmp: Path) -> tuple[dict, None]:
     minilm = _cpu_fp32(encoder.text.model, encoder.device)
     ids = torch.ones(2, 7, dtype=torch.long)
     _onnx_export(
-        minilm, (ids, torch.ones_like(ids)), tmp / "text.onnx", ["ids", "mask"], {}, max_length=S.MAX_TEXT_TOKENS
+        minilm, (ids, torch.ones_like(ids)), tmp / "text.onnx", ["ids", "mask"], {}, max_length=MAX_TEXT_TOKENS
     )
     t = encoder.preprocess
     transform = ImageTransform(t.resize, (t.size, t.size), t.RESAMPLE, t.mean.ravel(), t.std.ravel())
@@ -222,7 +223,7 @@ def _export_starter(encoder, tmp: Path) -> tuple[dict, None]:
         "preprocess": transform.to_meta(),
         "image": {"file": "image.onnx"},
         "text": {"file": "text.onnx", "dynamic_length": True},
-        "tokenizer": {"kind": "wordpiece", "file": "tokenizer.json", "max_length": S.MAX_TEXT_TOKENS},
+        "tokenizer": {"kind": "wordpiece", "file": "tokenizer.json", "max_length": MAX_TEXT_TOKENS},
         "starter": {
             "class_emb": "class_emb.npy",
             "top_t": int(encoder.config.top_t),
