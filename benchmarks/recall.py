@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from report import machine_info
 
     from index_data.pipeline import IndexOptions, run_index
-    from retrieval.eval.benchmark import run_recall_benchmark
+    from retrieval.eval.run import run_recall_benchmark
 
     cmd = "python benchmarks/recall.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
     print(f"reproduce: {cmd}", flush=True)

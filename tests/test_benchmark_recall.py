@@ -11,15 +11,10 @@ from click.testing import CliRunner
 from conftest import TINY, build_index, write_photos
 
 from retrieval.errors import RetrievalError
-from retrieval.eval.benchmark import (
-    evaluate_index,
-    load_pairs,
-    parse_ks,
-    query_image_vectors,
-    query_text_vectors,
-    run_recall_benchmark,
-)
+from retrieval.eval.benchmark import evaluate_index, load_pairs, parse_ks
+from retrieval.eval.query_vectors import query_image_vectors, query_text_vectors
 from retrieval.eval.recall import evaluate_embeddings
+from retrieval.eval.run import run_recall_benchmark
 from retrieval.query.searcher import Searcher
 from retrieval.store.db import text_hash
 

@@ -17,7 +17,6 @@ OVERSIZE = {
     "index_data.decode",
     "index_data.pipeline",
     "index_data.ray_executor",
-    "retrieval.eval.benchmark",
     "retrieval.models.onnx_export",
     "retrieval.store.db",
 }

@@ -154,7 +154,7 @@ def benchmark_recall(
     captions_file, images_dir, fmt, split, index_dir, model, ks, exact, device, workers, as_json, quiet
 ):
     """Recall@K on FILE's image-caption pairs, through the index's own query path (clip_benchmark key names)."""
-    from retrieval.eval.benchmark import format_recall, run_recall_benchmark
+    from retrieval.eval.run import format_recall, run_recall_benchmark
 
     def build(path, options):
         from index_data.pipeline import IndexOptions, run_index

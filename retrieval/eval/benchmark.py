@@ -55,7 +55,6 @@ callable that the caller (cli.py, benchmarks/recall.py) passes in, normally ``in
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,7 +64,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retrieval.datasets import read_caption_pairs
-from retrieval.errors import ModelMismatchError, RetrievalError
+from retrieval.errors import RetrievalError
+from retrieval.eval.query_vectors import TEXT_BATCH, query_image_vectors, query_text_vectors
 from retrieval.eval.recall import DEFAULT_KS, clip_benchmark_metrics
 
 __all__ = [
@@ -76,13 +76,10 @@ __all__ = [
     "query_text_vectors",
     "query_image_vectors",
     "evaluate_index",
-    "run_recall_benchmark",
-    "format_recall",
 ]
 
 TIE_MARGIN = 16  # extra results fetched per query so that ties at the K boundary are seen
 QUERY_BATCH = 1024  # queries per FAISS call
-TEXT_BATCH = 256  # texts per encoder call
 
 
 @dataclass
@@ -183,43 +180,6 @@ def load_pairs(
 
 # --------------------------------------------------------------------------------------------------------------
 # query vectors: the Searcher's own recipe, batched
-
-
-def _searcher_text_encoder(searcher):
-    """The text encoder ``Searcher.embed_text`` uses: the index's encoder (its ONNX export on the CPU, else torch)."""
-    return searcher.encoder
-
-
-def query_text_vectors(searcher, texts: Sequence[str]) -> np.ndarray:
-    """``Searcher.embed_text`` for many texts at once: the Searcher's text encoder, then the index's query fusion
-    (if any). Each distinct text is encoded once."""
-    texts = list(texts)
-    dim = searcher.index.dim
-    if not texts:
-        return np.zeros((0, dim), np.float32)
-    uniq = list(dict.fromkeys(texts))
-    batched = getattr(searcher, "embed_texts", None)  # a batched Searcher API, should one be added
-    if batched is not None:
-        vecs = np.asarray(batched(uniq), dtype=np.float32)
-    else:
-        enc = _searcher_text_encoder(searcher)
-        vecs = np.concatenate([enc.encode_texts(uniq[i : i + TEXT_BATCH]) for i in range(0, len(uniq), TEXT_BATCH)])
-        fusion = searcher.index.fusion()
-        if fusion is not None:
-            vecs = np.asarray(fusion.query_text(vecs), dtype=np.float32)
-    where = {t: i for i, t in enumerate(uniq)}
-    return np.ascontiguousarray(vecs[[where[t] for t in texts]], dtype=np.float32)
-
-
-def query_image_vectors(searcher, hashes: Sequence[str]) -> np.ndarray:
-    """``Searcher.embed_image`` for indexed images, from their stored raw embeddings (no re-decoding): the raw
-    image embedding, then the index's query fusion (if any)."""
-    index = searcher.index
-    raw = index.store.get_embeddings("image", list(hashes), index.dim)
-    fusion = index.fusion()
-    if fusion is not None and len(raw):
-        raw = np.asarray(fusion.query_image(raw), dtype=np.float32)
-    return np.ascontiguousarray(raw, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -415,94 +375,3 @@ def _file_caption_candidates(searcher, pairs: RecallPairs, rows):
 
 
 BuildFn = Callable[[Path, dict], object]
-
-
-def _index_exists(path: Path) -> bool:
-    from retrieval.store.db import DB_NAME
-
-    return (path / DB_NAME).is_file()
-
-
-def run_recall_benchmark(
-    captions_file: str | os.PathLike,
-    *,
-    index_dir: str | os.PathLike | None = None,
-    images_dir: str | None = None,
-    fmt: str = "auto",
-    split: str | None = None,
-    model: str | None = None,
-    ks: Sequence[int] = DEFAULT_KS,
-    exact: bool = False,
-    device: str = "auto",
-    build: BuildFn | None = None,
-) -> IndexRecall:
-    """``benchmark recall``: evaluate ``index_dir`` on FILE's pairs, indexing FILE first when needed.
-
-    * ``index_dir`` names an existing index: evaluate it as it is (``model``, if given, must be its model).
-    * ``index_dir`` names no index yet: build one there from FILE, keep it, evaluate it.
-    * ``index_dir`` is None: build in a temporary directory, evaluate, delete it.
-
-    ``build(path, options)`` indexes FILE into ``path``; ``options`` holds ``captions_file``, ``fmt``, ``split``,
-    ``images_dir``, ``model`` and ``device`` (the field names of ``index_data.pipeline.IndexOptions``).
-    """
-    from retrieval.modelspec import parse_spec
-    from retrieval.query.searcher import Searcher
-
-    ks_t = parse_ks(ks)
-    pairs = load_pairs(captions_file, images_dir, fmt, split)
-    options = dict(
-        captions_file=os.fspath(captions_file), fmt=fmt, split=split, images_dir=images_dir, model=model, device=device
-    )
-
-    def build_into(path: Path) -> float:
-        if build is None:
-            raise RetrievalError(f"no index at {path}, and no way to build one was given")
-        t = time.perf_counter()
-        build(path, options)
-        return time.perf_counter() - t
-
-    if index_dir is not None:
-        path = Path(index_dir).expanduser()
-        built_seconds = None
-        if not _index_exists(path):
-            built_seconds = build_into(path)
-        with Searcher.open(path, device=device) as s:
-            ident = s.index.identity
-            if model and built_seconds is None and ident is not None and str(parse_spec(model)) != ident.spec:
-                raise ModelMismatchError(
-                    f"the index at {path} was built with {ident.spec}, not {model}; leave out --model to evaluate "
-                    f"it, or give a new --index directory to build one with {model}"
-                )
-            result = evaluate_index(s, pairs, ks_t, exact=exact)
-        result.built = built_seconds is not None
-        result.index_seconds = built_seconds
-        return result
-
-    with tempfile.TemporaryDirectory(prefix="retrieval-recall-") as tmp:
-        path = Path(tmp) / "index"
-        built_seconds = build_into(path)
-        with Searcher.open(path, device=device) as s:
-            result = evaluate_index(s, pairs, ks_t, exact=exact)
-    result.index, result.built, result.index_seconds = None, True, built_seconds
-    return result
-
-
-def format_recall(r: IndexRecall) -> str:
-    """A small human-readable table (recall in %)."""
-    lines = [
-        f"{r.n_images} images, {r.n_captions} captions; model {r.model}; index {r.index_type}"
-        + (f"; fusion {r.fusion}" if r.fusion else "")
-    ]
-    cols = ["index"] + (["exact"] if r.exact is not None else [])
-    lines.append(f"{'':>10}  {'k':>4}  " + "  ".join(f"{c:>7}" for c in cols))
-    for prefix, label in (("image_retrieval", "text→image"), ("text_retrieval", "image→text")):
-        for k in r.ks:
-            key = f"{prefix}_recall@{k}"
-            vals = [r.metrics[key]] + ([r.exact[key]] if r.exact is not None else [])
-            lines.append(f"{label:>10}  {k:>4}  " + "  ".join(f"{100 * v:6.2f}%" for v in vals))
-    if r.missing_images or r.missing_captions:
-        lines.append(
-            f"counted as misses: {r.missing_images} images not in the index, "
-            f"{r.missing_captions} captions with no caption row"
-        )
-    return "\n".join(lines)
