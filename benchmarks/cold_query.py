@@ -185,7 +185,8 @@ def build_checkpoint_index(root: Path) -> Path:
     from safetensors.torch import save_file
 
     from benchmarks.samples import write_sample_photos
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from retrieval.models.registry import load_encoder
 
     shutil.rmtree(root, ignore_errors=True)
@@ -237,7 +238,8 @@ def build_starter_index(root: Path) -> Path:
     import shutil
 
     from benchmarks.samples import write_sample_photos
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
 
     shutil.rmtree(root, ignore_errors=True)
     photos = write_sample_photos(root / "photos")

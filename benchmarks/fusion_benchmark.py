@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from retrieval.fusion.install import install_fusion
     from retrieval.fusion.model import Fusion
     from retrieval.fusion.pairs import evaluate_fusion, index_pairs

@@ -48,7 +48,8 @@ def _photos(data: Path, n: int) -> Path:
 
 
 def _index(folder: Path, index_dir: Path, model: str, executor: str, actors, batch_size: int) -> dict:
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
 
     opts = IndexOptions(
         paths=[str(folder)],

@@ -100,7 +100,8 @@ def main(argv=None) -> int:
 
     from report import machine_info
 
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from retrieval.eval.run import run_recall_benchmark
 
     cmd = "python benchmarks/recall.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))

@@ -263,7 +263,8 @@ def task_indexing(t: dict) -> dict:
     import torch  # noqa: F401
 
     from index_data.gpu_stream import choose_decode_stream, resolve_decode
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from index_data.workers import affinity_workers as default_workers
     from retrieval.images import load_image
     from retrieval.models.registry import load_encoder
@@ -413,7 +414,8 @@ def _decode_agreement(enc, paths: list, workers: int) -> dict:
 
 
 def task_rerun(t: dict) -> dict:
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from index_data.scan import scan
     from retrieval.models.registry import load_encoder
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from index_data.decode import DecodeWorkerError
 from index_data.gpu_stream import choose_decode_stream
+from index_data.model_setup import _prepare_model, _record_export
+from index_data.options import IndexOptions, IndexReport
 from index_data.photo_meta import fill_photo_meta
 from index_data.scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
 from index_data.workers import index_workers
 from retrieval.datasets import read_caption_pairs
-from retrieval.errors import ModelMismatchError, RetrievalError
+from retrieval.errors import RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.hashing import hash_file
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
@@ -33,54 +34,6 @@ from retrieval.store.layout import default_index_dir
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
-
-
-@dataclass
-class IndexOptions:
-    paths: Sequence[str] = ()
-    captions_file: str | None = None
-    fmt: str = "auto"
-    split: str | None = None
-    images_dir: str | None = None
-    model: str | None = None
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    decode: str = "auto"  # auto | cpu | gpu: see index_data/gpu_stream.py
-    runtime: str = "auto"  # auto | onnx | torch (retrieval/models/runtime.py)
-    index_type: str | None = None  # None keeps the index's setting (auto for a new index)
-    exclude: Sequence[str] = ()
-    include_hidden: bool = False
-    default_excludes: bool = True  # skip @eaDir, node_modules, .git (index_data.scan.DEFAULT_EXCLUDES)
-    rebuild: bool = False
-    progress: bool = True
-    retry_errors: bool = False  # also retry files whose decode failed before and that have not changed
-    executor: str = "local"  # "ray": decode and encode on a Ray cluster (index_data/ray_executor.py)
-    ray_actors: int | None = None  # None: from the cluster's resources
-    ray_batch_size: int | None = None  # the encode batch on the cluster; None: from its resources
-
-
-@dataclass
-class IndexReport:
-    scanned: int = 0
-    unchanged: int = 0
-    encoded: int = 0
-    reused: int = 0  # new paths whose content was already embedded (duplicates, re-added files)
-    moved: int = 0
-    updated: int = 0  # same path, new content
-    removed: int = 0
-    captions_added: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    still_skipped: int = 0  # of `errors`: unchanged files that failed before, not decoded again
-    interrupted: bool = False
-    seconds: float = 0.0
-    generation: int = 0
-    images_total: int = 0
-    metadata_read: int = 0  # images whose EXIF (date, camera, GPS) was read this run
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.encoded or self.reused or self.moved or self.updated or self.removed or self.captions_added)
 
 
 @dataclass
@@ -217,81 +170,6 @@ def _publish(idx: Index, opts: IndexOptions, dirty: set[int]) -> None:
     if idx.store.get_manifest(PENDING_KEY, None):
         with idx.store.transaction():
             idx.store.set_manifest(PENDING_KEY, None)
-
-
-class _LazyEncoder:
-    """The index's model, loaded on first use: a run that finds nothing new to encode (the usual cron
-    re-run over a photo folder) then never imports torch or reads the weights."""
-
-    def __init__(self, load):
-        self._load = load
-        self._encoder = None
-        self.export_key = None
-
-    def __getattr__(self, name):
-        if self._encoder is None:
-            self._encoder, self.export_key = self._load()
-        return getattr(self._encoder, name)
-
-
-def _record_export(idx: Index, encoder) -> None:
-    """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
-    export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
-    loads no model when the export is recorded and in the cache."""
-    from retrieval.models.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
-
-    ident = idx.identity
-    key = export_key(ident) if ident is not None else None
-    recorded = (idx.store.get_manifest("onnx_export") or {}).get("key")
-    current = False
-    if key is not None and recorded == key:
-        try:  # files present at their recorded sizes; a query that cannot load one sets the export aside
-            current = read_meta(export_dir(key)) is not None
-        except ExportUnusable as e:
-            if "no ONNX export" not in str(e):
-                warn_once(f"{e}; exporting it again")
-    if not current:
-        _ = encoder.encode_texts  # loads a lazy encoder, which exports the model when it can
-        key = getattr(encoder, "export_key", None)
-        if key is None:
-            return
-        with idx.store.transaction():
-            idx.store.set_manifest("onnx_export", {"key": key})
-    for p in idx.root.glob("text_encoder.*"):
-        try:
-            p.unlink()
-        except OSError:
-            pass
-
-
-def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
-    from retrieval.models.runtime import index_encoder
-
-    current = idx.identity
-    # opts.rebuild is never set here: run_index hands --rebuild to index_data/rebuild.py, which builds aside
-    if current is not None and opts.model:
-        if str(parse_spec(opts.model)) != current.spec:
-            raise ModelMismatchError(
-                f"the index at {idx.root} uses {current.spec}; refusing to add vectors from {opts.model}. "
-                f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with "
-                f"the new one"
-            )
-    spec = opts.model or (current.spec if current else DEFAULT_MODEL)
-    if current is not None:
-
-        def load():
-            encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
-            idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
-            return encoder, key
-
-        return _LazyEncoder(load)
-    if preloaded is not None:
-        encoder, key = preloaded
-    else:
-        encoder, key = index_encoder(spec, opts.device, opts.runtime)
-    encoder.export_key = key
-    idx.set_model(encoder.identity)
-    return encoder
 
 
 def _read_corpus(opts: IndexOptions) -> dict[str, list[str]]:

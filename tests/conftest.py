@@ -72,7 +72,8 @@ def write_photos(folder, n: int, start: int = 0, ext: str = "jpg"):
 
 
 def build_index(index_dir, paths, **kw):
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
 
     kw.setdefault("model", TINY)
     kw.setdefault("workers", 0)

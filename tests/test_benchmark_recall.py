@@ -216,7 +216,8 @@ def test_cli_builds_when_no_index(corpus, tmp_path):
     seen = []
 
     def build(path, options):
-        from index_data.pipeline import IndexOptions, run_index
+        from index_data.options import IndexOptions
+        from index_data.pipeline import run_index
 
         seen.append(path)
         run_index(path, IndexOptions(workers=0, progress=False, **options))
@@ -309,7 +310,8 @@ def test_self_built_index_equals_clip_benchmark_recall_at_k(tmp_path):
     )
 
     def build(path, options):
-        from index_data.pipeline import IndexOptions, run_index
+        from index_data.options import IndexOptions
+        from index_data.pipeline import run_index
 
         run_index(path, IndexOptions(workers=0, progress=False, **options))
 

@@ -261,7 +261,8 @@ def test_rebuild_of_a_folder_holding_the_index_skips_the_index(tmp_path):
 def test_a_failed_rebuild_creates_nothing_and_keeps_a_resumable_staging(world, tmp_path):
     """A typo'd PATH or a model that cannot load: one-line errors, the index as it was, and a staging
     index that was already under way stays resumable (a failed start leaves no staging folder)."""
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from retrieval.errors import RetrievalError
 
     d = tmp_path / "idx"

@@ -113,7 +113,8 @@ def index(
     ray_actors,
 ):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
-    from index_data.pipeline import IndexOptions, run_index
+    from index_data.options import IndexOptions
+    from index_data.pipeline import run_index
     from retrieval.errors import RetrievalError
     from retrieval.names import escape_name
 

@@ -157,7 +157,8 @@ def benchmark_recall(
     from retrieval.eval.run import format_recall, run_recall_benchmark
 
     def build(path, options):
-        from index_data.pipeline import IndexOptions, run_index
+        from index_data.options import IndexOptions
+        from index_data.pipeline import run_index
 
         run_index(path, IndexOptions(workers=workers, progress=not quiet, **options))
 

@@ -1,0 +1,84 @@
+"""The model a run encodes with: the index's own, checked against its identity, loaded only when needed;
+its ONNX export recorded."""
+
+from __future__ import annotations
+
+from index_data.options import IndexOptions
+from retrieval.errors import ModelMismatchError
+from retrieval.modelspec import DEFAULT_MODEL, parse_spec
+from retrieval.store.index import Index
+
+
+class _LazyEncoder:
+    """The index's model, loaded on first use: a run that finds nothing new to encode (the usual cron
+    re-run over a photo folder) then never imports torch or reads the weights."""
+
+    def __init__(self, load):
+        self._load = load
+        self._encoder = None
+        self.export_key = None
+
+    def __getattr__(self, name):
+        if self._encoder is None:
+            self._encoder, self.export_key = self._load()
+        return getattr(self._encoder, name)
+
+
+def _record_export(idx: Index, encoder) -> None:
+    """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
+    export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
+    loads no model when the export is recorded and in the cache."""
+    from retrieval.models.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
+
+    ident = idx.identity
+    key = export_key(ident) if ident is not None else None
+    recorded = (idx.store.get_manifest("onnx_export") or {}).get("key")
+    current = False
+    if key is not None and recorded == key:
+        try:  # files present at their recorded sizes; a query that cannot load one sets the export aside
+            current = read_meta(export_dir(key)) is not None
+        except ExportUnusable as e:
+            if "no ONNX export" not in str(e):
+                warn_once(f"{e}; exporting it again")
+    if not current:
+        _ = encoder.encode_texts  # loads a lazy encoder, which exports the model when it can
+        key = getattr(encoder, "export_key", None)
+        if key is None:
+            return
+        with idx.store.transaction():
+            idx.store.set_manifest("onnx_export", {"key": key})
+    for p in idx.root.glob("text_encoder.*"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
+    from retrieval.models.runtime import index_encoder
+
+    current = idx.identity
+    # opts.rebuild is never set here: run_index hands --rebuild to index_data/rebuild.py, which builds aside
+    if current is not None and opts.model:
+        if str(parse_spec(opts.model)) != current.spec:
+            raise ModelMismatchError(
+                f"the index at {idx.root} uses {current.spec}; refusing to add vectors from {opts.model}. "
+                f"Leave out --model to use the index's model, or pass --rebuild to re-encode everything with "
+                f"the new one"
+            )
+    spec = opts.model or (current.spec if current else DEFAULT_MODEL)
+    if current is not None:
+
+        def load():
+            encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
+            idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
+            return encoder, key
+
+        return _LazyEncoder(load)
+    if preloaded is not None:
+        encoder, key = preloaded
+    else:
+        encoder, key = index_encoder(spec, opts.device, opts.runtime)
+    encoder.export_key = key
+    idx.set_model(encoder.identity)
+    return encoder
