@@ -245,7 +245,7 @@ def main(argv=None) -> int:
             D = faiss_vectors(idx, test_ids)  # what the engine actually serves
             f = fusion or Fusion.untrained(idx.dim)
             caps = store.captions_for_images([int(i) for i in test_ids])
-            from retrieval.store.db import text_hash
+            from retrieval.store.rows import text_hash
 
             expect = f.document_vectors(
                 img_raw,

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from retrieval.query.searcher import Searcher  # noqa: E402
-from retrieval.store.db import Store, path_from_db  # noqa: E402
+from retrieval.store.db import Store  # noqa: E402
+from retrieval.store.rows import path_from_db  # noqa: E402
 
 
 def full_scan(store, under: str) -> np.ndarray:

@@ -359,7 +359,7 @@ def _vectors(encoder, results):
 def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[str, list[str]], dirty: set[int]) -> int:
     """Attach sidecar and corpus captions to indexed images. Each chunk's new texts are encoded first and
     committed together with their caption rows, so a killed run never leaves a caption without its vector."""
-    from retrieval.store.db import text_hash
+    from retrieval.store.rows import text_hash
 
     store = idx.store
     wanted: list[tuple[int, str, str]] = []  # (image id, text, source)

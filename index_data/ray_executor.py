@@ -1,14 +1,10 @@
 """The Ray executor: decode and encode the files a run must embed on a Ray cluster, with Ray Data.
 
-The driver (index_data/pipeline.py) still scans, plans and writes; only the stage that turns work
-items into vectors runs here. Ray Data reads and decodes in CPU tasks (the same decode_file as the
-local decode workers, so a bad file gets the same reason), encodes in a fixed pool of actors that
-each load the index's model once (retrieval.models.runtime.index_encoder: torch bf16 on a GPU node, onnxruntime
-on a CPU node), and streams (width, height, vector | error) rows back. The driver commits them in its own
-batches, so crash safety is the local executor's: SQLite holds every committed batch.
-
-Only a row number and the path bytes are shipped per file; identical contents are encoded once.
-Ray is an optional dependency (`pip install 'retrieval-engine[distributed]'`).
+The driver (index_data/pipeline.py) still scans, plans and writes. Ray Data decodes in CPU tasks (the same
+decode_file as local workers, so a bad file gets the same reason) and encodes in a fixed pool of actors that
+each load the index's model once (torch bf16 on a GPU node, onnxruntime on a CPU node); (width, height,
+vector | error) rows stream back and the driver commits them in its own batches, so SQLite holds every
+committed batch. Identical contents are encoded once. Ray is optional (the [distributed] extra).
 """
 
 from __future__ import annotations

@@ -454,8 +454,8 @@ PENDING_PATTERNS = (
 def snapshot(index_dir) -> dict:
     """What an index holds, in run-independent terms (paths and hashes, not row ids), plus the checks
     that need no encoder. Raises if the index cannot be opened."""
-    from retrieval.store.db import path_from_db
     from retrieval.store.index import Index
+    from retrieval.store.rows import path_from_db
 
     with Index.open(index_dir) as idx:
         db = idx.store.db

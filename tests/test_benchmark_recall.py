@@ -16,7 +16,7 @@ from retrieval.eval.query_vectors import query_image_vectors, query_text_vectors
 from retrieval.eval.recall import evaluate_embeddings
 from retrieval.eval.run import run_recall_benchmark
 from retrieval.query.searcher import Searcher
-from retrieval.store.db import text_hash
+from retrieval.store.rows import text_hash
 
 KEYS = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
 

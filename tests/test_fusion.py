@@ -168,7 +168,7 @@ def base_index(tmp_path_factory):
         path_of = idx.store.images_by_ids([i for i, _ in rows])
         order = {str(p): n for n, p in enumerate(photos)}
         caps_of = idx.store.captions_for_images([i for i, _ in rows])
-        from retrieval.store.db import text_hash
+        from retrieval.store.rows import text_hash
 
         with idx.store.transaction():
             for image_id, h in rows:
@@ -357,7 +357,7 @@ def test_cli_installs_and_later_images_get_the_fusion(index_dir, tmp_path):
         assert len(rows) == 6
         raw = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
         caps = idx.store.captions_for_images([i for i, _ in rows])
-        from retrieval.store.db import text_hash
+        from retrieval.store.rows import text_hash
 
         cap_vecs = [
             idx.store.get_embeddings("text", [text_hash(t) for _, t in caps[i]], idx.dim) if i in caps else None

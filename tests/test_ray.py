@@ -21,8 +21,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, build_index, draw_scene, write_photos
 
-from retrieval.store.db import DB_NAME, path_from_db
+from retrieval.store.db import DB_NAME
 from retrieval.store.index import Index
+from retrieval.store.rows import path_from_db
 
 ROOT = Path(__file__).resolve().parent.parent
 

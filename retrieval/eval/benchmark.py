@@ -231,7 +231,7 @@ def _flat_copy(dim: int, ids: np.ndarray, vecs: np.ndarray):
 
 def evaluate_index(searcher, pairs: RecallPairs, ks: Sequence[int] = DEFAULT_KS, exact: bool = False) -> IndexRecall:
     """Recall@k of the index behind ``searcher`` on ``pairs`` (see the module docstring for every rule)."""
-    from retrieval.store.db import text_hash
+    from retrieval.store.rows import text_hash
 
     ks_t = parse_ks(ks)
     if pairs.n_images == 0 or pairs.n_captions == 0:
@@ -346,7 +346,7 @@ def _file_caption_candidates(searcher, pairs: RecallPairs, rows):
     """(flat VectorIndex over FILE's captions of indexed images, their positions in FILE): each caption's
     stored text embedding when the index has one, else encoded now with the index's model (the encoder the
     write path uses), then the fusion's caption transform, as the write path makes caption vectors."""
-    from retrieval.store.db import text_hash
+    from retrieval.store.rows import text_hash
 
     index = searcher.index
     store = index.store

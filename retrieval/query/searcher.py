@@ -23,8 +23,8 @@ from retrieval.names import display_text
 from retrieval.query.arithmetic import QueryTerm, parse_terms, weighted_sum
 from retrieval.query.encoder import QueryEncoder
 from retrieval.query.photo_filters import PhotoFilter
-from retrieval.store.db import path_from_db
 from retrieval.store.index import Index
+from retrieval.store.rows import path_from_db
 from retrieval.vecmath import l2_normalize
 
 MAX_OVERFETCH_ROUNDS = 8

@@ -11,39 +11,17 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from retrieval.faults import checkpoint
-from retrieval.names import display_text
+from retrieval.store.readonly import _connect_readonly, _ReadOnlyDatabase
+from retrieval.store.rows import ImageRow, _chunks, path_from_db, path_to_db, text_hash
 
 SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
-
-
-def path_to_db(path: str) -> tuple[str, bytes]:
-    """(display text, exact bytes). Non-UTF-8 names keep their bytes; the text is for people."""
-    raw = os.fsencode(path)
-    return display_text(raw), raw
-
-
-def path_from_db(raw: bytes) -> str:
-    return os.fsdecode(bytes(raw))
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    id: int
-    path: str  # filesystem path (round-trips non-UTF-8 names)
-    display_path: str  # UTF-8 text for printing and JSON
-    size: int
-    mtime_ns: int
-    hash: str
-    width: int | None
-    height: int | None
 
 
 class Store:
@@ -396,48 +374,3 @@ class Store:
 
     def errors(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM errors ORDER BY path"))
-
-
-class _ReadOnlyDatabase:
-    """The part of sqlite_utils.Database that readers use (execute, conn), for read-only stores."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def execute(self, sql: str, parameters=None) -> sqlite3.Cursor:
-        return self.conn.execute(sql) if parameters is None else self.conn.execute(sql, parameters)
-
-    def atomic(self):
-        raise sqlite3.OperationalError("attempt to write a readonly database (this store was opened for reading)")
-
-
-def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """mode=ro. On a read-only filesystem a WAL database cannot get its -shm file and would not open at
-    all, so there it is opened immutable (nothing can change it while that mount is read-only)."""
-    from urllib.parse import quote
-
-    uri = "file:" + quote(os.fsencode(os.path.abspath(path)))
-    conn = sqlite3.connect(uri + "?mode=ro", uri=True, check_same_thread=False, timeout=30)
-    try:
-        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        return conn
-    except sqlite3.OperationalError:
-        try:
-            read_only_fs = bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
-        except (OSError, AttributeError):
-            read_only_fs = False
-        if not read_only_fs:
-            raise
-        conn.close()
-    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=30)
-
-
-def text_hash(text: str) -> str:
-    import hashlib
-
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
-def _chunks(seq: Sequence, n: int):
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]

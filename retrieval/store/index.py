@@ -317,7 +317,7 @@ class Index(PublishVectors, Checks):
         for image_id, _ in rows:
             texts = caps.get(image_id, [])
             if texts:
-                from retrieval.store.db import text_hash
+                from retrieval.store.rows import text_hash
 
                 cap_vecs.append(self.store.get_embeddings("text", [text_hash(t) for _, t in texts], dim))
             else:
