@@ -68,11 +68,12 @@ def run_stream(paths, enc, workers, method=None, encode=False, batch=64, parent_
     import torch
 
     from index_data import decode as D
+    from index_data import decode_plan as DP
 
     jobs = [(i, p) for i, p in enumerate(paths)]
-    saved = D._PLAN_CACHE.get(enc)
+    saved = DP._PLAN_CACHE.get(enc)
     if parent_torch:  # the variant where the parent runs the model's torch preprocess
-        D._PLAN_CACHE[enc] = D.Plan(saved.pil if saved else ())
+        DP._PLAN_CACHE[enc] = DP.Plan(saved.pil if saved else ())
     t = time.perf_counter()
     c0 = _cpu()
     n = 0
@@ -90,7 +91,7 @@ def run_stream(paths, enc, workers, method=None, encode=False, batch=64, parent_
                 enc.encode_image_tensors(torch.stack(buf))
     finally:
         if parent_torch:
-            D._PLAN_CACHE[enc] = saved
+            DP._PLAN_CACHE[enc] = saved
     assert n == len(paths)
     LAST_CPU_MS[0] = (_cpu() - c0) * 1000 / len(paths)
     return len(paths) / (time.perf_counter() - t)

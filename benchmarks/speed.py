@@ -457,8 +457,9 @@ def task_rerun(t: dict) -> dict:
 def _identity_and_export(spec: str, root: Path):
     """The model identity for the manifest, and whether its ONNX export is in the cache (made here if not, as
     run_index does), so that queries take the same path as on a real index."""
-    from retrieval.models.onnx_export import ExportFailed, ensure_export
+    from retrieval.models.onnx_export import ensure_export
     from retrieval.models.onnx_runtime import export_key
+    from retrieval.models.onnx_towers import ExportFailed
     from retrieval.models.registry import load_encoder
 
     enc = load_encoder(spec, device="cpu")

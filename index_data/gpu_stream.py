@@ -30,15 +30,8 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
-from index_data.decode import (
-    ITEM_TIMEOUT_S,
-    DecodeResult,
-    _worker_init,
-    decode_file,
-    decode_stream,
-    finish_array,
-    make_plan,
-)
+from index_data.decode import ITEM_TIMEOUT_S, DecodeResult, _worker_init, decode_file, decode_stream
+from index_data.decode_plan import finish_array, make_plan
 from index_data.gpu_decode import GpuDecodeConfig, decode_batch, preprocess_batch, probe_and_read, tensor_plan
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,8 @@
 
 The driver (index_data/pipeline.py) still scans, plans and writes. Ray Data decodes in CPU tasks (the same
 decode_file as local workers, so a bad file gets the same reason) and encodes in a fixed pool of actors that
-each load the index's model once (torch bf16 on a GPU node, onnxruntime on a CPU node); (width, height,
-vector | error) rows stream back and the driver commits them in its own batches, so SQLite holds every
-committed batch. Identical contents are encoded once. Ray is optional (the [distributed] extra).
+each load the index's model once (torch on a GPU node, onnxruntime on a CPU node); rows stream back and the
+driver commits them in its own batches. Identical contents are encoded once. Ray is the [distributed] extra.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index_data.decode import decode_file, make_plan
+from index_data.decode import decode_file
+from index_data.decode_plan import make_plan
 from retrieval.errors import RetrievalError
 
 CPU_THREADS_PER_ACTOR = 4  # torch threads of one CPU actor; more actors beat more threads per model
@@ -162,7 +162,7 @@ class EncodeActor:
     def _tensor(self, arr: np.ndarray, complete: bool):
         from PIL import Image
 
-        from index_data.decode import finish_array
+        from index_data.decode_plan import finish_array
 
         if complete and self.finish is not None:
             x = finish_array(arr, self.finish)

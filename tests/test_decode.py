@@ -31,6 +31,7 @@ from corpus import (
 
 from index_data import decode as D
 from index_data.decode import DecodeResult, decode_file, decode_stream
+from index_data.decode_plan import Plan, make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,7 +172,7 @@ def test_same_tensors_as_query_path_224(tmp_path):
     from retrieval.images import load_image
 
     preprocess = open_clip.image_transform(224, is_train=False)
-    assert D.make_plan(preprocess).finish is not None  # the fast path is the one being checked
+    assert make_plan(preprocess).finish is not None  # the fast path is the one being checked
     paths = [
         make_jpeg(str(tmp_path / "a.jpg"), (1600, 1200), seed=1),
         make_jpeg(str(tmp_path / "b.jpg"), (1200, 1601), seed=2),
@@ -192,7 +193,7 @@ def test_any_preprocess_works(tmp_path):
     def preprocess(im):
         return torch.from_numpy(np.array(im.resize((8, 8)))).permute(2, 0, 1)
 
-    assert D.make_plan(preprocess) == D.Plan()
+    assert make_plan(preprocess) == Plan()
     for workers in (0, 1):
         with decode_stream([("a", p)], preprocess, 8, workers=workers) as s:
             (r,) = list(s)

@@ -124,7 +124,7 @@ def test_preprocess_equals_torchvision_and_decode_plan(starter):
     ]
     for im in probes:
         assert torch.equal(starter.preprocess(im), tv(im))
-    from index_data.decode import apply_pil_steps, finish_array
+    from index_data.decode_plan import apply_pil_steps, finish_array
 
     steps, finish = starter.preprocess.decode_plan
     for im in probes:

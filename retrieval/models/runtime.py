@@ -46,7 +46,8 @@ def resolve(runtime: str, device: str) -> tuple[str, str]:
 
 def _export(torch_encoder):
     """The encoder's export directory, or None after one line on stderr (the model cannot be exported)."""
-    from retrieval.models.onnx_export import ExportFailed, ensure_export
+    from retrieval.models.onnx_export import ensure_export
+    from retrieval.models.onnx_towers import ExportFailed
 
     try:
         return ensure_export(torch_encoder)
