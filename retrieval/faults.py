@@ -20,6 +20,7 @@ Checkpoints in the code base:
     decode          index_data/pipeline.py           a decoded image reached the indexer (before batching)
     encode          index_data/pipeline.py           a batch was encoded, before its SQLite transaction
     sqlite_commit   retrieval/store/db.py            every Store.transaction(), after its writes, before COMMIT
+    migrate         retrieval/store/migrations.py    a schema step's writes done, before its COMMIT
     faiss_write     retrieval/store/vectors.py       VectorIndex.save: faiss data in the temp file, no trailer yet
     publish         retrieval/store/index.py         new generation's files renamed into place, manifest not switched
     switch          retrieval/store/switch.py        a finished rebuild's files copied into the index, not switched in

@@ -285,6 +285,7 @@ def test_errors_table_of_an_older_index_is_migrated(tmp_path):
     db.executescript(
         "DROP TABLE errors; CREATE TABLE errors (id INTEGER PRIMARY KEY, path TEXT, path_raw BLOB, "
         "reason TEXT, at FLOAT); CREATE UNIQUE INDEX idx_errors_path_raw ON errors (path_raw);"
+        "PRAGMA user_version = 0;"  # as code from before numbered migrations left it
     )
     db.close()
     (tmp_path / "p" / "broken.png").write_bytes(b"garbage")

@@ -169,6 +169,7 @@ def test_old_index_is_migrated_on_the_next_run_without_re_encoding(tmp_path):
     db.execute("DROP INDEX IF EXISTS idx_images_taken_at")
     for col in ("taken_at", "taken_source", "camera_make", "camera_model", "lens", "gps_lat", "gps_lon", "meta_hash"):
         db.execute(f"ALTER TABLE images DROP COLUMN {col}")
+    db.execute("PRAGMA user_version = 0")  # as code from before numbered migrations left it
     db.commit()
     db.close()
     with Searcher.open(tmp_path / "idx", device="cpu") as s:

@@ -17,10 +17,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from retrieval.faults import checkpoint
+from retrieval.store.migrations import migrate
 from retrieval.store.readonly import _connect_readonly, _ReadOnlyDatabase
 from retrieval.store.rows import ImageRow, _chunks, path_from_db, path_to_db, text_hash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the read format; steps within it are counted by PRAGMA user_version (migrations.py)
 DB_NAME = "meta.sqlite"
 
 
@@ -51,77 +52,11 @@ class Store:
     # -- schema ---------------------------------------------------------------------------------
 
     def _ensure_schema(self) -> None:
-        db = self.db
-        with db.atomic():
-            db["manifest"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            db["images"].create(
-                {
-                    "id": int,
-                    "path": str,
-                    "path_raw": bytes,
-                    "size": int,
-                    "mtime_ns": int,
-                    "hash": str,
-                    "width": int,
-                    "height": int,
-                    "added_at": float,
-                    "status": str,
-                },
-                pk="id",
-                not_null={"path_raw", "hash"},
-                if_not_exists=True,
-            )
-            db["images"].create_index(["path_raw"], unique=True, if_not_exists=True)
-            self._add_photo_meta_columns()
-            db["images"].create_index(["hash"], if_not_exists=True)
-            db["captions"].create(
-                {"id": int, "image_id": int, "text": str, "text_hash": str, "source": str},
-                pk="id",
-                not_null={"text", "text_hash"},
-                if_not_exists=True,
-            )
-            db["captions"].create_index(["image_id"], if_not_exists=True)
-            db["captions"].create_index(["image_id", "text_hash"], unique=True, if_not_exists=True)
-            # Raw encoder outputs keyed by content: images by file hash, texts by text hash.
-            # Moved files, duplicates and repeated captions reuse them without re-encoding.
-            db["embeddings"].create(
-                {"kind": str, "key": str, "vector": bytes},
-                pk=("kind", "key"),
-                if_not_exists=True,
-            )
-            db["errors"].create(
-                {"id": int, "path": str, "path_raw": bytes, "reason": str, "at": float, "size": int, "mtime_ns": int},
-                pk="id",
-                if_not_exists=True,
-            )
-            db["errors"].create_index(["path_raw"], unique=True, if_not_exists=True)
-            # indexes made before failures were remembered by size and mtime: add the columns (NULL: retry once)
-            have = db["errors"].columns_dict
-            for col in ("size", "mtime_ns"):
-                if col not in have:
-                    db["errors"].add_column(col, int)
-            if self.get_manifest("schema_version") is None:
+        # numbered steps (retrieval/store/migrations.py), each in its own transaction
+        migrate(self.db.conn)
+        if self.get_manifest("schema_version") is None:
+            with self.db.atomic():
                 self.set_manifest("schema_version", SCHEMA_VERSION)
-
-    # photo metadata (retrieval/exif.py): added to existing indexes by ALTER TABLE, filled by the next `index`
-    # run for every row whose meta_hash is not its content hash (new, changed, or from before these columns)
-    _PHOTO_META_TYPES = {
-        "taken_at": str,
-        "taken_source": str,
-        "camera_make": str,
-        "camera_model": str,
-        "lens": str,
-        "gps_lat": float,
-        "gps_lon": float,
-        "meta_hash": str,
-    }
-
-    def _add_photo_meta_columns(self) -> None:
-        have = set(self.db["images"].columns_dict)
-        for name, kind in self._PHOTO_META_TYPES.items():
-            if name not in have:
-                self.db["images"].add_column(name, kind)
-        self.db["images"].create_index(["taken_at"], if_not_exists=True)
 
     def has_photo_meta(self) -> bool:
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(images)")}
@@ -246,10 +181,10 @@ class Store:
         self.db.execute("UPDATE images SET size=?, mtime_ns=? WHERE id=?", [size, mtime_ns, image_id])
 
     def delete_images(self, ids: Iterable[int]) -> None:
+        """Their captions go with them (captions.image_id: ON DELETE CASCADE)."""
         ids = [int(i) for i in ids]
         for chunk in _chunks(ids, 900):
             marks = ",".join("?" * len(chunk))
-            self.db.execute(f"DELETE FROM captions WHERE image_id IN ({marks})", chunk)
             self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
 
     def count(self, table: str) -> int:
