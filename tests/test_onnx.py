@@ -81,6 +81,40 @@ def test_export_matches_torch_with_dynamic_batch_and_length(tiny_encoder, tiny_e
     )
 
 
+def _prepacked(session) -> bool:
+    try:
+        return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+    except RuntimeError:  # the entry is not set: onnxruntime's default, prepacking on
+        return True
+
+
+def test_query_sessions_open_unpacked_then_swap_to_prepacked_on_second_use(tiny_encoder, tiny_export):
+    """A one-shot query skips weight prepacking (faster to open); a second use of a tower, as in serve, gets a
+    prepacked session; indexing prepacks from the start. All give the same vectors as torch."""
+    import torch
+
+    texts = ["a dog on a beach", "x"]
+    ref = tiny_encoder.encode_texts(texts)
+    pixels = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ref_img = tiny_encoder.encode_image_tensors(torch.from_numpy(pixels))
+    enc = open_export(tiny_export, purpose="query")
+    enc.check()  # opening to check is not a use
+    first = enc.encode_texts(texts)
+    assert not _prepacked(enc._sessions["text"])
+    second = enc.encode_texts(texts)
+    assert _prepacked(enc._sessions["text"])
+    img = enc.encode_image_tensors(pixels)
+    assert not _prepacked(enc._sessions["image"])
+    np.testing.assert_allclose(enc.encode_image_tensors(pixels), ref_img, atol=1e-5, rtol=0)
+    assert _prepacked(enc._sessions["image"])
+    for got in (first, second):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(img, ref_img, atol=1e-5, rtol=0)
+    idx = open_export(tiny_export, purpose="index")
+    idx.encode_texts(texts)
+    assert _prepacked(idx._sessions["text"])
+
+
 def test_preprocessing_equals_open_clips(tiny_encoder, tiny_export):
     from PIL import Image
 
