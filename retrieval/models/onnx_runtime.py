@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.hashing import sha256_file
-from retrieval.images import load_image
 from retrieval.models.base import Encoder
 from retrieval.models.preprocess import resize_crop_normalize
 from retrieval.modelspec import ModelIdentity
@@ -306,6 +305,8 @@ class OnnxEncoder(Encoder):
         return l2_normalize(out)
 
     def encode_images(self, images: Iterable, batch_size: int = 64) -> np.ndarray:
+        from retrieval.images import load_image  # PIL: not imported for a text query
+
         out, buf = [], []
         for item in images:
             buf.append(self.preprocess(load_image(item, self.image_size)))
