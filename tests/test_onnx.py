@@ -100,19 +100,19 @@ def test_query_sessions_open_unpacked_then_swap_to_prepacked_on_second_use(tiny_
     enc = open_export(tiny_export, purpose="query")
     enc.check()  # opening to check is not a use
     first = enc.encode_texts(texts)
-    assert not _prepacked(enc._sessions["text"])
+    assert not _prepacked(enc._sessions["text"][0])
     second = enc.encode_texts(texts)
-    assert _prepacked(enc._sessions["text"])
+    assert _prepacked(enc._sessions["text"][0])
     img = enc.encode_image_tensors(pixels)
-    assert not _prepacked(enc._sessions["image"])
+    assert not _prepacked(enc._sessions["image"][0])
     np.testing.assert_allclose(enc.encode_image_tensors(pixels), ref_img, atol=1e-5, rtol=0)
-    assert _prepacked(enc._sessions["image"])
+    assert _prepacked(enc._sessions["image"][0])
     for got in (first, second):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(img, ref_img, atol=1e-5, rtol=0)
     idx = open_export(tiny_export, purpose="index")
     idx.encode_texts(texts)
-    assert _prepacked(idx._sessions["text"])
+    assert _prepacked(idx._sessions["text"][0])
 
 
 def test_preprocessing_equals_open_clips(tiny_encoder, tiny_export):

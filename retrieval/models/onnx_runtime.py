@@ -207,8 +207,7 @@ def _session(path: Path, threads: int | None, prepack: bool = True):
 
     so = ort.SessionOptions()
     if not prepack:
-        # a query runs each tower once: re-laying out every weight matrix for the GEMM kernels costs more
-        # than it saves (ViT-B-32 text open + first run 0.23 s -> 0.10 s; RESULTS_onnx.md)
+        # a cold query runs each tower once: prepacking the weights costs more than it saves (RESULTS_onnx.md)
         so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -249,7 +248,6 @@ class OnnxEncoder(Encoder):
         self._prepack = bool(prepack)
         self._sessions: dict = {}
         self._used: set[str] = set()  # towers that have run once
-        self._packed: set[str] = set()  # towers whose session has prepacked weights
         self._lock = threading.Lock()
         self._tokenizer = None
         self._class_emb = None
@@ -263,18 +261,14 @@ class OnnxEncoder(Encoder):
         return self.fallback()
 
     def _get(self, tower: str, use: bool = True):
-        """The tower's session. Without prepacking (a query's encoder) the first use gets a session that opens
-        fast, and a second use (a long-lived process: serve, the Python API) swaps in a prepacked one, whose
-        forward passes are about twice as fast."""
+        """The tower's session. A query's encoder first opens it unprepacked (fast to open); a second use (serve,
+        the Python API) swaps in a prepacked one, whose forward passes are about twice as fast."""
         with self._lock:
-            s = self._sessions.get(tower)
+            s, was_packed = self._sessions.get(tower, (None, False))
             packed = self._prepack or tower in self._used
-            if s is None or (packed and tower not in self._packed):
-                s = self._sessions[tower] = _session(
-                    self.directory / self.meta[tower]["file"], self._threads[tower], packed
-                )
-                if packed:
-                    self._packed.add(tower)
+            if s is None or (packed and not was_packed):
+                s = _session(self.directory / self.meta[tower]["file"], self._threads[tower], packed)
+                self._sessions[tower] = (s, packed)
             if use:
                 self._used.add(tower)
             return s
@@ -369,9 +363,8 @@ class OnnxEncoder(Encoder):
 
 
 def open_export(directory: Path, *, purpose: str = "query") -> OnnxEncoder:
-    """An OnnxEncoder over the export in directory. purpose "query": text on one thread (a query's few
-    tokens) and no weight prepacking (one forward pass per tower); "index": onnxruntime's default threads
-    (all cores) for both towers, weights prepacked."""
+    """An OnnxEncoder over the export in directory. purpose "query": text on one thread (a query's few tokens),
+    no weight prepacking until a tower's second use; "index": onnxruntime's default threads, prepacked."""
     meta = read_meta(Path(directory))
     query = purpose == "query"
     threads = {"image_threads": None, "text_threads": QUERY_TEXT_THREADS if query else None}
