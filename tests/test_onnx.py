@@ -81,6 +81,40 @@ def test_export_matches_torch_with_dynamic_batch_and_length(tiny_encoder, tiny_e
     )
 
 
+def _prepacked(session) -> bool:
+    try:
+        return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+    except RuntimeError:  # the entry is not set: onnxruntime's default, prepacking on
+        return True
+
+
+def test_query_sessions_open_unpacked_then_swap_to_prepacked_on_second_use(tiny_encoder, tiny_export):
+    """A one-shot query skips weight prepacking (faster to open); a second use of a tower, as in serve, gets a
+    prepacked session; indexing prepacks from the start. All give the same vectors as torch."""
+    import torch
+
+    texts = ["a dog on a beach", "x"]
+    ref = tiny_encoder.encode_texts(texts)
+    pixels = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ref_img = tiny_encoder.encode_image_tensors(torch.from_numpy(pixels))
+    enc = open_export(tiny_export, purpose="query")
+    enc.check()  # opening to check is not a use
+    first = enc.encode_texts(texts)
+    assert not _prepacked(enc._sessions["text"][0])
+    second = enc.encode_texts(texts)
+    assert _prepacked(enc._sessions["text"][0])
+    img = enc.encode_image_tensors(pixels)
+    assert not _prepacked(enc._sessions["image"][0])
+    np.testing.assert_allclose(enc.encode_image_tensors(pixels), ref_img, atol=1e-5, rtol=0)
+    assert _prepacked(enc._sessions["image"][0])
+    for got in (first, second):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(img, ref_img, atol=1e-5, rtol=0)
+    idx = open_export(tiny_export, purpose="index")
+    idx.encode_texts(texts)
+    assert _prepacked(idx._sessions["text"][0])
+
+
 def test_preprocessing_equals_open_clips(tiny_encoder, tiny_export):
     from PIL import Image
 
@@ -172,6 +206,16 @@ def test_every_query_path_runs_without_torch(onnx_index, tiny_encoder):
         ref = s.search("a red circle", k=5)
     assert [r.id for r in got] == [r.id for r in ref]
     assert max(abs(a.score - b.score) for a, b in zip(got, ref)) <= 1e-5
+
+
+def test_a_cli_text_query_does_not_import_pil(onnx_index):
+    """A text query has no image to decode: PIL (~30 ms of a cold query) stays unimported."""
+    r = _cli(
+        "search", "a red circle", "--index", str(onnx_index / "idx"), "--json", "-k", "3", PYTHONPROFILEIMPORTTIME="1"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    mods = [ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")]
+    assert "onnxruntime" in mods and "PIL" not in mods, [m for m in mods if m.startswith("PIL")][:3]
 
 
 def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_export):

@@ -11,7 +11,6 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from retrieval.errors import ModelSpecError
-from retrieval.images import load_image
 from retrieval.modelspec import ModelIdentity
 
 
@@ -55,6 +54,8 @@ class Encoder:
     def encode_images(self, images: Iterable, batch_size: int = 64) -> np.ndarray:
         """Encode PIL images or paths. A path that is not an image raises ImageDecodeError."""
         import torch
+
+        from retrieval.images import load_image  # PIL: not imported for a text query
 
         out, buf = [], []
         for item in images:

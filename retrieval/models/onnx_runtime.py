@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.hashing import sha256_file
-from retrieval.images import load_image
 from retrieval.models.base import Encoder
 from retrieval.models.preprocess import resize_crop_normalize
 from retrieval.modelspec import ModelIdentity
@@ -203,10 +202,13 @@ def conse_numpy(logits: np.ndarray, class_emb: np.ndarray, top_t: int, temperatu
 # The encoder
 
 
-def _session(path: Path, threads: int | None):
+def _session(path: Path, threads: int | None, prepack: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not prepack:
+        # a cold query runs each tower once: prepacking the weights costs more than it saves (RESULTS_onnx.md)
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -227,7 +229,13 @@ class OnnxEncoder(Encoder):
     runtime = "onnx"
 
     def __init__(
-        self, directory: Path, meta: dict, *, image_threads: int | None = None, text_threads: int | None = None
+        self,
+        directory: Path,
+        meta: dict,
+        *,
+        image_threads: int | None = None,
+        text_threads: int | None = None,
+        prepack: bool = True,
     ):
         self.directory = Path(directory)
         self.meta = meta
@@ -237,7 +245,9 @@ class OnnxEncoder(Encoder):
         self.preprocess = ImageTransform.from_meta(meta["preprocess"])
         self.image_size = int(meta["image_size"])
         self._threads = {"image": image_threads, "text": text_threads}
+        self._prepack = bool(prepack)
         self._sessions: dict = {}
+        self._used: set[str] = set()  # towers that have run once
         self._lock = threading.Lock()
         self._tokenizer = None
         self._class_emb = None
@@ -250,17 +260,23 @@ class OnnxEncoder(Encoder):
         set_aside(self.directory)
         return self.fallback()
 
-    def _get(self, tower: str):
+    def _get(self, tower: str, use: bool = True):
+        """The tower's session. A query's encoder first opens it unprepacked (fast to open); a second use (serve,
+        the Python API) swaps in a prepacked one, whose forward passes are about twice as fast."""
         with self._lock:
-            s = self._sessions.get(tower)
-            if s is None:
-                s = self._sessions[tower] = _session(self.directory / self.meta[tower]["file"], self._threads[tower])
+            s, was_packed = self._sessions.get(tower, (None, False))
+            packed = self._prepack or tower in self._used
+            if s is None or (packed and not was_packed):
+                s = _session(self.directory / self.meta[tower]["file"], self._threads[tower], packed)
+                self._sessions[tower] = (s, packed)
+            if use:
+                self._used.add(tower)
             return s
 
     def check(self) -> None:
         """Open both sessions now (a damaged file raises ExportUnusable here, not in the middle of a run)."""
-        self._get("image")
-        self._get("text")
+        self._get("image", use=False)
+        self._get("text", use=False)
 
     # -- images --
     def encode_image_tensors(self, batch) -> np.ndarray:
@@ -283,6 +299,8 @@ class OnnxEncoder(Encoder):
         return l2_normalize(out)
 
     def encode_images(self, images: Iterable, batch_size: int = 64) -> np.ndarray:
+        from retrieval.images import load_image  # PIL: not imported for a text query
+
         out, buf = [], []
         for item in images:
             buf.append(self.preprocess(load_image(item, self.image_size)))
@@ -345,11 +363,12 @@ class OnnxEncoder(Encoder):
 
 
 def open_export(directory: Path, *, purpose: str = "query") -> OnnxEncoder:
-    """An OnnxEncoder over the export in directory. purpose "query": text on one thread (a query's few
-    tokens); "index": onnxruntime's default threads (all cores) for both towers."""
+    """An OnnxEncoder over the export in directory. purpose "query": text on one thread (a query's few tokens),
+    no weight prepacking until a tower's second use; "index": onnxruntime's default threads, prepacked."""
     meta = read_meta(Path(directory))
-    threads = {"image_threads": None, "text_threads": QUERY_TEXT_THREADS if purpose == "query" else None}
-    return OnnxEncoder(Path(directory), meta, **threads)
+    query = purpose == "query"
+    threads = {"image_threads": None, "text_threads": QUERY_TEXT_THREADS if query else None}
+    return OnnxEncoder(Path(directory), meta, **threads, prepack=not query)
 
 
 def load_for_identity(identity: ModelIdentity, *, purpose: str = "query", quiet: bool = False) -> OnnxEncoder | None:
