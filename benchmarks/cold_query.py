@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MACHINE = "2-core CPU sandbox (no GPU)"
+MACHINE = "2-core CPU machine (no GPU)"
 QUERY = "a dog running on the beach at sunset"
 SPEC = "ViT-B-32:none"
 K = 10

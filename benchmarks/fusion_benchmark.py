@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MACHINE = "2-core CPU sandbox (no GPU)"
+MACHINE = "2-core CPU machine (no GPU)"
 KS = (1, 5, 10)
 
 

@@ -31,7 +31,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-MACHINE = "2-core CPU sandbox (no GPU)"
+MACHINE = "2-core CPU machine (no GPU)"
 TINY_MODEL = "tiny-clip:none"
 
 

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MACHINE = "2-core CPU sandbox (no GPU)"
+MACHINE = "2-core CPU machine (no GPU)"
 K = 10
 
 
@@ -132,7 +132,7 @@ def peak_rss_mb() -> float:
 def _latencies(vi, queries: np.ndarray, allowed=None, cpu: list | None = None):
     """Wall ms per single query; CPU ms of the calling thread go to `cpu` when given. Single queries
     run on one OpenMP thread, so CPU time is what the wall time would be on an idle core: the
-    shared sandbox's load inflates wall times several-fold."""
+    shared machine's load inflates wall times several-fold."""
     ids, times = [], []
     for q in queries:
         c = time.thread_time()

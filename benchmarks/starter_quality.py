@@ -404,7 +404,7 @@ def main(argv=None) -> int:
             speed = run_speed(enc, paths, tmp / "big", log)
 
     result = {
-        "machine": f"2-core CPU sandbox, no GPU ({platform.machine()}, {os.cpu_count()} CPUs)",
+        "machine": f"2-core CPU machine, no GPU ({platform.machine()}, {os.cpu_count()} CPUs)",
         "check_set": {
             "photos": len(paths),
             "captions": len(captions),

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault(
     "RETRIEVAL_MODEL_CONFIGS", str(ROOT / "tests" / "model_configs")
 )  # the tests' tiny-clip architectures
-MACHINE = "2-core AMD EPYC CPU sandbox (no GPU), 24 GB RAM"
+MACHINE = "2-core AMD EPYC CPU machine (no GPU), 24 GB RAM"
 
 
 def flat_png(path: Path, width: int, height: int, alpha: bool = False) -> None:

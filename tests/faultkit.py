@@ -1,7 +1,7 @@
 """Helpers for the fault suites (kill, concurrency, verify, disk-full): run the CLI in child processes,
 snapshot an index, and check the invariants every interrupted run must leave behind.
 
-Child processes. `python cli.py index ...` pays ~4-7 s of torch/open_clip import on the 2-core sandbox,
+Child processes. `python cli.py index ...` pays ~4-7 s of torch/open_clip import on the 2-core machine,
 so a kill suite of 20+ runs cannot afford one interpreter per run. `Zygote` starts ONE interpreter
 (`python tests/faultkit.py zygote`) that imports cli, torch, open_clip and faiss and runs no torch op;
 each run is then a fresh `os.fork()` of it that calls `cli.main(argv)` exactly as `python cli.py argv`

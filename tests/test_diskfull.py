@@ -3,7 +3,7 @@ previous generation stays in force and searchable, and once there is room the sa
 
 Two kinds of test. Injected: ENOSPC / EROFS raised where the real ones surface (faiss's write error,
 sqlite3's "database or disk is full", os.replace), always run. Real: a size-limited tmpfs filled up,
-and a read-only bind mount, run when this machine lets the test mount (root in the sandbox); the
+and a read-only bind mount, run when this machine lets the test mount (as root); the
 indexing runs on the real tmpfs are child processes (tests/faultkit.py), so nothing in pytest's own
 process touches a full disk.
 """
