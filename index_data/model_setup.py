@@ -47,7 +47,7 @@ def _record_export(idx: Index, encoder) -> None:
             return
         with idx.store.transaction():
             idx.store.set_manifest("onnx_export", {"key": key})
-    for p in idx.root.glob("text_encoder.*"):
+    for p in idx.local_dir.glob("text_encoder.*"):  # an older version's per-index export
         try:
             p.unlink()
         except OSError:

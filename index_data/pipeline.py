@@ -12,7 +12,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from index_data.decode import DecodeWorkerError
 from index_data.gpu_stream import choose_decode_stream
@@ -27,10 +26,9 @@ from retrieval.faults import checkpoint
 from retrieval.hashing import hash_file
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
 from retrieval.sidecar import read_sidecar
-from retrieval.store.disk_errors import storage_error
 from retrieval.store.index import Index
 from retrieval.store.layout import PENDING_DIRTY_KEY as PENDING_KEY
-from retrieval.store.layout import default_index_dir
+from retrieval.store.layout import resolve_index
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
@@ -74,7 +72,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
         return run_rebuild(index_dir, opts, run_index)
     t0 = time.perf_counter()
     report = IndexReport()
-    root = Path(index_dir).expanduser() if index_dir else default_index_dir()
+    root = resolve_index(index_dir)
     # inputs first: a typo'd PATH, an unreadable caption file or a bad --model creates nothing (no
     # directory, lock or database that later commands would take for an unfinished index)
     corpus = _read_corpus(opts) if opts.captions_file else {}
@@ -103,7 +101,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             [r for r in roots if r not in absent],
             exclude=opts.exclude,
             include_hidden=opts.include_hidden,
-            skip_dirs=[idx.root],
+            skip_dirs=[idx.local_dir],
             default_excludes=DEFAULT_EXCLUDES if opts.default_excludes else (),
         )
         problems += [ScanProblem(p, f"listed in {listed} but not found") for p in missing]
@@ -140,7 +138,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
             raise RetrievalError(f"{e}; everything encoded so far is kept (try: --workers 0)") from None
         raise
     except Exception as e:  # a full or read-only disk is the user's to fix: one line, not a traceback
-        err = storage_error(e, idx.root)
+        err = idx.storage_error(e)
         if err is None:
             raise
         raise err from None
@@ -150,7 +148,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     return report
 
 
-def _needs_new_model(root: Path) -> bool:
+def _needs_new_model(root) -> bool:
     """True when `root` holds no finished index yet, so the model must load before anything is created."""
     from retrieval.errors import IndexNotFoundError
 

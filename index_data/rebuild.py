@@ -20,7 +20,7 @@ from retrieval.modelspec import parse_spec
 from retrieval.store.db import DB_NAME
 from retrieval.store.disk_errors import storage_error
 from retrieval.store.index import Index
-from retrieval.store.layout import default_index_dir
+from retrieval.store.layout import resolve_index
 from retrieval.store.switch import STAGING_KEY, staging_dir, switch_in
 
 
@@ -97,7 +97,11 @@ def run_rebuild(index_dir, opts, run_index):
     """Rebuild the index at `index_dir` with `opts` (opts.rebuild set); `run_index` is the pipeline's
     entry point, called on the staging directory. Returns the staging run's report, with the
     generation and image count of the index once switched."""
-    root = Path(index_dir).expanduser() if index_dir else default_index_dir()
+    root = resolve_index(index_dir)
+    if isinstance(root, str):
+        from index_data.pg_rebuild import run_pg_rebuild
+
+        return run_pg_rebuild(root, opts, run_index)
     if not (root / DB_NAME).is_file():  # no index yet: nothing to keep, build in place
         return run_index(index_dir, replace(opts, rebuild=False))
     main = Index.open_for_write(root, create=False)

@@ -44,15 +44,14 @@ def info(index_dir, as_json, show_errors):
 @click.option("--repair", is_flag=True, help="Rebuild the vector files from the stored raw embeddings.")
 def verify(index_dir, repair):
     """Check that the manifest, SQLite and FAISS agree. Exit 1 if a problem is found."""
-    from pathlib import Path
-
     from retrieval.store.index import Index
-    from retrieval.store.layout import default_index_dir
+    from retrieval.store.layout import resolve_index
 
-    root = Path(index_dir).expanduser() if index_dir else default_index_dir()
+    root = resolve_index(index_dir)
     Index.open(root).close()  # no index there: one line, exit 2, and nothing created
     # the writer lock keeps a running index job from looking broken; a read-only index is checked as it is
-    writable = os.access(root, os.W_OK)
+    # (a PostgreSQL collection has no lock: its writers' transactions are never half-seen)
+    writable = isinstance(root, str) or os.access(root, os.W_OK)
     with Index.open_for_write(root, create=False) if repair or writable else Index.open(root) as idx:
         problems = idx.verify()
         for p in problems:

@@ -22,14 +22,14 @@ def install_fusion(idx, fusion: Fusion | None, extra_meta: dict | None = None) -
     prev = idx.store.get_manifest("fusion") or {}
     if fusion is None:
         idx.sync_vectors(fusion_meta=None)
-        prune_fusion_files(idx.root, keep={prev.get("file")} - {None})
+        _prune(idx, keep={prev.get("file")} - {None})
         return None
     ident = idx.identity
     if fusion.dim != idx.dim:
         raise ModelMismatchError(f"the fusion is for {fusion.dim}-d vectors but the index holds {idx.dim}-d vectors")
     if ident is not None and fusion.identity is not None and not ident.matches(fusion.identity):
         raise ModelMismatchError(f"the fusion was trained for {fusion.identity.spec}, not {ident.spec}")
-    path = save_fusion(fusion, idx.root)
+    path = save_fusion(fusion, idx.fusion_dir)
     meta = {"file": path.name, "version": path.name.split(".")[1], "format": FORMAT_VERSION, **(extra_meta or {})}
     try:
         idx.sync_vectors(fusion_meta=meta)
@@ -38,8 +38,15 @@ def install_fusion(idx, fusion: Fusion | None, extra_meta: dict | None = None) -
         if not switched and path.name != prev.get("file"):
             path.unlink(missing_ok=True)
         raise
-    prune_fusion_files(idx.root, keep={path.name, prev.get("file")} - {None})
+    _prune(idx, keep={path.name, prev.get("file")} - {None})
     return meta
+
+
+def _prune(idx, keep: set[str]) -> None:
+    """Fusion files older than the previous one go: on disk, and in a store that keeps them itself."""
+    prune_fusion_files(idx.fusion_dir, keep=keep)
+    if hasattr(idx, "prune_fusion_files"):
+        idx.prune_fusion_files(keep)
 
 
 @dataclass

@@ -51,7 +51,8 @@ class _Service:
         self.lock = threading.RLock()
         self.thumb_size = thumb_size
         self.temp_thumbs: Path | None = None  # our own fallback cache, removed when the server stops
-        self.thumbs = self._thumb_dir(Path(thumbs_dir) if thumbs_dir else self.root / "thumbs")
+        local = self.searcher.index.local_dir  # the index directory, or this machine's cache of a collection
+        self.thumbs = self._thumb_dir(Path(thumbs_dir) if thumbs_dir else local / "thumbs")
         self.decodes = threading.BoundedSemaphore(UPLOAD_DECODES)
 
     def _thumb_dir(self, want: Path) -> Path:
@@ -94,7 +95,7 @@ class _Service:
     def checked_file(self, row) -> CheckedFile:
         """The image's file, open and checked to be the one indexed (retrieval/server/served_files.py)."""
         try:
-            return open_indexed(row.path, row.size, row.mtime_ns, row.hash, self.root)
+            return open_indexed(row.path, row.size, row.mtime_ns, row.hash, self.searcher.index.local_dir)
         except FileChanged as e:
             raise NotFound(f"the file of image {row.id} {e}") from None
 

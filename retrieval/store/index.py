@@ -32,8 +32,8 @@ from retrieval.errors import (
 from retrieval.modelspec import ModelIdentity
 from retrieval.store.checks import Checks
 from retrieval.store.db import DB_NAME, Store
-from retrieval.store.disk_errors import _disk_full_hint
-from retrieval.store.layout import _vec_file, default_index_dir
+from retrieval.store.disk_errors import _disk_full_hint, storage_error
+from retrieval.store.layout import _vec_file, resolve_index
 from retrieval.store.publish import PublishVectors
 
 
@@ -92,8 +92,14 @@ class Index(PublishVectors, Checks):
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None) -> "Index":
-        """Open an existing index for reading. Raises IndexNotFoundError with a hint if there is none."""
-        root = Path(path).expanduser() if path else default_index_dir()
+        """Open an existing index for reading. Raises IndexNotFoundError with a hint if there is none.
+        A postgresql:// URL (or $RETRIEVAL_INDEX holding one) opens a PostgreSQL collection instead."""
+        location = resolve_index(path)
+        if isinstance(location, str):
+            from retrieval.store.pg.index import PgIndex
+
+            return PgIndex.open(location)
+        root = location
         db = root / DB_NAME
         if not db.is_file():
             raise IndexNotFoundError(f"no index at {root} (create one with: retrieval index PHOTOS_DIR --index {root})")
@@ -109,7 +115,12 @@ class Index(PublishVectors, Checks):
 
     @classmethod
     def open_for_write(cls, path: str | os.PathLike | None = None, create: bool = True) -> "Index":
-        root = Path(path).expanduser() if path else default_index_dir()
+        location = resolve_index(path)
+        if isinstance(location, str):
+            from retrieval.store.pg.index import PgIndex
+
+            return PgIndex.open_for_write(location, create=create)
+        root = location
         if root.exists() and not root.is_dir():
             raise RetrievalError(f"{root} exists and is not a directory")
         if not root.exists():
@@ -168,6 +179,23 @@ class Index(PublishVectors, Checks):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def local_dir(self) -> Path:
+        """This machine's directory for the index's own files (thumbnails): the index directory itself."""
+        return self.root
+
+    @property
+    def fusion_dir(self) -> Path:
+        """Where fusion files are written before they are published."""
+        return self.root
+
+    def _fusion_path(self, name: str) -> Path:
+        return self.root / name
+
+    def storage_error(self, e: BaseException) -> RetrievalError | None:
+        """One line for a storage failure the user can act on (a full or read-only disk), else None."""
+        return storage_error(e, self.root)
 
     # -- manifest -------------------------------------------------------------------------------
 
@@ -264,7 +292,7 @@ class Index(PublishVectors, Checks):
             return self._fusion_cache[1]
         from retrieval.fusion.model import load_fusion
 
-        fusion = load_fusion(self.root / meta["file"])
+        fusion = load_fusion(self._fusion_path(meta["file"]))
         ident = self.identity
         if ident is not None and fusion.identity is not None and not ident.matches(fusion.identity):
             raise ModelMismatchError(

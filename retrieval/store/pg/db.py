@@ -1,0 +1,170 @@
+"""`PgStore`: the embedded Store's interface on a PostgreSQL collection (psycopg 3).
+
+The read SQL of the embedded store is shared: `PgDb.execute` takes its SQLite dialect (`?` markers, `[name]`
+quoting, instr, TOTAL, `IS NOT x`) and runs the PostgreSQL equivalent, so query code written against
+`store.db` serves both stores. Writes that SQLite spells differently (upserts, RETURNING ids) are overridden
+here with unique constraints and ON CONFLICT, which is what lets several writers share one collection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from retrieval.faults import checkpoint
+from retrieval.store.db import SCHEMA_VERSION, Store
+from retrieval.store.pg.location import PgLocation
+from retrieval.store.rows import path_to_db, text_hash
+
+_REWRITES = (
+    (re.compile(r"\[(\w+)\]"), r'"\1"'),
+    (re.compile(r"\binstr\(", re.I), "strpos("),
+    (re.compile(r"\bTOTAL\(", re.I), "SUM("),
+    (re.compile(r"\bIS NOT (?!NULL\b)", re.I), "IS DISTINCT FROM "),
+)
+_CACHE: dict[str, str] = {}
+
+
+def pg_sql(sql: str) -> str:
+    """The SQLite-dialect statement `sql` in PostgreSQL's (cached: the same few statements recur)."""
+    out = _CACHE.get(sql)
+    if out is None:
+        out = sql.replace("%", "%%")
+        for pat, rep in _REWRITES:
+            out = pat.sub(rep, out)
+        out = _CACHE[sql] = out.replace("?", "%s")
+    return out
+
+
+class PgDb:
+    """What Store's SQL needs of sqlite_utils.Database: execute, executemany (as `.conn` too), atomic."""
+
+    def __init__(self, conn):
+        self.pg = conn
+        self.conn = self  # Store calls self.db.conn.executemany
+
+    def execute(self, sql: str, params: Sequence = ()):
+        return self.pg.execute(pg_sql(sql), list(params) if params else None)
+
+    def executemany(self, sql: str, seq) -> None:
+        rows = list(seq)
+        if rows:
+            with self.pg.cursor() as cur:
+                cur.executemany(pg_sql(sql), rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        import psycopg
+
+        return self.pg.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        with self.pg.transaction():
+            yield
+
+    def close(self) -> None:
+        self.pg.close()
+
+
+class PgStore(Store):
+    """One collection's tables. Connections run in autocommit; `transaction()` groups statements, and a
+    reader sees only what writers have committed."""
+
+    def __init__(self, loc: PgLocation, conn, readonly: bool = False):
+        self.loc = loc
+        self.path = loc.display
+        self.readonly = readonly
+        self.db = PgDb(conn)
+        if not readonly:
+            self._ensure_schema()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _ensure_schema(self) -> None:
+        from retrieval.store.pg.schema import migrate
+
+        migrate(self.db.pg, self.loc.collection)
+        if self.get_manifest("schema_version") is None:
+            self.db.execute(
+                "INSERT INTO manifest(key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                ["schema_version", json.dumps(SCHEMA_VERSION)],
+            )
+
+    def has_photo_meta(self) -> bool:
+        return True
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+            checkpoint("sqlite_commit")
+
+    def count(self, table: str) -> int:
+        return int(self.db.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0])
+
+    # -- writes in PostgreSQL's words --------------------------------------------------------------
+
+    def upsert_image(self, path: str, size: int, mtime_ns: int, hash_: str, width=None, height=None) -> int:
+        """One row per path whoever writes it (the unique path_raw). New content drops the row's fused
+        vector in the same statement group, so a search never meets the old vector under the new file."""
+        text, raw = path_to_db(path)
+        with self.db.atomic():
+            old = self.db.execute("SELECT id, hash FROM images WHERE path_raw = ? FOR UPDATE", [raw]).fetchone()
+            row = self.db.execute(
+                "INSERT INTO images(path, path_raw, size, mtime_ns, hash, width, height, added_at, status) "
+                "VALUES (?,?,?,?,?,?,?,?, 'ok') ON CONFLICT (path_raw) DO UPDATE SET size = excluded.size, "
+                "mtime_ns = excluded.mtime_ns, hash = excluded.hash, width = COALESCE(excluded.width, images.width), "
+                "height = COALESCE(excluded.height, images.height), status = 'ok' RETURNING id",
+                [text, raw, size, mtime_ns, hash_, width, height, time.time()],
+            ).fetchone()
+            if old is not None and old[1] != hash_:
+                self.db.execute("DELETE FROM image_vectors WHERE id = ?", [row[0]])
+        return int(row[0])
+
+    def add_captions(self, image_id: int | None, texts: Sequence[str], source: str) -> list[int]:
+        new = []
+        for t in texts:
+            row = self.db.execute(
+                "INSERT INTO captions(image_id, text, text_hash, source) VALUES (?,?,?,?) "
+                "ON CONFLICT (image_id, text_hash) DO NOTHING RETURNING id",
+                [image_id, t, text_hash(t), source],
+            ).fetchone()
+            if row is not None:
+                new.append(int(row[0]))
+        return new
+
+    def put_embeddings(self, kind: str, keys: Sequence[str], vecs: np.ndarray) -> None:
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        self.db.executemany(
+            "INSERT INTO embeddings(kind, key, vector) VALUES (?,?,?) "
+            "ON CONFLICT (kind, key) DO UPDATE SET vector = excluded.vector",
+            [(kind, k, v.tobytes()) for k, v in zip(keys, vecs)],
+        )
+
+    def set_manifest(self, key: str, value) -> None:
+        self.db.execute(
+            "INSERT INTO manifest(key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, json.dumps(value, sort_keys=True)],
+        )
+
+    # -- files the embedded store keeps beside meta.sqlite (fusion weights) -------------------------
+
+    def put_file(self, name: str, data: bytes) -> None:
+        self.db.execute(
+            "INSERT INTO files(name, data) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET data = excluded.data",
+            [name, data],
+        )
+
+    def get_file(self, name: str) -> bytes | None:
+        row = self.db.execute("SELECT data FROM files WHERE name = ?", [name]).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def delete_files_except(self, keep: set[str]) -> None:
+        self.db.execute("DELETE FROM files WHERE NOT (name = ANY(?))", [sorted(keep)])
