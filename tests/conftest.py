@@ -24,6 +24,8 @@ if _ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["pg_support"]  # the PostgreSQL server fixtures
+
 TINY = "tiny-clip:none"
 
 

@@ -13,9 +13,18 @@ from retrieval.eval.benchmark import BuildFn, IndexRecall, evaluate_index, load_
 from retrieval.eval.recall import DEFAULT_KS
 
 
-def _index_exists(path: Path) -> bool:
+def _index_exists(path) -> bool:
     from retrieval.store.db import DB_NAME
 
+    if isinstance(path, str):  # a PostgreSQL collection
+        from retrieval.errors import IndexNotFoundError
+        from retrieval.store.index import Index
+
+        try:
+            Index.open(path).close()
+        except IndexNotFoundError:
+            return False
+        return True
     return (path / DB_NAME).is_file()
 
 
@@ -58,7 +67,9 @@ def run_recall_benchmark(
         return time.perf_counter() - t
 
     if index_dir is not None:
-        path = Path(index_dir).expanduser()
+        from retrieval.store.layout import resolve_index
+
+        path = resolve_index(index_dir)
         built_seconds = None
         if not _index_exists(path):
             built_seconds = build_into(path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 
-import numpy as np
-
 from retrieval.errors import (
     RetrievalError,
 )
@@ -119,28 +117,6 @@ class Checks:
         if isinstance(fusion, dict) and fusion.get("file") and not (self.root / fusion["file"]).is_file():
             problems.append(f"fusion: {fusion['file']} named by the manifest is missing")
         return problems
-
-    def _sampled_content_mismatches(self, kind: str, vi, ids: list[int], hashes: dict, n: int = 64):
-        """(mismatches, sampled): whether the vectors stored for up to n ids (evenly spaced) equal the
-        vectors SQLite's raw embeddings give them (a flipped byte in a FAISS file passes every other
-        check). None when nothing could be compared."""
-        if not ids:
-            return None
-        if len(ids) > n:
-            ids = [ids[i] for i in np.linspace(0, len(ids) - 1, n).astype(int)]
-        try:
-            make = self.image_vectors_for if kind == "images" else self.caption_vectors_for
-            expected = np.ascontiguousarray(make([(i, hashes[i]) for i in ids]), dtype=np.float32)
-            scores, found = vi.search(expected, len(ids), allowed_ids=np.array(ids, dtype=np.int64))
-        except Exception:  # lost or malformed raw embeddings are reported on their own
-            return None
-        norms = np.einsum("ij,ij->i", expected, expected)
-        bad = 0
-        for r, i in enumerate(ids):
-            hit = np.flatnonzero(found[r] == i)
-            if len(hit) == 0 or not abs(float(scores[r, hit[0]]) - norms[r]) <= 1e-3 * max(1.0, norms[r]):
-                bad += 1
-        return (bad, len(ids)) if bad else None
 
     def repair(self) -> list[str]:
         """Rebuild every vector file from the raw embeddings in SQLite, as a new generation. Rows that

@@ -19,7 +19,7 @@ import numpy as np
 
 from retrieval.errors import IndexNotFoundError, RetrievalError
 from retrieval.modelspec import ModelIdentity
-from retrieval.store.index import Index
+from retrieval.store.index_base import IndexBase
 from retrieval.store.pg.checks import PgChecks
 from retrieval.store.pg.connect import connect, ensure_extension, pg_error
 from retrieval.store.pg.db import PgStore
@@ -47,7 +47,7 @@ def _open_conn(loc: PgLocation, write: bool):
     return conn
 
 
-class PgIndex(PgChecks, Index):
+class PgIndex(PgChecks, IndexBase):
     def __init__(self, loc: PgLocation, store: PgStore, writable: bool):
         super().__init__(loc.display, store, writable)  # type: ignore[arg-type]
         self.loc = loc

@@ -1,0 +1,106 @@
+"""The PostgreSQL store against a real server (pgserver): every command on a collection URL, and the same
+results as the embedded store."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY, write_photos
+
+from retrieval.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def index_cmd(photos, index, *extra):
+    return run("index", photos, "--index", index, "--model", TINY, "--workers", "0", "-q", "--device", "cpu", *extra)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    photos = write_photos(tmp_path / "photos", 24)
+    caps = tmp_path / "captions.csv"
+    caps.write_text(
+        "image,caption\n" + "".join(f"{p},photo number {i} of a test scene\n" for i, p in enumerate(photos))
+    )
+    return tmp_path, photos, caps
+
+
+def _hits(index, *query):
+    r = run("search", *query, "--index", index, "-k", "10", "--json")
+    assert r.exit_code == 0, r.output
+    return [json.loads(line) for line in r.output.strip().splitlines()]
+
+
+def test_exact_search_matches_the_embedded_store(corpus, pg_url):
+    root, photos, _ = corpus
+    assert index_cmd(root / "photos", root / "idx", "--index-type", "flat").exit_code == 0
+    r = index_cmd(root / "photos", pg_url, "--index-type", "flat")
+    assert r.exit_code == 0, r.output
+    for query in (["a red square"], ["--image", photos[3]], ["a blue circle", "--under", root / "photos"]):
+        a, b = _hits(str(root / "idx"), *query), _hits(pg_url, *query)
+        assert [h["path"] for h in a] == [h["path"] for h in b]
+        assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
+
+
+def test_every_command_runs_on_a_collection(corpus, pg_url):
+    root, photos, caps = corpus
+    r = index_cmd(root / "photos", pg_url, "--captions", caps)
+    assert r.exit_code == 0, r.output
+    info = json.loads(run("info", "--index", pg_url, "--json").output)
+    assert info["images"] == 24 and info["captions"] == 24 and info["index_type"] == "hnsw"
+    assert "***" not in pg_url and info["vectors"] == 24 and info["caption_vectors"] == 24
+    r = run("verify", "--index", pg_url)
+    assert r.exit_code == 0 and r.output.strip() == "ok", r.output
+    hits = _hits(pg_url, "--image", photos[5])
+    assert hits[0]["path"] == str(photos[5]) and len(hits) == 10
+    r = run("search", "--image", photos[5], "--to", "captions", "--index", pg_url, "-k", "3", "--json")
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3
+    # a second run finds nothing new, and adds no row
+    assert index_cmd(root / "photos", pg_url).exit_code == 0
+    assert json.loads(run("info", "--index", pg_url, "--json").output)["images"] == 24
+    r = run("benchmark", "recall", "--captions", caps, "--index", pg_url, "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_repair_remakes_lost_vectors(corpus, pg_url):
+    import psycopg
+
+    from retrieval.store.pg.location import parse_location
+
+    root, photos, _ = corpus
+    assert index_cmd(root / "photos", pg_url).exit_code == 0
+    loc = parse_location(pg_url)
+    with psycopg.connect(loc.dsn, autocommit=True) as conn:
+        conn.execute(
+            f'DELETE FROM "{loc.collection}".image_vectors WHERE id IN (SELECT id FROM '
+            f'"{loc.collection}".image_vectors LIMIT 3)'
+        )
+    r = run("verify", "--index", pg_url)
+    assert r.exit_code == 1 and "3 rows have no vector" in r.output
+    r = run("verify", "--repair", "--index", pg_url)
+    assert r.exit_code == 0, r.output
+    assert run("verify", "--index", pg_url).output.strip() == "ok"
+    assert _hits(pg_url, "--image", photos[0])[0]["path"] == str(photos[0])
+
+
+def test_deleted_and_changed_files_are_never_served(corpus, pg_url):
+    root, photos, _ = corpus
+    assert index_cmd(root / "photos", pg_url).exit_code == 0
+    photos[2].unlink()
+    from conftest import draw_scene
+
+    draw_scene(999).save(photos[4], quality=95)  # new content under the same name
+    assert index_cmd(root / "photos", pg_url).exit_code == 0
+    hits = _hits(pg_url, "--image", photos[4])
+    assert hits[0]["path"] == str(photos[4]) and hits[0]["score"] > 0.999
+    assert all(h["path"] != str(photos[2]) for h in _hits(pg_url, "a photo"))
+    assert json.loads(run("info", "--index", pg_url, "--json").output)["images"] == 23
+
+
+def test_a_missing_collection_is_one_line(pg_url):
+    r = run("search", "a cat", "--index", pg_url)
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "no collection" in r.output
