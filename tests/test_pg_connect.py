@@ -176,6 +176,39 @@ def test_nothing_listening_on_a_socket_or_a_port():
         one_line(refused(loc), f"cannot reach PostgreSQL at postgresql://postgres@127.0.0.1:{port}/", "is it running?")
 
 
+def test_a_server_that_never_answers_times_out(pg_url):
+    """A port that accepts the TCP handshake but never speaks: the connect timeout ends the wait, in one line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        # libpq's shortest timeout is 2 s; the URL's own setting wins over connect()'s 10 s default
+        loc = parse_location(f"postgresql://postgres@127.0.0.1:{port}/postgres?connect_timeout=2")
+        one_line(refused(loc), "did not answer within 2 s", "is it running")
+
+
+def test_connection_limit_reached(pg_server):
+    role = f"one_{uuid.uuid4().hex[:10]}"
+    with pg_server.admin() as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+    try:
+        loc = parse_location(pg_server.url_for(user=role))
+        with connect(loc):
+            one_line(refused(loc), "refuses more connections", "run fewer processes at once")
+    finally:
+        with pg_server.admin() as admin:
+            admin.execute(f"DROP ROLE {role}")
+
+
+def test_read_only_server(pg_url):
+    loc = parse_location(pg_url)
+    with connect(loc, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")  # what a standby enforces
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(f"CREATE SCHEMA {loc.collection}")
+        one_line(pg_error(caught.value, loc), "only allows reads", "point the URL at the primary")
+
+
 def test_missing_extension_for_a_role_that_may_not_create_it(pg_server):
     suffix = uuid.uuid4().hex[:10]
     database, role = f"noext_{suffix}", f"plain_{suffix}"

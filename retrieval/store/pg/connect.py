@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from retrieval.errors import RetrievalError
 from retrieval.store.pg.location import PgLocation
@@ -19,7 +19,8 @@ INSTALL_HINT = "pip install 'retrieval-engine[postgres]'"
 CONNECT_TIMEOUT_S = 10  # libpq waits forever by default: a host that drops packets would hang the command
 APPLICATION_NAME = "retrieval"  # how the sessions show in pg_stat_activity
 
-# sqlstates of a session the server ended or lost (class 08, and 57P01-57P02: admin / crash shutdown)
+# sessions the server ended: admin shutdown (or pg_terminate_backend), crash shutdown, idle-session timeout;
+# class 08 (connection exceptions) is matched by its prefix
 _LOST_STATES = ("57P01", "57P02", "57P05")
 # libpq's own words (a failure before or outside a query has no sqlstate); matched case-insensitively
 _UNREACHABLE = re.compile(
@@ -62,10 +63,7 @@ def connect(loc: PgLocation, *, autocommit: bool = False) -> psycopg.Connection:
     try:
         conn = pg.connect(loc.dsn, autocommit=autocommit, **extra)
     except pg.Error as exc:
-        mapped = pg_error(exc, loc)
-        if mapped is None:
-            raise
-        raise mapped from None
+        _raise_mapped(exc, loc)
     try:
         if _has_vector(conn):
             register_vector(conn)
@@ -73,10 +71,7 @@ def connect(loc: PgLocation, *, autocommit: bool = False) -> psycopg.Connection:
             conn.rollback()  # the look-ups above opened a transaction: hand the connection back idle
     except pg.Error as exc:
         conn.close()
-        mapped = pg_error(exc, loc)
-        if mapped is None:
-            raise
-        raise mapped from None
+        _raise_mapped(exc, loc)
     return conn
 
 
@@ -86,10 +81,7 @@ def ensure_extension(conn: psycopg.Connection, loc: PgLocation) -> None:
     try:
         _ensure_extension(pg, conn, loc)
     except pg.Error as exc:
-        mapped = pg_error(exc, loc)
-        if mapped is None:
-            raise
-        raise mapped from None
+        _raise_mapped(exc, loc)
 
 
 def _ensure_extension(pg: Any, conn: psycopg.Connection, loc: PgLocation) -> None:
@@ -159,10 +151,15 @@ def pg_error(exc: BaseException, loc: PgLocation) -> RetrievalError | None:
             f"PostgreSQL at {where} does not let user {user} into database {db} from this host: "
             "add a pg_hba.conf line for it, or connect as a user it allows"
         )
-    if state == "53300" or "too many clients" in text or "remaining connection slots" in text:
+    if state == "53300" or re.search(r"too many (clients|connections)|remaining connection slots", text):
         return RetrievalError(
-            f"PostgreSQL at {where} has no free connection slots (max_connections): "
-            "run fewer processes at once, or raise max_connections, then run the command again"
+            f"PostgreSQL at {where} refuses more connections (a connection limit is reached): run fewer processes "
+            "at once, or raise the limit (max_connections, or the role's or database's CONNECTION LIMIT)"
+        )
+    if isinstance(exc, getattr(psycopg.errors, "ConnectionTimeout", ())) or text == "connection timeout expired":
+        seconds = info.get("connect_timeout") or CONNECT_TIMEOUT_S
+        return RetrievalError(
+            f"PostgreSQL at {where} did not answer within {seconds} s: is it running, and are the host and port right?"
         )
     if state == "57P03" or _STARTING.search(text):
         return RetrievalError(
@@ -188,6 +185,14 @@ def pg_error(exc: BaseException, loc: PgLocation) -> RetrievalError | None:
             f"lost the connection to PostgreSQL at {where}; what was committed is kept: run the command again"
         )
     return None
+
+
+def _raise_mapped(exc: Exception, loc: PgLocation) -> NoReturn:
+    """Re-raise a psycopg error as its one line, without the traceback behind it; a bug's error as it is."""
+    mapped = pg_error(exc, loc)
+    if mapped is None:
+        raise exc
+    raise mapped from None
 
 
 def _is_connect_failure(text: str) -> bool:
