@@ -56,6 +56,9 @@ def test_collection_is_stripped_and_other_parameters_kept():
     assert loc.dsn == "postgresql://u@h:5433/db?sslmode=require&application_name=me" and loc.collection == "c1"
     loc = parse_location("postgres://h/db")
     assert loc.dsn == "postgres://h/db" and loc.collection == "retrieval"
+    loc = parse_location("postgresql://u:p%40ss@[::1]:5432/db?collection=c&connect_timeout=3")
+    assert loc.dsn == "postgresql://u:p%40ss@[::1]:5432/db?connect_timeout=3"
+    assert loc.display == "postgresql://u:***@[::1]:5432/db?connect_timeout=3&collection=c"
 
 
 def test_display_hides_the_password_and_shows_the_collection():

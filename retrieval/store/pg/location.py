@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from retrieval.errors import RetrievalError
@@ -20,7 +19,7 @@ _SECRET_PARAMS = {"password", "sslpassword"}
 
 def is_database_url(value: object) -> bool:
     """Whether an --index value names a PostgreSQL database (a Path never does: it is always a directory)."""
-    return isinstance(value, str) and not isinstance(value, Path) and value.lower().startswith(SCHEMES)
+    return isinstance(value, str) and value.lower().startswith(SCHEMES)
 
 
 @dataclass(frozen=True)
