@@ -4,9 +4,11 @@ per test. Nothing about PostgreSQL is mocked; fault tests stop, start and restar
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,7 +21,9 @@ class PgServer:
     """One pgserver data directory: its URL, a superuser connection, and stop / start / restart for faults."""
 
     def __init__(self, pgdata: Path):
-        import pgserver
+        with warnings.catch_warnings():  # platformdirs warns on import when XDG_RUNTIME_DIR is unset (CI, containers)
+            warnings.simplefilter("ignore")
+            import pgserver
 
         self.pgdata = pgdata
         self._pgserver = pgserver
@@ -64,9 +68,7 @@ class PgServer:
 @pytest.fixture(scope="session")
 def pg_server():
     """A PostgreSQL 16 with pgvector for the whole test session."""
-    try:
-        import pgserver  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pgserver") is None:
         pytest.fail(PGSERVER_MISSING, pytrace=False)
     # a short data directory: the server's unix socket lives in it and socket paths stop at ~107 bytes
     base = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp" if Path("/tmp").is_dir() else None))
