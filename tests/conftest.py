@@ -23,8 +23,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import pytest  # noqa: E402
-
-pytest_plugins = ["pg_support"]  # the PostgreSQL server fixtures
+from pg_support import pg_server, pg_url  # noqa: E402, F401 -- PostgreSQL fixtures
 
 TINY = "tiny-clip:none"
 

@@ -32,18 +32,15 @@ CHUNK = 2048  # rows per fused-vector batch while publishing
 
 
 def _open_conn(loc: PgLocation, write: bool):
-    conn = connect(loc, autocommit=True)
-    if write:
-        ensure_extension(conn, loc)
-    # the collection's tables first; public for pgvector's type and operators
-    conn.execute(f"SET search_path TO {quoted(loc.collection)}, public")
+    conn = connect(loc, autocommit=True)  # registers pgvector's types when the extension exists
     try:
-        from pgvector.psycopg import register_vector
-
-        register_vector(conn)
-    except Exception as e:  # psycopg.ProgrammingError: the vector type is not in this database
-        if "vector type not found" not in str(e):
-            raise
+        if write:
+            ensure_extension(conn, loc)
+        # the collection's tables first; public for pgvector's type and operators
+        conn.execute(f"SET search_path TO {quoted(loc.collection)}, public")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -101,9 +98,6 @@ class PgIndex(PgChecks, IndexBase):
                 raise IndexNotFoundError(f"no collection {loc.collection!r} at {loc.display}")
             _check_version(conn, loc)
             store = PgStore(loc, conn)
-            from pgvector.psycopg import register_vector
-
-            register_vector(conn)  # the extension exists now
         except BaseException:
             conn.close()
             raise
