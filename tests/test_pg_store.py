@@ -104,3 +104,42 @@ def test_deleted_and_changed_files_are_never_served(corpus, pg_url):
 def test_a_missing_collection_is_one_line(pg_url):
     r = run("search", "a cat", "--index", pg_url)
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "no collection" in r.output
+
+
+def test_photo_filters_and_duplicates_match_the_embedded_store(tmp_path, pg_url):
+    """Date, camera and place filters, --under/--glob and near-duplicates run their SQL on PostgreSQL and give
+    what the embedded store gives."""
+    import os
+
+    from photo_files import make_exif_jpeg
+    from test_photo_meta import PARIS, ROME, SHOTS
+
+    from retrieval.query.duplicates import find_duplicates
+    from retrieval.query.searcher import Searcher
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (name, taken, make, model, lens, gps) in enumerate(SHOTS):
+        make_exif_jpeg(photos / name, seed=i, taken=taken, make=make, model=model, lens=lens, gps=gps)
+    from PIL import Image
+
+    Image.open(photos / SHOTS[0][0]).resize((80, 60)).save(photos / "copy_small.jpg", quality=90)
+    for index in (tmp_path / "idx", pg_url):
+        assert index_cmd(photos, index).exit_code == 0
+    queries = [
+        dict(after="2019-07", before="2019-08"),
+        dict(camera="eos r5"),
+        dict(near=PARIS, km=5),
+        dict(camera="iphone", near=ROME, km=1),
+        dict(glob="r5_*"),
+        dict(under=str(photos)),
+    ]
+    found = []
+    for index in (str(tmp_path / "idx"), pg_url):
+        with Searcher.open(index, device="cpu") as s:
+            found.append([sorted(os.path.basename(r.path) for r in s.search("a photo", k=50, **q)) for q in queries])
+            groups = find_duplicates(s.index, threshold=0.9)
+            found[-1].append(sorted(sorted(os.path.basename(m.path) for m in g.members) for g in groups))
+    assert found[0] == found[1]
+    assert found[1][1] == ["r5_paris_2019_07.jpg", "r5_paris_2019_08.jpg", "r5_rome_2019_09.jpg"]
+    assert any({"copy_small.jpg", SHOTS[0][0]} <= set(g) for g in found[1][-1])  # the resized copy and its original

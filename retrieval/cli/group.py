@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import click
 
-INDEX_HELP = "Index directory. Default: $RETRIEVAL_INDEX, else ~/.local/share/retrieval/default."
+INDEX_HELP = (
+    "Index directory, or a postgresql://USER@HOST/DB[?collection=NAME] URL. Default: $RETRIEVAL_INDEX, else "
+    "~/.local/share/retrieval/default."
+)
 
 
 class Cli(click.Group):
