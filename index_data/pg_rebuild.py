@@ -19,7 +19,7 @@ from retrieval.errors import IndexNotFoundError, ModelMismatchError, RetrievalEr
 from retrieval.faults import checkpoint
 from retrieval.modelspec import parse_spec
 from retrieval.store.index import Index
-from retrieval.store.pg.location import PgLocation, parse_location
+from retrieval.store.pg.location import parse_location
 from retrieval.store.pg.schema import quoted
 from retrieval.store.switch import STAGING_KEY
 
@@ -32,11 +32,6 @@ def staging_name(collection: str) -> str:
     if len(name) <= 63:
         return name
     return f"rebuild_{hashlib.sha256(collection.encode()).hexdigest()[:24]}"
-
-
-def collection_url(loc: PgLocation, collection: str) -> str:
-    """A URL (secrets and all, for connecting) naming `collection` in the same database."""
-    return f"{loc.dsn}{'&' if '?' in loc.dsn else '?'}collection={collection}"
 
 
 def _drop_schema(idx, schema: str) -> None:
@@ -147,7 +142,7 @@ def run_pg_rebuild(url: str, opts, run_index):
         check_inputs(opts)
         loc = parse_location(url)
         stage_schema = staging_name(loc.collection)
-        stage_url = collection_url(loc, stage_schema)
+        stage_url = loc.with_collection(stage_schema)
         what = rebuild_inputs(opts, spec)
         if not _resumable(stage_url, what):
             _drop_schema(main, stage_schema)

@@ -96,6 +96,10 @@ def connect() -> bool:
 
 def _first_line(e: BaseException, last: bool = False) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if last:  # a remote error: its own message is the last line of the worker's traceback, before Ray's notes
+        cause = [i for i, ln in enumerate(lines) if ln.startswith("The above exception was the direct cause")]
+        if cause and cause[0] > 0:
+            lines = lines[: cause[0]]
     return (lines[-1 if last else 0] if lines else type(e).__name__)[:300]
 
 
@@ -107,6 +111,7 @@ def decode_rows(batch: dict, target_size: int, pil_steps: tuple) -> dict:
     as raw uint8 bytes with their shape (Arrow has no ragged uint8 images); errors as one line."""
     n = len(batch["i"])
     pixels, shapes, ws, hs, errors, complete = [], [], [], [], [], []
+    hashes = batch["hash"] if "hash" in batch else np.array([""] * n, dtype=object)
     host = socket.gethostname()
     for raw in batch["path"]:
         path = os.fsdecode(bytes(raw))
@@ -131,14 +136,17 @@ def decode_rows(batch: dict, target_size: int, pil_steps: tuple) -> dict:
         "h": np.asarray(hs, dtype=np.int64),
         "error": np.array(errors, dtype=object),
         "complete": np.asarray(complete, dtype=bool),
+        "hash": np.asarray(hashes, dtype=object),
     }
 
 
 class EncodeActor:
     """Ray Data actor: one model per actor process, loaded once, checked against the index's model."""
 
-    def __init__(self, spec: str, device: str, identity, finish, threads: float):
+    def __init__(self, spec: str, device: str, identity, finish, threads: float, store_url: str | None = None):
         from retrieval.models.runtime import index_encoder
+
+        self.store = _open_store(store_url) if store_url else None
 
         if device == "cpu":
             from threadpoolctl import threadpool_limits
@@ -199,7 +207,31 @@ class EncodeActor:
                 stacked = torch.stack(tensors)
             vecs[rows] = self.encoder.encode_image_tensors(stacked)
         checkpoint("ray_encode")  # a test can kill this process here, mid-batch (retrieval/faults.py)
-        return {"i": batch["i"], "w": batch["w"], "h": batch["h"], "error": np.array(errors, dtype=object), "vec": vecs}
+        out = {"i": batch["i"], "w": batch["w"], "h": batch["h"], "error": np.array(errors, dtype=object)}
+        if self.store is None:
+            return {**out, "vec": vecs, "stored": np.zeros(n, dtype=bool)}
+        # --ray-write direct: the embeddings go to the collection from here, committed before the driver writes
+        # the rows that name them; only the rows' metadata travels back
+        if rows:
+            hashes = [str(batch["hash"][j]) for j in rows]
+            with self.store.transaction():
+                self.store.put_embeddings("image", hashes, vecs[rows])
+        stored = np.zeros(n, dtype=bool)
+        stored[rows] = True
+        return {**out, "vec": np.zeros((n, 0), dtype=np.float32), "stored": stored}
+
+
+def _open_store(url: str):
+    """The collection's store for an encode actor's direct writes (no migrations: the driver made it)."""
+    from retrieval.store.pg.connect import connect
+    from retrieval.store.pg.db import PgStore
+    from retrieval.store.pg.location import parse_location
+    from retrieval.store.pg.schema import quoted
+
+    loc = parse_location(url)
+    conn = connect(loc, autocommit=True)
+    conn.execute(f"SET search_path TO {quoted(loc.collection)}, public")
+    return PgStore(loc, conn, readonly=True)
 
 
 # ----------------------------------------------------------------------------------------- driver side
@@ -215,6 +247,7 @@ class EncodedResult:
     height: int | None
     error: str | None
     vector: np.ndarray | None
+    stored: bool = False  # the raw embedding is in the collection already (--ray-write direct)
 
     @property
     def ok(self) -> bool:
@@ -233,8 +266,10 @@ class RayStream(Iterator[EncodedResult]):
         actors: int | None = None,
         batch_size: int | None = None,
         device: str = "auto",
+        store_url: str | None = None,
     ):
         self._owned = False
+        self._store_url = store_url
         self._closed = False
         self._iter = None
         self._pending: collections.deque[EncodedResult] = collections.deque()
@@ -243,6 +278,7 @@ class RayStream(Iterator[EncodedResult]):
         # one shipment per distinct content: copies within the run share the result
         self._groups: list[list] = []
         self._paths: list[bytes] = []
+        self._hashes: list[str] = []
         first: dict = {}
         for key, path in jobs:
             h = getattr(key, "hash", None)
@@ -253,6 +289,9 @@ class RayStream(Iterator[EncodedResult]):
                 first[h] = len(self._groups)
             self._groups.append([key])
             self._paths.append(os.fsencode(path))
+            self._hashes.append(h or "")
+        if store_url and not all(self._hashes):  # direct writes are keyed by content hash
+            self._store_url = None
         self._done = np.zeros(len(self._groups), dtype=bool)
         self._owned = connect()
         try:
@@ -275,7 +314,7 @@ class RayStream(Iterator[EncodedResult]):
         s = self.settings
         n = len(self._paths)
         ds = ray.data.from_items(
-            [{"i": i, "path": p} for i, p in enumerate(self._paths)],
+            [{"i": i, "path": p, "hash": h} for i, (p, h) in enumerate(zip(self._paths, self._hashes))],
             override_num_blocks=max(1, min(n, -(-n // DECODE_BATCH))),
         )
         ds = ds.map_batches(
@@ -300,6 +339,7 @@ class RayStream(Iterator[EncodedResult]):
                 "identity": encoder.identity,
                 "finish": plan.finish,
                 "threads": s.num_cpus,
+                "store_url": self._store_url,
             },
             # a killed actor process is restarted and its batch re-run: Ray Data gives pool actors
             # max_restarts=-1 and max_task_retries=-1 by default (and decode tasks max_retries=-1)
@@ -334,9 +374,10 @@ class RayStream(Iterator[EncodedResult]):
             self._done[i] = True
             err = str(batch["error"][j]) or None
             w, h = (None, None) if err else (int(batch["w"][j]), int(batch["h"][j]))
-            vec = None if err else np.asarray(batch["vec"][j], dtype=np.float32)
+            stored = bool(batch["stored"][j]) and not err
+            vec = None if err or stored else np.asarray(batch["vec"][j], dtype=np.float32)
             for key in self._groups[i]:
-                self._pending.append(EncodedResult(key, None, w, h, err, vec))
+                self._pending.append(EncodedResult(key, None, w, h, err, vec, stored))
 
     def __enter__(self):
         return self
@@ -389,12 +430,14 @@ def check_paths_visible(sample: list[str]) -> None:
             )
 
 
-def ray_stream(jobs, encoder, opts) -> RayStream:
-    """The pipeline's entry point: IndexOptions decide actors, batch size and device."""
+def ray_stream(jobs, encoder, opts, store_url: str | None = None) -> RayStream:
+    """The pipeline's entry point: IndexOptions decide actors, batch size and device; `store_url` (a
+    PostgreSQL collection) makes the encode actors write the raw embeddings themselves."""
     return RayStream(
         jobs,
         encoder,
         actors=getattr(opts, "ray_actors", None),
         batch_size=getattr(opts, "ray_batch_size", None),
         device=getattr(opts, "device", "auto"),
+        store_url=store_url,
     )
