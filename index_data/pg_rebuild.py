@@ -14,14 +14,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
-from index_data.rebuild_inputs import check_inputs, rebuild_inputs
-from retrieval.errors import IndexNotFoundError, ModelMismatchError, RetrievalError
+from index_data.rebuild_inputs import check_inputs, rebuild_inputs, resumable
+from retrieval.errors import IndexNotFoundError, ModelMismatchError
 from retrieval.faults import checkpoint
 from retrieval.modelspec import parse_spec
 from retrieval.store.index import Index
 from retrieval.store.pg.location import parse_location
 from retrieval.store.pg.schema import quoted
-from retrieval.store.switch import STAGING_KEY
+from retrieval.store.switch import STAGING_KEY, require_complete
 
 PUBLISH_LOCK = 1  # the collection's publish lock (retrieval/store/pg/index.py): no publish during the swap
 
@@ -38,21 +38,13 @@ def _drop_schema(idx, schema: str) -> None:
     idx.store.db.pg.execute(f"DROP SCHEMA IF EXISTS {quoted(schema)} CASCADE")
 
 
-def _resumable(url: str, what: dict) -> bool:
-    try:
-        with Index.open(url) as st:
-            return st.store.get_manifest(STAGING_KEY) == what and st.identity is not None
-    except Exception:  # no model recorded yet, or damaged: start it again
-        return False
-
-
 def _run_staged(run_index, main, stage_url: str, stage_schema: str, opts, what: dict):
     with Index.open_for_write(stage_url) as st, st.store.transaction():
         st.store.set_manifest(STAGING_KEY, what)
     try:
         return run_index(stage_url, opts)
     except Exception:
-        if not _resumable(stage_url, what):  # failed before a model was recorded: leave nothing behind
+        if not resumable(stage_url, what):  # failed before a model was recorded: leave nothing behind
             _drop_schema(main, stage_schema)
         raise
 
@@ -97,12 +89,7 @@ def switch_in(main, stage_url: str, stage_schema: str) -> int:
     """Make the finished staging collection the collection, under a new generation. Returns it. Raises
     RetrievalError when the staging collection is not complete; then nothing changes."""
     keep_ids(main, stage_url)
-    with Index.open(stage_url) as st:
-        problems = st.verify()
-        if problems:
-            raise RetrievalError(
-                f"the rebuild in collection {stage_schema} is not complete ({problems[0]}); run the same command again"
-            )
+    require_complete(stage_url, f"collection {stage_schema}")
     collection = main.loc.collection
     gone = f"{stage_schema}_old"  # staging_name keeps this within 63 bytes only for short names
     gone = gone if len(gone) <= 63 else f"old_{hashlib.sha256(collection.encode()).hexdigest()[:24]}"
@@ -144,7 +131,7 @@ def run_pg_rebuild(url: str, opts, run_index):
         stage_schema = staging_name(loc.collection)
         stage_url = loc.with_collection(stage_schema)
         what = rebuild_inputs(opts, spec)
-        if not _resumable(stage_url, what):
+        if not resumable(stage_url, what):
             _drop_schema(main, stage_schema)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
         staged = replace(opts, rebuild=False, model=spec, index_type=index_type)

@@ -338,11 +338,7 @@ def _result_stream(jobs, encoder, opts: IndexOptions, workers: int, idx=None):
     if opts.executor == "ray":
         from index_data.ray_executor import ray_stream
 
-        loc = getattr(idx, "loc", None)  # a PostgreSQL collection: workers may write to it themselves
-        if opts.ray_write == "direct" and loc is None:
-            raise RetrievalError("--ray-write direct needs a PostgreSQL index (--index postgresql://…)")
-        store_url = loc.url if loc is not None and opts.ray_write == "direct" else None
-        return ray_stream(jobs, encoder, opts, store_url=store_url)
+        return ray_stream(jobs, encoder, opts, idx)
     decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
     return decode(jobs, encoder.preprocess, encoder.image_size, workers=workers)
 

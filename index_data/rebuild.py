@@ -15,7 +15,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from index_data.rebuild_inputs import check_inputs, rebuild_inputs
+from index_data.rebuild_inputs import check_inputs, rebuild_inputs, resumable
 from retrieval.errors import ModelMismatchError
 from retrieval.modelspec import parse_spec
 from retrieval.store.db import DB_NAME
@@ -23,15 +23,6 @@ from retrieval.store.disk_errors import storage_error
 from retrieval.store.index import Index
 from retrieval.store.layout import resolve_index
 from retrieval.store.switch import STAGING_KEY, staging_dir, switch_in
-
-
-def _resumable(path, what: dict) -> bool:
-    """Whether the staging index at `path` was started by this same rebuild (then it is resumed)."""
-    try:
-        with Index.open(path) as st:
-            return st.store.get_manifest(STAGING_KEY) == what and st.identity is not None
-    except Exception:  # no model recorded yet, or damaged: start it again
-        return False
 
 
 def _index_dir_excludes(root, paths) -> list[str]:
@@ -87,7 +78,7 @@ def run_rebuild(index_dir, opts, run_index):
         check_inputs(opts)  # a typo'd PATH must not discard a resumable staging index
         stage = staging_dir(main.root)
         what = rebuild_inputs(opts, spec)
-        if os.path.lexists(stage) and not _resumable(stage, what):
+        if os.path.lexists(stage) and not resumable(stage, what):
             shutil.rmtree(stage) if stage.is_dir() and not stage.is_symlink() else os.unlink(stage)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
         staged = replace(

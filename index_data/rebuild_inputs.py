@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 from retrieval.errors import RetrievalError
+from retrieval.store.index import Index
+from retrieval.store.switch import STAGING_KEY
 
 
 def rebuild_inputs(opts, spec: str) -> dict:
@@ -34,3 +36,13 @@ def check_inputs(opts) -> None:
     for p in [*opts.paths, *([opts.captions_file] if opts.captions_file else [])]:
         if not os.path.lexists(p):
             raise RetrievalError(f"no such file or directory: {os.path.abspath(p)}")
+
+
+def resumable(staging, what: dict) -> bool:
+    """Whether the staging index (a directory or a collection URL) was started by this same rebuild: then
+    it is resumed."""
+    try:
+        with Index.open(staging) as st:
+            return st.store.get_manifest(STAGING_KEY) == what and st.identity is not None
+    except Exception:  # no model recorded yet, or damaged: start it again
+        return False
