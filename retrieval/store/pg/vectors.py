@@ -18,7 +18,7 @@ import numpy as np
 from retrieval.store.pg.schema import VECTOR_TABLES
 from retrieval.store.vector_kinds import VectorIndexConfig
 
-EF_SEARCH_DEFAULT = 400  # recall@10 >= 0.98 at 100k on text-like queries (benchmarks/RESULTS_postgres.md)
+EF_SEARCH_DEFAULT = 700  # recall@10 >= 0.98 at 100k on text-like queries, with margin (benchmarks/RESULTS_postgres.md)
 EF_SEARCH_MAX = 1000  # pgvector's limit
 FILTER_EXACT_MAX = 20_000
 KINDS = ("auto", "hnsw", "flat")
