@@ -77,6 +77,31 @@ def migrate(conn, schema: str) -> int:
     return max(version(conn, schema), LATEST)
 
 
+def lock_collection(conn, schema: str) -> None:
+    """The collection's migration lock, to the end of the current transaction: whoever creates or migrates
+    the collection meanwhile waits for that transaction."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), 0)", [schema])
+
+
+def has_recorded_model(conn, schema: str) -> bool:
+    """Whether the collection exists and its manifest records a model (it holds an index, finished or
+    being written); False for no collection or an empty one."""
+    if conn.execute("SELECT to_regclass(%s)", [f"{quoted(schema)}.manifest"]).fetchone()[0] is None:
+        return False
+    return conn.execute(f"SELECT 1 FROM {quoted(schema)}.manifest WHERE key = 'model'").fetchone() is not None
+
+
+def drop_collection(conn, schema: str) -> None:
+    conn.execute(f"DROP SCHEMA IF EXISTS {quoted(schema)} CASCADE")
+
+
+def drop_vector_indexes(conn) -> None:
+    """The HNSW indexes of the collection on the search path; ensure_vector_tables makes them again (one
+    build over every row is much faster than inserting rows one by one into a live index)."""
+    for table in VECTOR_TABLES.values():
+        conn.execute(f"DROP INDEX IF EXISTS {table}_hnsw")
+
+
 def vector_dim(conn, table: str) -> int | None:
     """The declared dimension of `table`.embedding, or None when the table does not exist yet."""
     row = conn.execute(
