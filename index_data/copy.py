@@ -197,6 +197,7 @@ def _copy_to_collection(src: _Source, url: str) -> CopyReport:
         ensure_vector_tables,
         has_recorded_model,
         lock_collection,
+        raise_build_memory,
     )
     from retrieval.store.pg.vectors import KINDS
 
@@ -221,6 +222,7 @@ def _copy_to_collection(src: _Source, url: str) -> CopyReport:
             if src.fusion_name:
                 store.put_file(src.fusion_name, src.fusion_data)
             _publish(idx, requested)
+            raise_build_memory(conn, max(counts["images"], counts["captions"]), idx.dim)
             ensure_vector_tables(conn, loc.collection, idx.dim)
             return _report(src, loc.display, counts, idx)
     finally:
