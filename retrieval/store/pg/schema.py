@@ -18,6 +18,7 @@ HNSW_EF_CONSTRUCTION = 64
 VECTOR_TABLES = {"images": "image_vectors", "captions": "caption_vectors"}
 BUILD_MEMORY_MAX_MB = 1024  # the most raise_build_memory asks of the server for one index build
 HNSW_ELEMENT_BYTES = 8 * 3 * HNSW_M + 96  # an HNSW element's neighbour lists and header, besides its vector
+PLAIN_MAX_BYTES = 6000  # vectors up to 1,500 float32 values fit a row of an 8 kB page
 
 
 def _base(conn) -> None:
@@ -126,6 +127,14 @@ def vector_dim(conn, table: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+def _storage(conn, table: str) -> str | None:
+    row = conn.execute(
+        "SELECT a.attstorage FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
+        [table],
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def ensure_vector_tables(conn, schema: str, dim: int) -> None:
     """The fused-vector tables for `dim`-d vectors, each with its HNSW index (inner product: vectors are
     L2-normalised, so it ranks as cosine). Tables of another dimension, left by an earlier model, are
@@ -142,6 +151,9 @@ def ensure_vector_tables(conn, schema: str, dim: int) -> None:
                     f"CREATE TABLE {table} (id bigint PRIMARY KEY REFERENCES {parent} (id) ON DELETE CASCADE, "
                     f"embedding vector({int(dim)}) NOT NULL)"
                 )
+            if 4 * int(dim) <= PLAIN_MAX_BYTES and _storage(conn, table) != "p":
+                # in the row, not TOAST: an exact scan (filters, --index-type flat) reads the table alone
+                conn.execute(f"ALTER TABLE {table} ALTER COLUMN embedding SET STORAGE PLAIN")
             conn.execute(
                 f"CREATE INDEX IF NOT EXISTS {table}_hnsw ON {table} USING hnsw (embedding vector_ip_ops) "
                 f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
