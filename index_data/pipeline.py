@@ -250,6 +250,7 @@ def _plan_and_apply_cheap_changes(
             report.removed += len(gone)
         # a bad file that was since deleted is no longer skipped: forget it
         store.clear_errors([p for p in remembered if p not in seen and _under(p, abs_roots) and not os.path.lexists(p)])
+        checkpoint("plan")
     return work
 
 
@@ -287,6 +288,7 @@ def _encode(
         with store.transaction():
             if fresh:
                 store.put_embeddings("image", [r.key.hash for r in fresh], vecs)
+            _restore_pruned(store, encoder, [r for r in batch if r.key.hash not in hashes])
             for r in batch:
                 w: _Work = r.key
                 if w.replace_id is not None:  # edited in place: same row (id, captions), new content
@@ -327,6 +329,17 @@ def _encode(
         if close:
             close()
         bar.close()
+
+
+def _restore_pruned(store, encoder, reused) -> None:
+    """Inside a batch's transaction: encode again the contents this run stored earlier whose raw embedding is gone
+    since (another writer deleted every row of that content and pruned it), so no row is left without one."""
+    if not reused:
+        return
+    firsts = {r.key.hash: r for r in reused}
+    gone = [h for h in firsts if h not in store.has_embeddings("image", list(firsts))]
+    if gone:
+        store.put_embeddings("image", gone, _vectors(encoder, [firsts[h] for h in gone]))
 
 
 def _result_stream(jobs, encoder, opts: IndexOptions, workers: int):
@@ -382,6 +395,9 @@ def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[s
         with store.transaction():
             if missing:
                 store.put_embeddings("text", missing, vecs)
+            gone = sorted(have - store.has_embeddings("text", list(have)))  # pruned by another writer since
+            if gone:
+                store.put_embeddings("text", gone, encoder.encode_texts([texts[h] for h in gone]))
             for image_id, t, source in chunk:
                 if store.add_captions(image_id, [t], source):
                     dirty.add(image_id)

@@ -28,6 +28,10 @@ _REWRITES = (
     (re.compile(r"\bIS NOT (?!NULL\b)", re.I), "IS DISTINCT FROM "),
 )
 _CACHE: dict[str, str] = {}
+# advisory lock (hashtext(collection), 2): every write transaction holds it shared, so that pruning the raw
+# embeddings no row references (exclusive, and only when no other writer's transaction is open) never deletes
+# one that another writer has just found or put and is about to reference
+EMBEDDINGS_LOCK = 2
 
 
 def pg_sql(sql: str) -> str:
@@ -103,6 +107,10 @@ class PgStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self.db.atomic():
+            if not self.readonly:
+                self.db.execute(
+                    "SELECT pg_advisory_xact_lock_shared(hashtext(?), ?)", [self.loc.collection, EMBEDDINGS_LOCK]
+                )
             yield
             checkpoint("sqlite_commit")
 
@@ -147,6 +155,17 @@ class PgStore(Store):
             "ON CONFLICT (kind, key) DO UPDATE SET vector = excluded.vector",
             [(kind, k, v.tobytes()) for k, v in zip(keys, vecs)],
         )
+
+    def drop_unreferenced_embeddings(self) -> int:
+        """Delete the raw embeddings no row references, in the caller's transaction, only if no other writer has
+        a transaction open (it may hold an embedding it is about to reference): else nothing now (-1), the next
+        run prunes them."""
+        got = self.db.execute(
+            "SELECT pg_try_advisory_xact_lock(hashtext(?), ?)", [self.loc.collection, EMBEDDINGS_LOCK]
+        ).fetchone()[0]
+        if not got:
+            return -1
+        return super().drop_unreferenced_embeddings()
 
     def set_manifest(self, key: str, value) -> None:
         self.db.execute(

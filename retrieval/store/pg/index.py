@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import IndexNotFoundError, RetrievalError
+from retrieval.faults import checkpoint
 from retrieval.modelspec import ModelIdentity
 from retrieval.store.index_base import IndexBase
 from retrieval.store.pg.checks import PgChecks
@@ -171,6 +172,7 @@ class PgIndex(PgChecks, IndexBase):
                 store.set_manifest("vectors_captions", counts["captions"])
                 if fusion_meta is not ...:
                     store.set_manifest("fusion", fusion_meta)
+                checkpoint("publish")  # every vector and count written, the transaction not committed
         finally:
             self._fusion_override = None
         self._fusion_cache = None
