@@ -149,11 +149,12 @@ class PgStore(Store):
         return new
 
     def put_embeddings(self, kind: str, keys: Sequence[str], vecs: np.ndarray) -> None:
+        """Rows in key order: two writers putting overlapping keys lock them in the same order (no deadlock)."""
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         self.db.executemany(
             "INSERT INTO embeddings(kind, key, vector) VALUES (?,?,?) "
             "ON CONFLICT (kind, key) DO UPDATE SET vector = excluded.vector",
-            [(kind, k, v.tobytes()) for k, v in zip(keys, vecs)],
+            sorted((kind, k, v.tobytes()) for k, v in zip(keys, vecs)),
         )
 
     def drop_unreferenced_embeddings(self) -> int:
