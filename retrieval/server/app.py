@@ -34,11 +34,13 @@ import hashlib
 import io
 import mimetypes
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from retrieval.errors import (
+    DatabaseUnavailableError,
     EmptyIndexError,
     ImageDecodeError,
     IndexDamagedError,
@@ -79,6 +81,7 @@ STATUS = {
     IndexLockedError: 503,
     IndexDamagedError: 503,  # the index, not the request, needs fixing (verify --repair)
     OfflineWeightsError: 503,
+    DatabaseUnavailableError: 503,  # PostgreSQL down or restarting: the next request reconnects
     ImageDecodeError: 400,
 }
 
@@ -163,6 +166,16 @@ def create_app(
             loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "path"))
             details.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
         return _error(422, "; ".join(details) or "invalid request")
+
+    if "psycopg" in sys.modules:  # a collection (Searcher.open imported the driver): a lost connection is one line
+
+        @app.exception_handler(sys.modules["psycopg"].Error)
+        async def _database_error(request: Request, exc: Exception):
+            known = service.searcher.index.storage_error(exc)
+            if known is None:  # an error in our SQL: a bug, answered as one
+                return await _unexpected(request, exc)
+            log.warning("%s: %s", request.url.path, known)
+            return _error(status_for(known), str(known))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

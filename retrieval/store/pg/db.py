@@ -51,8 +51,14 @@ class PgDb:
     def __init__(self, conn):
         self.pg = conn
         self.conn = self  # Store calls self.db.conn.executemany
+        self.reopen = None  # a reader's way to a new connection once this one is lost (None: a writer never reconnects)
 
     def execute(self, sql: str, params: Sequence = ()):
+        if self.reopen is not None and self.pg.broken:
+            # a long-lived reader (serve) whose server restarted: each statement stands alone, so a new
+            # connection loses nothing; while the server is down this raises its one line
+            old, self.pg = self.pg, self.reopen()
+            old.close()
         return self.pg.execute(pg_sql(sql), list(params) if params else None)
 
     def executemany(self, sql: str, seq) -> None:

@@ -79,6 +79,7 @@ class PgIndex(PgChecks, IndexBase):
                 )
             _check_version(conn, loc)
             store = PgStore(loc, conn, readonly=True)
+            store.db.reopen = lambda: _open_conn(loc, write=False)
             recorded = store.get_manifest("model") is not None
         except BaseException:
             conn.close()
