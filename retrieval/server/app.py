@@ -34,7 +34,6 @@ import hashlib
 import io
 import mimetypes
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -64,7 +63,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from retrieval.server.guard import LOOPBACK_NAMES, TEST_HOST, _error, _Guard, _HeadAsGet, is_loopback
 from retrieval.server.params import SearchParams, form_params, query_params  # noqa: E402 - after the [serve] check
-from retrieval.server.service import THUMB_SIZE, NotFound, TooLarge, _Service, log
+from retrieval.server.service import THUMB_SIZE, NotFound, TooLarge, _Service, handle_database_errors, log
 
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -167,20 +166,12 @@ def create_app(
             details.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
         return _error(422, "; ".join(details) or "invalid request")
 
-    if "psycopg" in sys.modules:  # a collection (Searcher.open imported the driver): a lost connection is one line
-
-        @app.exception_handler(sys.modules["psycopg"].Error)
-        async def _database_error(request: Request, exc: Exception):
-            known = service.searcher.index.storage_error(exc)
-            if known is None:  # an error in our SQL: a bug, answered as one
-                return await _unexpected(request, exc)
-            log.warning("%s: %s", request.url.path, known)
-            return _error(status_for(known), str(known))
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}")
+
+    handle_database_errors(app, service, status_for, _unexpected)
 
     # -- page -------------------------------------------------------------------------------------
 
