@@ -97,7 +97,9 @@ def _one_line_error(run: fk.Run, *needles: str) -> str:
 
 
 def _argv(paths, url, *extra, batch_size=2):
-    return fk.index_argv(paths, url, "--index-type", "flat", *extra, batch_size=batch_size, workers=0)
+    # torch on the CPU: no ONNX export for the tiny model (three writers at once would each make one)
+    argv = ["--index-type", "flat", "--runtime", "torch", *extra]
+    return fk.index_argv(paths, url, *argv, batch_size=batch_size, workers=0)
 
 
 def test_three_writers_over_overlapping_folders_and_a_reader(tmp_path, pg_url):
@@ -286,3 +288,41 @@ def test_a_psycopg_error_escaping_any_command_is_one_line(tmp_path, pg_url):
         env=fk.child_env(),
     )
     assert r.returncode == 2 and r.stderr.strip().endswith("False"), r.stderr
+
+
+def test_many_writers_opening_a_new_collection_at_once(pg_server):
+    """Eight connections create the same new collection (and its vector tables) at the same moment, three
+    times over: every one succeeds and the steps ran once."""
+    import threading
+    import uuid
+
+    from pg_support import collection_url
+
+    from retrieval.store.pg.index import PgIndex
+    from retrieval.store.pg.schema import ensure_vector_tables
+
+    for _ in range(3):
+        collection = f"t_{uuid.uuid4().hex}"
+        url = collection_url(pg_server.uri, collection)
+        start, failures = threading.Barrier(8), []
+
+        def open_one(url=url, collection=collection, start=start, failures=failures):
+            try:
+                start.wait()
+                with PgIndex.open_for_write(url) as idx:
+                    ensure_vector_tables(idx.store.db.pg, collection, 8)
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                failures.append(repr(e))
+
+        threads = [threading.Thread(target=open_one) for _ in range(8)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert failures == [], failures
+            with pg_server.admin() as conn:
+                assert conn.execute(f"SELECT count(*) FROM {collection}.schema_version").fetchone() == (1,)
+        finally:
+            with pg_server.admin() as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {collection} CASCADE")
