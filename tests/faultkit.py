@@ -217,6 +217,36 @@ class Zygote:
         pid = self._line(30.0)["pid"]
         return Run(pid, out, err, lambda timeout: self._line(timeout)["rc"])
 
+    def start_detached(self, argv: list[str], workdir: Path, env: dict | None = None) -> Run:
+        """Like start, but the zygote takes the next request at once: several runs at the same time. The run
+        is a grandchild of the zygote; its exit code comes back in a file (-9 when it died without writing one)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        n = len(list(workdir.glob("run*.out")))
+        out, err, base = workdir / f"run{n}.out", workdir / f"run{n}.err", workdir / f"run{n}"
+        req = {"argv": argv, "env": env or child_env(), "stdout": str(out), "stderr": str(err), "cwd": str(ROOT)}
+        req.update(patch={}, detach=str(base))
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        assert self._line(30.0).get("detached")
+        pid_file, rc_file = Path(f"{base}.pid"), Path(f"{base}.rc")
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        pid = int(pid_file.read_text())
+
+        def waiter(timeout):
+            end = time.monotonic() + timeout
+            while not rc_file.exists():
+                if not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                    if rc_file.exists():
+                        break
+                    return -signal.SIGKILL
+                if time.monotonic() > end:
+                    raise TimeoutError(f"run {pid} did not finish in {timeout} s")
+                time.sleep(0.02)
+            return int(rc_file.read_text())
+
+        return Run(pid, out, err, waiter)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -228,6 +258,12 @@ class Zygote:
 
 
 _ZYGOTE: Zygote | None = None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def zygote() -> Zygote:
@@ -263,8 +299,12 @@ def _zygote_main() -> None:  # runs in the zygote process
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            if req.get("detach") and os.fork() != 0:
+                os._exit(0)  # detached: the run is a grandchild, so the zygote can take the next request at once
             code = 1
             try:
+                if req.get("detach"):
+                    _write_atomic(req["detach"] + ".pid", str(os.getpid()))
                 os.setsid()
                 for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
                     f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -292,7 +332,14 @@ def _zygote_main() -> None:  # runs in the zygote process
                     sys.stdout.flush()
                     sys.stderr.flush()
                 finally:
+                    if req.get("detach"):
+                        _write_atomic(req["detach"] + ".rc", str(code))
                     os._exit(code)
+        if req.get("detach"):
+            os.waitpid(pid, 0)  # the middle process, gone at once
+            out.write((json.dumps({"detached": True}) + "\n").encode())
+            out.flush()
+            continue
         out.write((json.dumps({"pid": pid}) + "\n").encode())
         out.flush()
         _, status = os.waitpid(pid, 0)

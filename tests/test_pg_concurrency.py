@@ -1,14 +1,16 @@
 """Several writers on one PostgreSQL collection, a reader while they write, kills and database restarts.
 
-(a) Three real `python cli.py index` processes at once over overlapping folders (A+B, B+C, C+A) into one new
-collection, while a reader process checks every snapshot it reads and every search it makes
-(faultkit._pg_reader_main): afterwards every file has one row, one raw embedding per content, one fused vector
-per row, each sidecar caption once, `verify` says ok and a search returns every file.
+(a) Three `cli.py index` processes at once (forks of the zygote, tests/faultkit.py) over overlapping folders
+(A+B, B+C, C+A) into one new collection, while a reader process checks every snapshot it reads and every
+search it makes (faultkit._pg_reader_main): afterwards every file has one row, one raw embedding per content,
+one fused vector per row, each sidecar caption once, `verify` says ok and a search returns every file.
 (b) A writer SIGKILLed in the middle of a batch, or inside the publish transaction, loses nothing committed;
 the next run completes with no duplicates.
 (c) The database restarted while a writer is paused mid-batch or inside the publish transaction: that run ends
 with one line on stderr and exit code 2; the next run completes.
 (d) Pruning unreferenced raw embeddings while another writer is about to reference one leaves it in place.
+(e) serve answers 503 with one line while the database is down, and reconnects; a psycopg error escaping any
+command is one line; many writers creating one new collection at once all succeed.
 """
 
 from __future__ import annotations
@@ -110,8 +112,10 @@ def test_three_writers_over_overlapping_folders_and_a_reader(tmp_path, pg_url):
     try:
         # each batch of 2 takes at least 0.2 s, so the three runs overlap for several batches each
         env = fk.child_env(RETRIEVAL_FAULT="encode:1:sleep=0.2")
+        z = fk.zygote()  # forks of a pre-imported `cli.py`, three running at once
         for pair in ("AB", "BC", "CA"):
-            runs.append(fk.start_cli(_argv([tmp_path / x for x in pair], pg_url), tmp_path / f"w{pair}", env=env))
+            argv = _argv([tmp_path / x for x in pair], pg_url)
+            runs.append(z.start_detached(argv, tmp_path / f"w{pair}", env=env))
         for r in runs:
             assert r.wait(180) == 0, r.stderr
             assert "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
