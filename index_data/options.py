@@ -29,6 +29,7 @@ class IndexOptions:
     executor: str = "local"  # "ray": decode and encode on a Ray cluster (index_data/ray_executor.py)
     ray_actors: int | None = None  # None: from the cluster's resources
     ray_batch_size: int | None = None  # the encode batch on the cluster; None: from its resources
+    ray_write: str = "driver"  # "direct": encode actors write raw embeddings to a PostgreSQL collection themselves
 
 
 @dataclass

@@ -283,11 +283,13 @@ def _encode(
             if r.key.hash not in seen_hashes and r.key.hash not in hashes:
                 hashes.add(r.key.hash)
                 fresh.append(r)
-        vecs = _vectors(encoder, fresh) if fresh else None
+        # with --ray-write direct the encode actors have committed these embeddings already
+        unstored = [r for r in fresh if not getattr(r, "stored", False)]
+        vecs = _vectors(encoder, unstored) if unstored else None
         checkpoint("encode")
         with store.transaction():
-            if fresh:
-                store.put_embeddings("image", [r.key.hash for r in fresh], vecs)
+            if unstored:
+                store.put_embeddings("image", [r.key.hash for r in unstored], vecs)
             _restore_pruned(store, encoder, [r for r in batch if r.key.hash not in hashes])
             for r in batch:
                 w: _Work = r.key
@@ -304,7 +306,7 @@ def _encode(
         bar.update(len(batch))
         batch = []
 
-    stream = _result_stream(jobs, encoder, opts, workers)
+    stream = _result_stream(jobs, encoder, opts, workers, idx)
     try:
         for res in stream:
             checkpoint("decode")
@@ -337,18 +339,20 @@ def _restore_pruned(store, encoder, reused) -> None:
     if not reused:
         return
     firsts = {r.key.hash: r for r in reused}
-    gone = [h for h in firsts if h not in store.has_embeddings("image", list(firsts))]
+    have = store.has_embeddings("image", list(firsts))
+    gone = [h for h in firsts if h not in have]
     if gone:
         store.put_embeddings("image", gone, _vectors(encoder, [firsts[h] for h in gone]))
 
 
-def _result_stream(jobs, encoder, opts: IndexOptions, workers: int):
+def _result_stream(jobs, encoder, opts: IndexOptions, workers: int, idx=None):
     """The executor seam: (work, path) jobs in, one result per file out, each with a decoded `tensor` for
-    the encoder here (local) or a `vector` already made on a cluster (ray), or an `error`."""
+    the encoder here (local) or a `vector` already made on a cluster (ray; or already `stored` in the
+    collection by the cluster, with --ray-write direct), or an `error`."""
     if opts.executor == "ray":
         from index_data.ray_executor import ray_stream
 
-        return ray_stream(jobs, encoder, opts)
+        return ray_stream(jobs, encoder, opts, idx)
     decode = choose_decode_stream(opts.decode, encoder.device)  # decode_stream, or the GPU path (same interface)
     return decode(jobs, encoder.preprocess, encoder.image_size, workers=workers)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index_data.decode import decode_file
 from index_data.decode_plan import make_plan
+from index_data.ray_worker import EncodeActor, decode_rows
 from retrieval.errors import RetrievalError
 
 CPU_THREADS_PER_ACTOR = 4  # torch threads of one CPU actor; more actors beat more threads per model
@@ -96,110 +96,11 @@ def connect() -> bool:
 
 def _first_line(e: BaseException, last: bool = False) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if last:  # a remote error: its own message is the last line of the worker's traceback, before Ray's notes
+        cause = [i for i, ln in enumerate(lines) if ln.startswith("The above exception was the direct cause")]
+        if cause and cause[0] > 0:
+            lines = lines[: cause[0]]
     return (lines[-1 if last else 0] if lines else type(e).__name__)[:300]
-
-
-# ----------------------------------------------------------------------------------------- worker side
-
-
-def decode_rows(batch: dict, target_size: int, pil_steps: tuple) -> dict:
-    """Ray Data CPU task: decode each path exactly as the local decode workers do. The pixels travel
-    as raw uint8 bytes with their shape (Arrow has no ragged uint8 images); errors as one line."""
-    n = len(batch["i"])
-    pixels, shapes, ws, hs, errors, complete = [], [], [], [], [], []
-    host = socket.gethostname()
-    for raw in batch["path"]:
-        path = os.fsdecode(bytes(raw))
-        if not os.access(path, os.R_OK):
-            # the driver hashed this file, so the worker node does not see what the driver sees
-            reason = os.strerror(2 if not os.path.lexists(path) else 13)
-            arr, w, h, err, full = None, None, None, f"cannot read on Ray node {host}: {reason}", False
-        else:
-            arr, w, h, err, full = decode_file(path, target_size, pil_steps)
-        ok = err is None
-        pixels.append(np.ascontiguousarray(arr).tobytes() if ok else b"")
-        shapes.append(arr.shape if ok else (0, 0, 0))
-        ws.append(w if ok else -1)
-        hs.append(h if ok else -1)
-        errors.append("" if ok else err)
-        complete.append(bool(full))
-    return {
-        "i": np.asarray(batch["i"], dtype=np.int64),
-        "pixels": np.array(pixels, dtype=object),
-        "shape": np.asarray(shapes, dtype=np.int32).reshape(n, 3),
-        "w": np.asarray(ws, dtype=np.int64),
-        "h": np.asarray(hs, dtype=np.int64),
-        "error": np.array(errors, dtype=object),
-        "complete": np.asarray(complete, dtype=bool),
-    }
-
-
-class EncodeActor:
-    """Ray Data actor: one model per actor process, loaded once, checked against the index's model."""
-
-    def __init__(self, spec: str, device: str, identity, finish, threads: float):
-        from retrieval.models.runtime import index_encoder
-
-        if device == "cpu":
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(max(1, round(threads)))
-        # the index run's runtime choice: onnxruntime on a CPU node (the model's export, made on first use),
-        # torch with bf16 on a GPU node
-        self.encoder, _ = index_encoder(spec, device, "auto", expected=identity)
-        self.numpy = getattr(self.encoder, "runtime", "torch") == "onnx"
-        if not self.numpy and device == "cpu":
-            import torch
-
-            torch.set_num_threads(max(1, round(threads)))
-        if not self.encoder.identity.matches(identity):
-            raise RuntimeError(
-                f"this node's {spec} is not the index's model (weights sha256 "
-                f"{self.encoder.identity.weights_sha256} vs {identity.weights_sha256}); same weights on every node?"
-            )
-        self.finish = finish
-
-    def _tensor(self, arr: np.ndarray, complete: bool):
-        from PIL import Image
-
-        from index_data.decode_plan import finish_array
-
-        if complete and self.finish is not None:
-            x = finish_array(arr, self.finish)
-            if self.numpy:
-                return x
-            import torch
-
-            return torch.from_numpy(x)
-        return self.encoder.preprocess(Image.fromarray(arr))
-
-    def __call__(self, batch: dict) -> dict:
-        from retrieval.faults import checkpoint
-
-        n = len(batch["i"])
-        errors = [str(e) for e in batch["error"]]
-        tensors, rows = [], []
-        for j in range(n):
-            if errors[j]:
-                continue
-            try:
-                shape = tuple(int(s) for s in batch["shape"][j])
-                arr = np.frombuffer(batch["pixels"][j], dtype=np.uint8).reshape(shape)
-                tensors.append(self._tensor(arr, bool(batch["complete"][j])))
-                rows.append(j)
-            except Exception as e:  # as the local path: the file is skipped with the reason
-                errors[j] = f"preprocess failed: {type(e).__name__}: {e}"
-        vecs = np.zeros((n, self.encoder.dim), dtype=np.float32)
-        if tensors:
-            if self.numpy:
-                stacked = np.stack([np.asarray(t) for t in tensors])
-            else:
-                import torch
-
-                stacked = torch.stack(tensors)
-            vecs[rows] = self.encoder.encode_image_tensors(stacked)
-        checkpoint("ray_encode")  # a test can kill this process here, mid-batch (retrieval/faults.py)
-        return {"i": batch["i"], "w": batch["w"], "h": batch["h"], "error": np.array(errors, dtype=object), "vec": vecs}
 
 
 # ----------------------------------------------------------------------------------------- driver side
@@ -215,6 +116,7 @@ class EncodedResult:
     height: int | None
     error: str | None
     vector: np.ndarray | None
+    stored: bool = False  # the raw embedding is in the collection already (--ray-write direct)
 
     @property
     def ok(self) -> bool:
@@ -233,8 +135,10 @@ class RayStream(Iterator[EncodedResult]):
         actors: int | None = None,
         batch_size: int | None = None,
         device: str = "auto",
+        store_url: str | None = None,
     ):
         self._owned = False
+        self._store_url = store_url
         self._closed = False
         self._iter = None
         self._pending: collections.deque[EncodedResult] = collections.deque()
@@ -243,6 +147,7 @@ class RayStream(Iterator[EncodedResult]):
         # one shipment per distinct content: copies within the run share the result
         self._groups: list[list] = []
         self._paths: list[bytes] = []
+        self._hashes: list[str] = []
         first: dict = {}
         for key, path in jobs:
             h = getattr(key, "hash", None)
@@ -253,6 +158,9 @@ class RayStream(Iterator[EncodedResult]):
                 first[h] = len(self._groups)
             self._groups.append([key])
             self._paths.append(os.fsencode(path))
+            self._hashes.append(h or "")
+        if store_url and not all(self._hashes):  # direct writes are keyed by content hash
+            self._store_url = None
         self._done = np.zeros(len(self._groups), dtype=bool)
         self._owned = connect()
         try:
@@ -275,7 +183,7 @@ class RayStream(Iterator[EncodedResult]):
         s = self.settings
         n = len(self._paths)
         ds = ray.data.from_items(
-            [{"i": i, "path": p} for i, p in enumerate(self._paths)],
+            [{"i": i, "path": p, "hash": h} for i, (p, h) in enumerate(zip(self._paths, self._hashes))],
             override_num_blocks=max(1, min(n, -(-n // DECODE_BATCH))),
         )
         ds = ds.map_batches(
@@ -300,6 +208,7 @@ class RayStream(Iterator[EncodedResult]):
                 "identity": encoder.identity,
                 "finish": plan.finish,
                 "threads": s.num_cpus,
+                "store_url": self._store_url,
             },
             # a killed actor process is restarted and its batch re-run: Ray Data gives pool actors
             # max_restarts=-1 and max_task_retries=-1 by default (and decode tasks max_retries=-1)
@@ -334,9 +243,10 @@ class RayStream(Iterator[EncodedResult]):
             self._done[i] = True
             err = str(batch["error"][j]) or None
             w, h = (None, None) if err else (int(batch["w"][j]), int(batch["h"][j]))
-            vec = None if err else np.asarray(batch["vec"][j], dtype=np.float32)
+            stored = bool(batch["stored"][j]) and not err
+            vec = None if err or stored else np.asarray(batch["vec"][j], dtype=np.float32)
             for key in self._groups[i]:
-                self._pending.append(EncodedResult(key, None, w, h, err, vec))
+                self._pending.append(EncodedResult(key, None, w, h, err, vec, stored))
 
     def __enter__(self):
         return self
@@ -389,12 +299,18 @@ def check_paths_visible(sample: list[str]) -> None:
             )
 
 
-def ray_stream(jobs, encoder, opts) -> RayStream:
-    """The pipeline's entry point: IndexOptions decide actors, batch size and device."""
+def ray_stream(jobs, encoder, opts, idx=None) -> RayStream:
+    """The pipeline's entry point: IndexOptions decide actors, batch size and device; with --ray-write direct
+    the encode actors write the raw embeddings to the index's PostgreSQL collection themselves."""
+    loc = getattr(idx, "loc", None)
+    if getattr(opts, "ray_write", "driver") == "direct" and loc is None:
+        raise RetrievalError("--ray-write direct needs a PostgreSQL index (--index postgresql://…)")
+    store_url = loc.url if loc is not None and opts.ray_write == "direct" else None
     return RayStream(
         jobs,
         encoder,
         actors=getattr(opts, "ray_actors", None),
         batch_size=getattr(opts, "ray_batch_size", None),
         device=getattr(opts, "device", "auto"),
+        store_url=store_url,
     )

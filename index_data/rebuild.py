@@ -15,41 +15,14 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from retrieval.errors import ModelMismatchError, RetrievalError
+from index_data.rebuild_inputs import check_inputs, rebuild_inputs, resumable
+from retrieval.errors import ModelMismatchError
 from retrieval.modelspec import parse_spec
 from retrieval.store.db import DB_NAME
 from retrieval.store.disk_errors import storage_error
 from retrieval.store.index import Index
 from retrieval.store.layout import resolve_index
 from retrieval.store.switch import STAGING_KEY, staging_dir, switch_in
-
-
-def _what(opts, spec: str) -> dict:
-    """The inputs that decide a rebuild's result: a staging index started for other ones is not resumed
-    (it could hold images of PATHs that this rebuild does not index)."""
-
-    def absolute(p):
-        return os.path.abspath(os.path.expanduser(p)) if p else None
-
-    return {
-        "model": spec,
-        "paths": sorted(absolute(p) for p in opts.paths),
-        "captions": absolute(opts.captions_file),
-        "fmt": opts.fmt,
-        "split": opts.split,
-        "images": absolute(opts.images_dir),
-        "exclude": sorted(opts.exclude),
-        "include_hidden": bool(opts.include_hidden),
-    }
-
-
-def _resumable(path, what: dict) -> bool:
-    """Whether the staging index at `path` was started by this same rebuild (then it is resumed)."""
-    try:
-        with Index.open(path) as st:
-            return st.store.get_manifest(STAGING_KEY) == what and st.identity is not None
-    except Exception:  # no model recorded yet, or damaged: start it again
-        return False
 
 
 def _index_dir_excludes(root, paths) -> list[str]:
@@ -64,15 +37,6 @@ def _index_dir_excludes(root, paths) -> list[str]:
         if root.startswith(p.rstrip(os.sep) + os.sep):
             out.append(f"/{glob.escape(os.path.relpath(root, p))}/")  # that folder only, not its namesakes
     return out
-
-
-def _check_inputs(opts) -> None:
-    """The pipeline's own input checks, made before the staging folder is touched."""
-    if not opts.paths and not opts.captions_file:
-        raise RetrievalError("nothing to index: give one or more PATHs or --captions FILE")
-    for p in [*opts.paths, *([opts.captions_file] if opts.captions_file else [])]:
-        if not os.path.lexists(p):
-            raise RetrievalError(f"no such file or directory: {os.path.abspath(p)}")
 
 
 def _run_staged(run_index, stage: Path, opts, what: dict):
@@ -111,10 +75,10 @@ def run_rebuild(index_dir, opts, run_index):
             main = None
             return run_index(index_dir, replace(opts, rebuild=False))
         spec = str(parse_spec(opts.model)) if opts.model else main.identity.spec
-        _check_inputs(opts)  # a typo'd PATH must not discard a resumable staging index
+        check_inputs(opts)  # a typo'd PATH must not discard a resumable staging index
         stage = staging_dir(main.root)
-        what = _what(opts, spec)
-        if os.path.lexists(stage) and not _resumable(stage, what):
+        what = rebuild_inputs(opts, spec)
+        if os.path.lexists(stage) and not resumable(stage, what):
             shutil.rmtree(stage) if stage.is_dir() and not stage.is_symlink() else os.unlink(stage)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
         staged = replace(

@@ -28,6 +28,10 @@ class IndexNotFoundError(RetrievalError):
     """No index at the given directory."""
 
 
+class IndexExistsError(RetrievalError):
+    """A command that creates an index was pointed at one that already holds an index."""
+
+
 class EmptyIndexError(RetrievalError):
     """The index exists but holds nothing to search."""
 

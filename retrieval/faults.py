@@ -26,6 +26,7 @@ Checkpoints in the code base:
     publish         retrieval/store/index.py         new generation's files renamed into place, manifest not switched
                     retrieval/store/pg/index.py      a collection's vectors and counts written, before COMMIT
     switch          retrieval/store/switch.py        a finished rebuild's files copied into the index, not switched in
+                    index_data/pg_rebuild.py         a finished staging collection checked, schemas not swapped
     ray_encode      index_data/ray_executor.py       an encode actor made a batch's vectors, before returning them
     onnx_export     retrieval/models/onnx_export.py  an export complete in its temp directory, not renamed yet
 """

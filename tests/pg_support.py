@@ -91,4 +91,4 @@ def pg_url(pg_server):
     yield collection_url(pg_server.uri, collection)
     pg_server.start()  # a fault test may have left it stopped
     with pg_server.admin() as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {collection} CASCADE")
+        conn.execute(f"DROP SCHEMA IF EXISTS {collection}, {collection}__rebuild, {collection}__rebuild_old CASCADE")

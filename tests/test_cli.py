@@ -47,7 +47,7 @@ def test_help_lists_commands():
     r = run("--help")
     assert r.exit_code == 0
     listed = set(main.commands)
-    assert listed == {"index", "search", "info", "verify", "duplicates", "benchmark", "serve", "train-fusion"}
+    assert listed == {"index", "search", "info", "verify", "copy", "duplicates", "benchmark", "serve", "train-fusion"}
     for cmd in sorted(listed):
         assert f"  {cmd} " in r.output, cmd
 

@@ -150,19 +150,18 @@ def test_training_improves_heldout_recall_and_is_deterministic():
 # -- inside an index ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def base_index(tmp_path_factory):
-    """A tiny-model index of N_IMAGES photos with CAPS captions each, whose stored raw embeddings are then
-    replaced by the distorted synthetic ones (and the vectors rebuilt from them)."""
-    root = tmp_path_factory.mktemp("fusion")
-    photos = write_photos(root / "photos", N_IMAGES)
+def distorted_index(index, root) -> None:
+    """Index root/photos (N_IMAGES photos, written once) with CAPS captions each into `index` (a directory or
+    a PostgreSQL URL), then replace its stored raw embeddings by the distorted synthetic ones and rebuild the
+    vectors from them."""
+    photos = sorted((root / "photos").glob("*.jpg")) or write_photos(root / "photos", N_IMAGES)
     caps = root / "caps.jsonl"
     with open(caps, "w") as fh:
         for i, p in enumerate(photos):
             for j in range(CAPS):
                 fh.write(json.dumps({"image": str(p), "caption": f"picture {i} caption {j}"}) + "\n")
-    build_index(root / "idx", [root / "photos"], captions_file=str(caps))
-    with Index.open_for_write(root / "idx", create=False) as idx:
+    build_index(index, [root / "photos"], captions_file=str(caps))
+    with Index.open_for_write(index, create=False) as idx:
         img, txt, ci = distorted(N_IMAGES, CAPS, idx.dim)
         rows = idx.store.image_ids_with_hash()
         path_of = idx.store.images_by_ids([i for i, _ in rows])
@@ -179,6 +178,13 @@ def base_index(tmp_path_factory):
                     idx.store.put_embeddings("text", [text_hash(text)], txt[n * CAPS + j : n * CAPS + j + 1])
         idx.sync_vectors(force_rebuild=True)
         assert idx.verify() == []
+
+
+@pytest.fixture(scope="module")
+def base_index(tmp_path_factory):
+    """A tiny-model index of N_IMAGES photos with CAPS captions each, on distorted synthetic embeddings."""
+    root = tmp_path_factory.mktemp("fusion")
+    distorted_index(root / "idx", root)
     return root
 
 
@@ -397,3 +403,24 @@ def test_too_few_pairs_is_one_line_error(index_dir):
     r = CliRunner().invoke(main, ["train-fusion", "--index", str(index_dir), "-q"])
     assert r.exit_code == 2
     assert r.output.startswith("error: too few caption pairs") and r.output.count("\n") == 1
+
+
+def test_train_fusion_on_a_postgresql_collection(base_index, pg_url, tmp_path, monkeypatch):
+    """train-fusion on a collection trains on its rows, stores the weights in the database, and serves the same
+    fused results as the embedded index trained the same way; a machine with an empty cache fetches them."""
+    monkeypatch.setenv("RETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
+    distorted_index(pg_url, base_index)
+    local = tmp_path / "idx"
+    shutil.copytree(base_index / "idx", local)
+    reports = []
+    for index in (str(local), pg_url):
+        r = CliRunner().invoke(main, ["train-fusion", "--index", index, "--epochs", EPOCHS, "--json"])
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.output))
+    assert reports[1]["installed"] and reports[1]["gain"] > 0.1
+    assert reports[1]["fusion"]["file"] == reports[0]["fusion"]["file"]  # the same training, the same weights
+    with Index.open(pg_url) as idx:
+        assert idx.verify() == [] and idx.store.get_file(reports[1]["fusion"]["file"]) is not None
+    shutil.rmtree(tmp_path / "cache")  # another machine: nothing cached
+    _assert_same(_searches(local), _searches(pg_url))
+    assert (tmp_path / "cache").is_dir()  # the weights came from the database

@@ -143,3 +143,43 @@ def test_photo_filters_and_duplicates_match_the_embedded_store(tmp_path, pg_url)
     assert found[0] == found[1]
     assert found[1][1] == ["r5_paris_2019_07.jpg", "r5_paris_2019_08.jpg", "r5_rome_2019_09.jpg"]
     assert any({"copy_small.jpg", SHOTS[0][0]} <= set(g) for g in found[1][-1])  # the resized copy and its original
+
+
+def test_two_serve_replicas_read_one_collection(corpus, pg_url, monkeypatch, tmp_path):
+    """`serve` on a collection: search, thumbnails and files; a second replica on the same collection answers
+    the same, and both see photos that a writer adds while they run."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from retrieval.server.app import create_app
+
+    monkeypatch.setenv("RETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
+    root, photos, caps = corpus
+    assert index_cmd(root / "photos", pg_url, "--captions", caps).exit_code == 0
+    apps = [create_app(pg_url, device="cpu", for_tests=True) for _ in range(2)]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        assert a.get("/api/info").json()["images"] == 24
+        found = []
+        for c in (a, b):
+            r = c.get("/api/search", params={"q": "a red circle", "k": 5})
+            assert r.status_code == 200, r.text
+            found.append([(x["id"], round(x["score"], 5)) for x in r.json()["results"]])
+        assert found[0] == found[1] and len(found[0]) == 5
+        top = a.get("/api/search", params={"q": "a red circle", "k": 1}).json()["results"][0]
+        assert a.get(top["thumb"]).headers["content-type"] == "image/jpeg"
+        assert b.get(top["file"]).content == open(top["path"], "rb").read()
+        caps_hits = b.get("/api/search", params={"q": "photo number 3", "to": "captions", "k": 3}).json()["results"]
+        assert len(caps_hits) == 3 and all(x["kind"] == "caption" for x in caps_hits)
+
+        from conftest import draw_scene
+
+        later = root / "later"
+        later.mkdir()
+        draw_scene(4242).save(later / "new_one.jpg", quality=95)
+        assert index_cmd(later, pg_url).exit_code == 0
+        for c in (a, b):
+            with open(later / "new_one.jpg", "rb") as fh:
+                r = c.post("/api/search", files={"image": ("q.jpg", fh.read())}, data={"k": "1"})
+            assert r.status_code == 200, r.text
+            assert r.json()["results"][0]["path"] == str(later / "new_one.jpg")
+        assert b.get("/api/info").json()["images"] == 25

@@ -232,7 +232,9 @@ def test_ray_actors_needs_the_ray_executor(tmp_path):
     from retrieval.cli import main
 
     r = CliRunner().invoke(main, ["index", str(tmp_path), "--index", str(tmp_path / "idx"), "--ray-actors", "2"])
-    assert r.exit_code == 2 and r.output.strip() == "error: --ray-actors only applies with --executor ray"
+    assert r.exit_code == 2 and r.output.strip() == "error: --ray-actors and --ray-write only apply with --executor ray"
+    r = CliRunner().invoke(main, ["index", str(tmp_path), "--index", str(tmp_path / "idx"), "--ray-write", "direct"])
+    assert r.exit_code == 2 and "only apply with --executor ray" in r.output
 
 
 def test_resources_decide_actors_and_batch():
@@ -245,3 +247,43 @@ def test_resources_decide_actors_and_batch():
     assert (cpu.actors, cpu.num_cpus, cpu.device) == (3, 4.0, "cpu")
     small = plan_resources({"CPU": 2.0}, actors=3, batch_size=5)
     assert small.actors == 3 and small.batch_size == 5 and 3 * small.num_cpus <= 1.0 + 1e-9
+
+
+def test_direct_writes_to_a_postgresql_collection(tmp_path, ray_address, pg_url):
+    """--ray-write direct: the encode actors commit the raw embeddings to the collection themselves; the
+    collection ends exactly as the local executor's embedded index, and a re-run encodes nothing."""
+    from retrieval.store.pg.location import parse_location
+
+    photos = _folder(tmp_path)
+    local = tmp_path / "local"
+    r_local = build_index(local, [photos], batch_size=8)
+    r_pg = build_index(pg_url, [photos], batch_size=8, executor="ray", ray_batch_size=8, ray_write="direct")
+    assert _counts(r_pg) == _counts(r_local)
+    _assert_same(_state(pg_url), _state(local))
+    again = build_index(pg_url, [photos], executor="ray", ray_write="direct")
+    assert again.encoded == 0 and not again.changed
+    loc = parse_location(pg_url)
+    import psycopg
+
+    with psycopg.connect(loc.dsn) as conn:  # every embedding was written by an actor: one per content
+        n = conn.execute(f'SELECT count(*) FROM "{loc.collection}".embeddings WHERE kind = %s', ["image"]).fetchone()
+    assert n[0] == len(_state(local)["vectors"])
+    r = CliRunner().invoke(
+        __import__("retrieval.cli", fromlist=["main"]).main,
+        [
+            "index",
+            str(photos),
+            "--index",
+            str(tmp_path / "dir"),
+            "--model",
+            TINY,
+            "--executor",
+            "ray",
+            "--ray-write",
+            "direct",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 2 and "needs a PostgreSQL index" in r.output

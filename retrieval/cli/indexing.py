@@ -89,6 +89,14 @@ from retrieval.cli.group import index_option, main
     default=None,
     help="Encoder actors with --executor ray. Default: one per GPU, else from the cluster's CPUs.",
 )
+@click.option(
+    "--ray-write",
+    type=click.Choice(["driver", "direct"]),
+    default="driver",
+    show_default=True,
+    help="With --executor ray on a PostgreSQL index: 'direct' has the encode actors write raw embeddings to "
+    "the database themselves instead of sending them through this process.",
+)
 def index(
     paths,
     index_dir,
@@ -111,6 +119,7 @@ def index(
     quiet,
     executor,
     ray_actors,
+    ray_write,
 ):
     """Add photo folders (and caption corpora) to an index. Re-runs only process what changed."""
     from index_data.options import IndexOptions
@@ -146,8 +155,9 @@ def index(
             click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE
         )
         opts.executor, opts.ray_actors, opts.ray_batch_size = executor, ray_actors, batch_size if explicit else None
-    elif ray_actors is not None:
-        raise RetrievalError("--ray-actors only applies with --executor ray")
+        opts.ray_write = ray_write
+    elif ray_actors is not None or ray_write != "driver":
+        raise RetrievalError("--ray-actors and --ray-write only apply with --executor ray")
     r = run_index(index_dir, opts)
     click.echo(
         f"{r.images_total} images indexed: {r.encoded} encoded, {r.reused} duplicates reused, {r.moved} moved, "

@@ -1,4 +1,4 @@
-"""The other commands: info, verify, duplicates, benchmark recall, serve, train-fusion."""
+"""The other commands: info, verify, copy, duplicates, benchmark recall, serve, train-fusion."""
 
 from __future__ import annotations
 
@@ -68,6 +68,40 @@ def verify(index_dir, repair):
     if not problems:
         click.echo("ok")
     sys.exit(1 if problems else 0)
+
+
+@main.command("copy")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    metavar="SRC",
+    help="The index to copy: a directory, or a postgresql://USER@HOST/DB[?collection=NAME] URL.",
+)
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    metavar="DST",
+    help="Where to put the copy (a directory or a collection URL); it must not hold an index yet.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was copied as one JSON object.")
+def copy_cmd(source, dest, as_json):
+    """Copy an index to another store (a directory or a PostgreSQL collection) without re-encoding anything:
+    rows, ids, raw embeddings, manifest and fusion move as they are; the copy makes its own vectors from them."""
+    from index_data.copy import copy_index
+
+    r = copy_index(source, dest)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+        return
+    fusion = f", fusion {r.fusion}" if r.fusion else ""
+    errors = f"{r.errors} error{'' if r.errors == 1 else 's'}"
+    click.echo(
+        f"copied {r.images} images, {r.captions} captions, {r.embeddings} raw embeddings and {errors} "
+        f"({r.model}{fusion}) from {r.source} to {r.destination} in {r.seconds:.1f} s, nothing re-encoded; "
+        f"vectors published: {r.index_type}, generation {r.generation}"
+    )
 
 
 @main.command()

@@ -102,6 +102,45 @@ class Store:
             yield
             checkpoint("sqlite_commit")
 
+    # -- whole tables (retrieval copy) -----------------------------------------------------------
+
+    @contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Within the block, every read on this store sees one committed state (one SQLite read
+        transaction: a writer may commit meanwhile, in WAL mode, unseen)."""
+        conn = self.db.conn
+        if conn.in_transaction:  # inside a caller's transaction: that one is the snapshot
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.rollback()  # only reads happened
+
+    def table_columns(self, table: str) -> list[str]:
+        """The columns of `table`, in their order (an index from an older version may lack some)."""
+        return [r[1] for r in self.db.execute(f"PRAGMA table_info([{table}])")]
+
+    def iter_rows(self, table: str, columns: Sequence[str], order_by: str) -> Iterator[tuple]:
+        """Every row of `table` as a tuple of `columns`, streamed (not all read into memory at once)."""
+        names = ", ".join(f"[{c}]" for c in columns)
+        for row in self.db.execute(f"SELECT {names} FROM [{table}] ORDER BY {order_by}"):
+            yield tuple(row)
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> int:
+        """Insert `rows` (tuples of `columns`, ids given) as they come; returns how many. Inside a
+        transaction of the caller's."""
+        counted = _Counted(rows)
+        names = ", ".join(f"[{c}]" for c in columns)
+        marks = ",".join("?" * len(columns))
+        self.db.conn.executemany(f"INSERT INTO [{table}] ({names}) VALUES ({marks})", counted)
+        return counted.n
+
+    def move_id_sequences(self) -> None:
+        """After rows were inserted with their ids: the next row gets an id above them. SQLite's
+        INTEGER PRIMARY KEY already does (max(id) + 1)."""
+
     # -- manifest -------------------------------------------------------------------------------
 
     def get_manifest(self, key: str, default=None):
@@ -309,3 +348,19 @@ class Store:
 
     def errors(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM errors ORDER BY path"))
+
+
+class _Counted:
+    """An iterable that counts what it hands out (executemany and COPY consume it as it comes)."""
+
+    def __init__(self, rows: Iterable[tuple]):
+        self._rows = iter(rows)
+        self.n = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple:
+        row = next(self._rows)
+        self.n += 1
+        return row

@@ -156,6 +156,15 @@ class IndexBase:
         self._fusion_cache = (key, fusion)
         return fusion
 
+    def fusion_file(self, name: str) -> bytes | None:
+        """The bytes of the fusion file `name` (an index directory's file, a collection's `files` row), or
+        None when it is missing."""
+        path = self._fusion_path(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
     # -- fused vectors ---------------------------------------------------------------------------
 
     def image_vectors_for(self, rows: list[tuple[int, str]]) -> np.ndarray:

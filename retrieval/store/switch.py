@@ -80,19 +80,22 @@ def keep_ids(main: Index, staging: Path) -> int:
     return len(moves)
 
 
+def require_complete(staging, where: str) -> int:
+    """The staging index's generation; RetrievalError (nothing changes) when verify finds a problem in it."""
+    with Index.open(staging) as st:
+        problems = st.verify()
+        if problems:
+            raise RetrievalError(f"the rebuild in {where} is not complete ({problems[0]}); run the same command again")
+        return st.generation
+
+
 def switch_in(main: Index, staging: Path) -> int:
     """Make the finished index at `staging` the content of `main` (opened for write, its lock held),
     under a new generation of `main`. Returns that generation. Raises RetrievalError if the staging
     index is not complete (verify finds a problem); then nothing changes."""
     assert main.writable
     keep_ids(main, staging)
-    with Index.open(staging) as st:
-        problems = st.verify()
-        if problems:
-            raise RetrievalError(
-                f"the rebuild in {staging} is not complete ({problems[0]}); run the same command again"
-            )
-        sgen = st.generation
+    sgen = require_complete(staging, str(staging))
     next_gen = main.generation + 1
     # vector files go in place first: nothing names them until the commit below (the model's ONNX export
     # lives in the per-user cache; the manifest copied below names it)

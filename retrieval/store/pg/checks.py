@@ -81,7 +81,7 @@ class PgChecks:
     def repair(self) -> list[str]:
         """Remove rows that cannot get a vector (the next index run re-encodes their files), then remake
         every fused vector and both HNSW indexes from the raw embeddings."""
-        from retrieval.store.pg.schema import ensure_vector_tables
+        from retrieval.store.pg.schema import drop_vector_indexes, ensure_vector_tables
 
         assert self.writable
         store, pg, dim = self.store, self.store.db.pg, self.dim
@@ -107,8 +107,7 @@ class PgChecks:
             ).rowcount
             if n:
                 done.append(f"removed {n} caption rows without a raw embedding (the next index run re-adds them)")
-        for table in VECTOR_TABLES.values():
-            pg.execute(f"DROP INDEX IF EXISTS {table}_hnsw")
+        drop_vector_indexes(pg)
         ensure_vector_tables(pg, self.loc.collection, dim)
         self.sync_vectors(force_rebuild=True)
         done.append(f"vectors and HNSW indexes remade from the stored raw embeddings as generation {self.generation}")

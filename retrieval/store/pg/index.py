@@ -32,7 +32,9 @@ PUBLISH_LOCK = 1  # advisory lock (hashtext(collection), 1): one publish at a ti
 CHUNK = 2048  # rows per fused-vector batch while publishing
 
 
-def _open_conn(loc: PgLocation, write: bool):
+def open_connection(loc: PgLocation, write: bool):
+    """An autocommit connection with the collection's schema first on its search path (pgvector created
+    in the database first, for a writer)."""
     conn = connect(loc, autocommit=True)  # registers pgvector's types when the extension exists
     try:
         if write:
@@ -70,16 +72,16 @@ class PgIndex(PgChecks, IndexBase):
     @classmethod
     def open(cls, path=None) -> "PgIndex":  # type: ignore[override]
         loc = parse_location(str(path))
-        conn = _open_conn(loc, write=False)
+        conn = open_connection(loc, write=False)
         try:
             if not schema_exists(conn, loc.collection) or version(conn, loc.collection) == 0:
                 raise IndexNotFoundError(
                     f"no collection {loc.collection!r} at {loc.display} (create one with: retrieval index "
                     f"PHOTOS_DIR --index '{loc.display}')"
                 )
-            _check_version(conn, loc)
+            check_version(conn, loc)
             store = PgStore(loc, conn, readonly=True)
-            store.db.reopen = lambda: _open_conn(loc, write=False)
+            store.db.reopen = lambda: open_connection(loc, write=False)
             recorded = store.get_manifest("model") is not None
         except BaseException:
             conn.close()
@@ -93,12 +95,12 @@ class PgIndex(PgChecks, IndexBase):
     @classmethod
     def open_for_write(cls, path=None, create: bool = True) -> "PgIndex":  # type: ignore[override]
         loc = parse_location(str(path))
-        conn = _open_conn(loc, write=True)
+        conn = open_connection(loc, write=True)
         try:
             exists = schema_exists(conn, loc.collection) and version(conn, loc.collection) > 0
             if not exists and not create:
                 raise IndexNotFoundError(f"no collection {loc.collection!r} at {loc.display}")
-            _check_version(conn, loc)
+            check_version(conn, loc)
             store = PgStore(loc, conn)
         except BaseException:
             conn.close()
@@ -217,7 +219,7 @@ class PgIndex(PgChecks, IndexBase):
             self.store.delete_files_except(keep)
 
 
-def _check_version(conn, loc: PgLocation) -> None:
+def check_version(conn, loc: PgLocation) -> None:
     v = version(conn, loc.collection)
     if v > LATEST:
         raise RetrievalError(

@@ -30,6 +30,15 @@ class PgLocation:
     collection: str
 
     @property
+    def url(self) -> str:
+        """The URL to connect with (secrets included: never print it)."""
+        return self.with_collection(self.collection)
+
+    def with_collection(self, collection: str) -> str:
+        """A URL (secrets included, for connecting) naming `collection` in the same database."""
+        return f"{self.dsn}{'&' if '?' in self.dsn else '?'}collection={collection}"
+
+    @property
     def display(self) -> str:
         """The URL for messages: password hidden, collection shown as the user would write it."""
         parts = urlsplit(self.dsn)

@@ -17,6 +17,9 @@ from retrieval.faults import checkpoint
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
 VECTOR_TABLES = {"images": "image_vectors", "captions": "caption_vectors"}
+BUILD_MEMORY_MAX_MB = 1024  # the most raise_build_memory asks of the server for one index build
+HNSW_ELEMENT_BYTES = 8 * 3 * HNSW_M + 96  # an HNSW element's neighbour lists and header, besides its vector
+PLAIN_MAX_BYTES = 6000  # vectors up to 1,500 float32 values fit a row of an 8 kB page
 
 
 def _base(conn) -> None:
@@ -99,6 +102,44 @@ def migrate(conn, schema: str) -> int:
     return max(version(conn, schema), LATEST)
 
 
+def lock_collection(conn, schema: str) -> None:
+    """The collection's migration lock, to the end of the current transaction: whoever creates or migrates
+    the collection meanwhile waits for that transaction."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), 0)", [schema])
+
+
+def has_recorded_model(conn, schema: str) -> bool:
+    """Whether the collection exists and its manifest records a model (it holds an index, finished or
+    being written); False for no collection or an empty one."""
+    if conn.execute("SELECT to_regclass(%s)", [f"{quoted(schema)}.manifest"]).fetchone()[0] is None:
+        return False
+    return conn.execute(f"SELECT 1 FROM {quoted(schema)}.manifest WHERE key = 'model'").fetchone() is not None
+
+
+def drop_collection(conn, schema: str) -> None:
+    conn.execute(f"DROP SCHEMA IF EXISTS {quoted(schema)} CASCADE")
+
+
+def drop_vector_indexes(conn) -> None:
+    """The HNSW indexes of the collection on the search path; ensure_vector_tables makes them again (one
+    build over every row is much faster than inserting rows one by one into a live index)."""
+    for table in VECTOR_TABLES.values():
+        conn.execute(f"DROP INDEX IF EXISTS {table}_hnsw")
+
+
+def raise_build_memory(conn, rows: int, dim: int) -> None:
+    """`maintenance_work_mem`, for the rest of the current transaction, raised to what an HNSW build over
+    `rows` vectors of `dim` needs to keep its graph in memory (pgvector builds many times faster then than
+    once the graph spills), at most BUILD_MEMORY_MAX_MB; never lowered."""
+    need_kb = int(rows * (4 * dim + HNSW_ELEMENT_BYTES) * 1.3 / 1024)
+    have_kb = int(
+        conn.execute("SELECT setting::bigint FROM pg_settings WHERE name = 'maintenance_work_mem'").fetchone()[0]
+    )
+    want_kb = min(need_kb, BUILD_MEMORY_MAX_MB * 1024)
+    if want_kb > have_kb:
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", [f"{want_kb}kB"])
+
+
 def vector_dim(conn, table: str) -> int | None:
     """The declared dimension of `table`.embedding, or None when the table does not exist yet."""
     row = conn.execute(
@@ -106,6 +147,14 @@ def vector_dim(conn, table: str) -> int | None:
         [table],
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+def _storage(conn, table: str) -> str | None:
+    row = conn.execute(
+        "SELECT a.attstorage FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
+        [table],
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def ensure_vector_tables(conn, schema: str, dim: int) -> None:
@@ -123,6 +172,9 @@ def ensure_vector_tables(conn, schema: str, dim: int) -> None:
                     f"CREATE TABLE {table} (id bigint PRIMARY KEY REFERENCES {parent} (id) ON DELETE CASCADE, "
                     f"embedding vector({int(dim)}) NOT NULL)"
                 )
+            if 4 * int(dim) <= PLAIN_MAX_BYTES and _storage(conn, table) != "p":
+                # in the row, not TOAST: an exact scan (filters, --index-type flat) reads the table alone
+                conn.execute(f"ALTER TABLE {table} ALTER COLUMN embedding SET STORAGE PLAIN")
             conn.execute(
                 f"CREATE INDEX IF NOT EXISTS {table}_hnsw ON {table} USING hnsw (embedding vector_ip_ops) "
                 f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
