@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from index_data.captions import sync_captions as _sync_captions
 from index_data.decode import DecodeWorkerError
 from index_data.gpu_stream import choose_decode_stream
 from index_data.model_setup import _prepare_model, _record_export
@@ -25,7 +26,6 @@ from retrieval.errors import RetrievalError
 from retrieval.faults import checkpoint
 from retrieval.hashing import hash_file
 from retrieval.modelspec import DEFAULT_MODEL, parse_spec
-from retrieval.sidecar import read_sidecar
 from retrieval.store.index import Index
 from retrieval.store.layout import PENDING_DIRTY_KEY as PENDING_KEY
 from retrieval.store.layout import resolve_index
@@ -250,6 +250,7 @@ def _plan_and_apply_cheap_changes(
             report.removed += len(gone)
         # a bad file that was since deleted is no longer skipped: forget it
         store.clear_errors([p for p in remembered if p not in seen and _under(p, abs_roots) and not os.path.lexists(p)])
+        checkpoint("plan")
     return work
 
 
@@ -289,6 +290,7 @@ def _encode(
         with store.transaction():
             if unstored:
                 store.put_embeddings("image", [r.key.hash for r in unstored], vecs)
+            _restore_pruned(store, encoder, [r for r in batch if r.key.hash not in hashes])
             for r in batch:
                 w: _Work = r.key
                 if w.replace_id is not None:  # edited in place: same row (id, captions), new content
@@ -331,6 +333,18 @@ def _encode(
         bar.close()
 
 
+def _restore_pruned(store, encoder, reused) -> None:
+    """Inside a batch's transaction: encode again the contents this run stored earlier whose raw embedding is gone
+    since (another writer deleted every row of that content and pruned it), so no row is left without one."""
+    if not reused:
+        return
+    firsts = {r.key.hash: r for r in reused}
+    have = store.has_embeddings("image", list(firsts))
+    gone = [h for h in firsts if h not in have]
+    if gone:
+        store.put_embeddings("image", gone, _vectors(encoder, [firsts[h] for h in gone]))
+
+
 def _result_stream(jobs, encoder, opts: IndexOptions, workers: int, idx=None):
     """The executor seam: (work, path) jobs in, one result per file out, each with a decoded `tensor` for
     the encoder here (local) or a `vector` already made on a cluster (ray; or already `stored` in the
@@ -355,45 +369,3 @@ def _vectors(encoder, results):
     import torch
 
     return encoder.encode_image_tensors(torch.stack([r.tensor for r in results]))
-
-
-def _sync_captions(idx: Index, encoder, files: list[ScannedFile], corpus: dict[str, list[str]], dirty: set[int]) -> int:
-    """Attach sidecar and corpus captions to indexed images. Each chunk's new texts are encoded first and
-    committed together with their caption rows, so a killed run never leaves a caption without its vector."""
-    from retrieval.store.rows import text_hash
-
-    store = idx.store
-    wanted: list[tuple[int, str, str]] = []  # (image id, text, source)
-    for f in files:
-        lines = read_sidecar(f.path)
-        if lines:
-            row = store.image_by_path(f.path)
-            if row is not None:
-                wanted += [(row.id, t, "sidecar") for t in lines]
-    for path, texts in corpus.items():
-        row = store.image_by_path(path)
-        if row is not None:  # else the image failed to index; its error is recorded
-            wanted += [(row.id, t, "corpus") for t in texts]
-    added = 0
-    step = 1024
-    for i in range(0, len(wanted), step):
-        chunk = wanted[i : i + step]
-        texts = {text_hash(t): t for _, t, _ in chunk}
-        have = store.has_embeddings("text", list(texts))
-        missing = [h for h in texts if h not in have]
-        vecs = encoder.encode_texts([texts[h] for h in missing]) if missing else None
-        with store.transaction():
-            if missing:
-                store.put_embeddings("text", missing, vecs)
-            for image_id, t, source in chunk:
-                if store.add_captions(image_id, [t], source):
-                    dirty.add(image_id)
-                    added += 1
-    # texts of an older index that were committed without a vector (repair, not the normal path)
-    missing = store.texts_missing_embeddings()
-    for i in range(0, len(missing), step):
-        chunk = missing[i : i + step]
-        vecs = encoder.encode_texts([t for _, t in chunk])
-        with store.transaction():
-            store.put_embeddings("text", [h for h, _ in chunk], vecs)
-    return added

@@ -44,6 +44,10 @@ class IndexLockedError(RetrievalError):
     """Another process is writing to the index."""
 
 
+class DatabaseUnavailableError(RetrievalError):
+    """The database server cannot be reached now, or the connection to it was lost; running again may work."""
+
+
 class ImageDecodeError(RetrievalError):
     """A file could not be decoded as an image; the message says why."""
 

@@ -18,11 +18,13 @@ a test that kills at a random time can tell which phase the kill landed in.
 
 Checkpoints in the code base:
     decode          index_data/pipeline.py           a decoded image reached the indexer (before batching)
+    plan            index_data/pipeline.py           the plan's moves, duplicates and deletions written, before COMMIT
     encode          index_data/pipeline.py           a batch was encoded, before its SQLite transaction
     sqlite_commit   retrieval/store/db.py            every Store.transaction(), after its writes, before COMMIT
     migrate         retrieval/store/migrations.py    a schema step's writes done, before its COMMIT
     faiss_write     retrieval/store/vectors.py       VectorIndex.save: faiss data in the temp file, no trailer yet
     publish         retrieval/store/index.py         new generation's files renamed into place, manifest not switched
+                    retrieval/store/pg/index.py      a collection's vectors and counts written, before COMMIT
     switch          retrieval/store/switch.py        a finished rebuild's files copied into the index, not switched in
                     index_data/pg_rebuild.py         a finished staging collection checked, schemas not swapped
     ray_encode      index_data/ray_executor.py       an encode actor made a batch's vectors, before returning them

@@ -217,6 +217,36 @@ class Zygote:
         pid = self._line(30.0)["pid"]
         return Run(pid, out, err, lambda timeout: self._line(timeout)["rc"])
 
+    def start_detached(self, argv: list[str], workdir: Path, env: dict | None = None) -> Run:
+        """Like start, but the zygote takes the next request at once: several runs at the same time. The run
+        is a grandchild of the zygote; its exit code comes back in a file (-9 when it died without writing one)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        n = len(list(workdir.glob("run*.out")))
+        out, err, base = workdir / f"run{n}.out", workdir / f"run{n}.err", workdir / f"run{n}"
+        req = {"argv": argv, "env": env or child_env(), "stdout": str(out), "stderr": str(err), "cwd": str(ROOT)}
+        req.update(patch={}, detach=str(base))
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        assert self._line(30.0).get("detached")
+        pid_file, rc_file = Path(f"{base}.pid"), Path(f"{base}.rc")
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        pid = int(pid_file.read_text())
+
+        def waiter(timeout):
+            end = time.monotonic() + timeout
+            while not rc_file.exists():
+                if not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                    if rc_file.exists():
+                        break
+                    return -signal.SIGKILL
+                if time.monotonic() > end:
+                    raise TimeoutError(f"run {pid} did not finish in {timeout} s")
+                time.sleep(0.02)
+            return int(rc_file.read_text())
+
+        return Run(pid, out, err, waiter)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -228,6 +258,12 @@ class Zygote:
 
 
 _ZYGOTE: Zygote | None = None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def zygote() -> Zygote:
@@ -263,8 +299,12 @@ def _zygote_main() -> None:  # runs in the zygote process
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            if req.get("detach") and os.fork() != 0:
+                os._exit(0)  # detached: the run is a grandchild, so the zygote can take the next request at once
             code = 1
             try:
+                if req.get("detach"):
+                    _write_atomic(req["detach"] + ".pid", str(os.getpid()))
                 os.setsid()
                 for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
                     f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -292,7 +332,14 @@ def _zygote_main() -> None:  # runs in the zygote process
                     sys.stdout.flush()
                     sys.stderr.flush()
                 finally:
+                    if req.get("detach"):
+                        _write_atomic(req["detach"] + ".rc", str(code))
                     os._exit(code)
+        if req.get("detach"):
+            os.waitpid(pid, 0)  # the middle process, gone at once
+            out.write((json.dumps({"detached": True}) + "\n").encode())
+            out.flush()
+            continue
         out.write((json.dumps({"pid": pid}) + "\n").encode())
         out.flush()
         _, status = os.waitpid(pid, 0)
@@ -385,6 +432,122 @@ def start_reader(index_dir, workdir: Path, seed: int = 0) -> tuple[subprocess.Po
             return proc, out, stop
         time.sleep(0.01)
     raise RuntimeError(f"reader did not start: {(workdir / 'reader.err').read_text()[-2000:]}")
+
+
+def _pg_reader_main(url: str, out_path: str, stop_path: str, seed: str) -> None:  # a reader of a collection
+    """Until stop_path exists, alternately: read the collection's counts in one REPEATABLE READ snapshot, and
+    search it through Searcher with a random query vector. Writes a summary line. A violation is any of:
+    the published vector count (manifest) differs from the vector rows in the same snapshot; an image row
+    without its raw embedding; two raw embeddings of one content; images, vectors or the generation going
+    down between snapshots; a search hit that is not an image row with a vector; fewer hits than the
+    vectors published before the search (every query is exact: the writers use --index-type flat)."""
+    sys.path.insert(0, str(ROOT))
+    import traceback
+
+    import numpy as np
+    import psycopg
+
+    from retrieval.errors import IndexNotFoundError
+    from retrieval.query.searcher import Searcher
+    from retrieval.store.pg.location import parse_location
+
+    loc = parse_location(url)
+    c = loc.collection
+    rng = np.random.default_rng(int(seed))
+    conn = psycopg.connect(loc.dsn, autocommit=True)
+    out = open(out_path, "w")
+    out.write(json.dumps({"started": True}) + "\n")
+    out.flush()
+    searcher = None
+    last = (0, 0, 0)
+    states: set = set()
+    snapshots = searches = errors = 0
+    violations: list[str] = []
+    first_error = None
+    k = 5
+    while not os.path.exists(stop_path):
+        try:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                ready = conn.execute(
+                    "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'image_vectors'", [c]
+                ).fetchone()
+                row = None
+                if ready:
+                    row = conn.execute(
+                        f"SELECT (SELECT count(*) FROM {c}.images), (SELECT count(*) FROM {c}.image_vectors), "
+                        f"(SELECT value FROM {c}.manifest WHERE key = 'vectors_images'), "
+                        f"(SELECT value FROM {c}.manifest WHERE key = 'generation'), "
+                        f"(SELECT count(*) FROM {c}.images i WHERE NOT EXISTS (SELECT 1 FROM {c}.embeddings e "
+                        f"WHERE e.kind = 'image' AND e.key = i.hash)), "
+                        f"(SELECT count(*) - count(DISTINCT (kind, key)) FROM {c}.embeddings)"
+                    ).fetchone()
+            if row is None:
+                time.sleep(0.02)
+                continue
+            images, vectors, published, gen, no_embedding, doubled = row
+            published = int(json.loads(published)) if published else 0
+            gen = int(json.loads(gen)) if gen else 0
+            snapshots += 1
+            states.add((images, vectors, gen))
+            if published != vectors:
+                violations.append(f"manifest says {published} vectors, the same snapshot has {vectors}")
+            if no_embedding or doubled:
+                violations.append(f"{no_embedding} images without raw embedding, {doubled} doubled embeddings")
+            now = (images, vectors, gen)
+            if any(a < b for a, b in zip(now, last)):
+                violations.append(f"(images, vectors, generation) went from {last} to {now}")
+            last = tuple(max(a, b) for a, b in zip(now, last))
+            if searcher is None:
+                try:
+                    searcher = Searcher.open(url, device="cpu")
+                except IndexNotFoundError:
+                    continue
+            q = rng.standard_normal(searcher.index.dim).astype(np.float32)
+            q /= np.linalg.norm(q)
+            hits = searcher.search_vector(q, k=k, dedupe=False)
+            searches += 1
+            ids = [h.id for h in hits]
+            ok = conn.execute(
+                f"SELECT count(*) FROM {c}.images i JOIN {c}.image_vectors v ON v.id = i.id WHERE i.id = ANY(%s)",
+                [ids],
+            ).fetchone()[0]
+            if ok != len(set(ids)) or len(set(ids)) != len(ids):
+                violations.append(f"hits {ids}: {ok} of them are image rows with a vector")
+            if len(hits) < min(k, published):
+                violations.append(f"{len(hits)} hits after {published} vectors were published")
+        except Exception:
+            errors += 1
+            first_error = first_error or traceback.format_exc()
+    summary = {
+        "snapshots": snapshots,
+        "searches": searches,
+        "states": len(states),
+        "last": last,
+        "errors": errors,
+        "first_error": first_error,
+        "violations": violations[:10],
+    }
+    out.write(json.dumps(summary) + "\n")
+    out.close()
+
+
+def start_pg_reader(url: str, workdir: Path, seed: int = 0) -> tuple[subprocess.Popen, Path, Path]:
+    """A reader process of a collection (see _pg_reader_main). Returns (proc, out, stop)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out, stop = workdir / "pg_reader.jsonl", workdir / "pg_reader.stop"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "pg_reader", url, str(out), str(stop), str(seed)],
+        env=child_env(),
+        cwd=ROOT,
+        stderr=open(workdir / "pg_reader.err", "wb"),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().startswith('{"started"'):
+            return proc, out, stop
+        time.sleep(0.01)
+    raise RuntimeError(f"reader did not start: {(workdir / 'pg_reader.err').read_text()[-2000:]}")
 
 
 def index_argv(paths, index_dir, *extra, batch_size: int = 8, workers: int = 1, model: str | None = TINY) -> list[str]:
@@ -560,3 +723,5 @@ if __name__ == "__main__" and sys.argv[1:] == ["zygote"]:
     _zygote_main()
 elif __name__ == "__main__" and sys.argv[1:2] == ["reader"]:
     _reader_main(*sys.argv[2:])
+elif __name__ == "__main__" and sys.argv[1:2] == ["pg_reader"]:
+    _pg_reader_main(*sys.argv[2:])

@@ -30,6 +30,23 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except Exception as e:  # a dropped PostgreSQL connection anywhere in a command: one line, not a traceback
+            mapped = _database_error(e)
+            if mapped is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            click.echo(f"error: {mapped}", err=True)
+            ctx.exit(mapped.exit_code)
+
+
+def _database_error(e: BaseException):
+    """A psycopg error as its one line, or None; never imports psycopg (it is loaded only for a collection)."""
+    import sys
+
+    if "psycopg" not in sys.modules:
+        return None
+    from retrieval.store.pg.connect import command_error
+
+    return command_error(e)
 
 
 def index_option(f):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from retrieval.errors import (
+    DatabaseUnavailableError,
     EmptyIndexError,
     ImageDecodeError,
     IndexDamagedError,
@@ -62,7 +63,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from retrieval.server.guard import LOOPBACK_NAMES, TEST_HOST, _error, _Guard, _HeadAsGet, is_loopback
 from retrieval.server.params import SearchParams, form_params, query_params  # noqa: E402 - after the [serve] check
-from retrieval.server.service import THUMB_SIZE, NotFound, TooLarge, _Service, log
+from retrieval.server.service import THUMB_SIZE, NotFound, TooLarge, _Service, handle_database_errors, log
 
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -79,6 +80,7 @@ STATUS = {
     IndexLockedError: 503,
     IndexDamagedError: 503,  # the index, not the request, needs fixing (verify --repair)
     OfflineWeightsError: 503,
+    DatabaseUnavailableError: 503,  # PostgreSQL down or restarting: the next request reconnects
     ImageDecodeError: 400,
 }
 
@@ -168,6 +170,8 @@ def create_app(
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}")
+
+    handle_database_errors(app, service, status_for, _unexpected)
 
     # -- page -------------------------------------------------------------------------------------
 

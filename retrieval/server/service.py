@@ -40,6 +40,25 @@ class TooLarge(RetrievalError):
     """An upload over the size limit."""
 
 
+def handle_database_errors(app, service, status_for, unexpected) -> None:
+    """On a collection (Searcher.open imported psycopg), a lost or unreachable database answers with its one
+    line (503) instead of a 500 and a traceback; the next request reconnects (PgDb.reopen)."""
+    import sys
+
+    if "psycopg" not in sys.modules:
+        return
+    from retrieval.server.guard import _error
+
+    async def database_error(request, exc):
+        known = service.searcher.index.storage_error(exc)
+        if known is None:  # an error in our SQL: a bug, answered as one
+            return await unexpected(request, exc)
+        log.warning("%s: %s", request.url.path, known)
+        return _error(status_for(known), str(known))
+
+    app.add_exception_handler(sys.modules["psycopg"].Error, database_error)
+
+
 class _Service:
     """The Searcher plus the lock that serialises every use of it, and the thumbnail cache."""
 

@@ -9,7 +9,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import DatabaseUnavailableError, RetrievalError
 from retrieval.store.pg.location import PgLocation
 
 if TYPE_CHECKING:
@@ -34,7 +34,21 @@ _LOST = re.compile(
     r"|consuming input failed|sending query failed|server conn crashed",
     re.I,
 )
+_CONFLICT_STATES = ("40P01", "40001")  # deadlock detected, serialization failure: another writer's transaction won
 _STARTING = re.compile(r"the database system is (starting up|shutting down|in recovery mode|not yet accepting)", re.I)
+
+
+_LAST: list[PgLocation] = []  # the collection this process connected to last, for `command_error`
+
+
+def command_error(exc: BaseException) -> RetrievalError | None:
+    """`pg_error` for a psycopg error that escaped a command, told against the collection this process last
+    connected to; None when it is not a psycopg error we can explain (or psycopg was never imported)."""
+    import sys
+
+    if "psycopg" not in sys.modules or not _LAST:
+        return None
+    return pg_error(exc, _LAST[0])
 
 
 def _psycopg() -> Any:
@@ -53,6 +67,7 @@ def connect(loc: PgLocation, *, autocommit: bool = False) -> psycopg.Connection:
         from pgvector.psycopg import register_vector
     except ImportError:
         raise RetrievalError(f"a PostgreSQL index needs pgvector's Python package: {INSTALL_HINT}") from None
+    _LAST[:] = [loc]
     given = _conninfo(loc)
     # the URL's own settings win: these are only defaults
     extra = {
@@ -158,11 +173,11 @@ def pg_error(exc: BaseException, loc: PgLocation) -> RetrievalError | None:
         )
     if isinstance(exc, getattr(psycopg.errors, "ConnectionTimeout", ())) or text == "connection timeout expired":
         seconds = info.get("connect_timeout") or CONNECT_TIMEOUT_S
-        return RetrievalError(
+        return DatabaseUnavailableError(
             f"PostgreSQL at {where} did not answer within {seconds} s: is it running, and are the host and port right?"
         )
     if state == "57P03" or _STARTING.search(text):
-        return RetrievalError(
+        return DatabaseUnavailableError(
             f"PostgreSQL at {where} is starting up or shutting down: run the command again once it is up"
         )
     if state == "25006":
@@ -177,11 +192,18 @@ def pg_error(exc: BaseException, loc: PgLocation) -> RetrievalError | None:
         )
     if _is_connect_failure(text):
         if _UNREACHABLE.search(text):
-            return RetrievalError(f"cannot reach PostgreSQL at {where}: is it running? Check the host and port")
+            return DatabaseUnavailableError(
+                f"cannot reach PostgreSQL at {where}: is it running? Check the host and port"
+            )
         reason = text.split("failed: ")[-1]  # libpq's last clause is its reason
         return RetrievalError(f"cannot connect to PostgreSQL at {where}: {reason}")
+    if state in _CONFLICT_STATES:
+        return DatabaseUnavailableError(
+            f"PostgreSQL at {where} aborted a transaction that conflicted with another writer's; what was committed "
+            "is kept: run the command again"
+        )
     if state in _LOST_STATES or state.startswith("08") or _LOST.search(text):
-        return RetrievalError(
+        return DatabaseUnavailableError(
             f"lost the connection to PostgreSQL at {where}; what was committed is kept: run the command again"
         )
     return None

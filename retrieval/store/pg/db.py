@@ -28,6 +28,10 @@ _REWRITES = (
     (re.compile(r"\bIS NOT (?!NULL\b)", re.I), "IS DISTINCT FROM "),
 )
 _CACHE: dict[str, str] = {}
+# advisory lock (hashtext(collection), 2): every write transaction holds it shared, so that pruning the raw
+# embeddings no row references (exclusive, and only when no other writer's transaction is open) never deletes
+# one that another writer has just found or put and is about to reference
+EMBEDDINGS_LOCK = 2
 ITER_ROWS = 2000  # rows per round trip when a whole table is streamed
 ID_TABLES = ("images", "captions", "errors")  # the tables whose id is an identity column
 
@@ -49,8 +53,14 @@ class PgDb:
     def __init__(self, conn):
         self.pg = conn
         self.conn = self  # Store calls self.db.conn.executemany
+        self.reopen = None  # a reader's way to a new connection once this one is lost (None: a writer never reconnects)
 
     def execute(self, sql: str, params: Sequence = ()):
+        if self.reopen is not None and self.pg.broken:
+            # a long-lived reader (serve) whose server restarted: each statement stands alone, so a new
+            # connection loses nothing; while the server is down this raises its one line
+            old, self.pg = self.pg, self.reopen()
+            old.close()
         return self.pg.execute(pg_sql(sql), list(params) if params else None)
 
     def executemany(self, sql: str, seq) -> None:
@@ -105,6 +115,10 @@ class PgStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self.db.atomic():
+            if not self.readonly:
+                self.db.execute(
+                    "SELECT pg_advisory_xact_lock_shared(hashtext(?), ?)", [self.loc.collection, EMBEDDINGS_LOCK]
+                )
             yield
             checkpoint("sqlite_commit")
 
@@ -196,12 +210,24 @@ class PgStore(Store):
         return new
 
     def put_embeddings(self, kind: str, keys: Sequence[str], vecs: np.ndarray) -> None:
+        """Rows in key order: two writers putting overlapping keys lock them in the same order (no deadlock)."""
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         self.db.executemany(
             "INSERT INTO embeddings(kind, key, vector) VALUES (?,?,?) "
             "ON CONFLICT (kind, key) DO UPDATE SET vector = excluded.vector",
-            [(kind, k, v.tobytes()) for k, v in zip(keys, vecs)],
+            sorted((kind, k, v.tobytes()) for k, v in zip(keys, vecs)),
         )
+
+    def drop_unreferenced_embeddings(self) -> int:
+        """Delete the raw embeddings no row references, in the caller's transaction, only if no other writer has
+        a transaction open (it may hold an embedding it is about to reference): else nothing now (-1), the next
+        run prunes them."""
+        got = self.db.execute(
+            "SELECT pg_try_advisory_xact_lock(hashtext(?), ?)", [self.loc.collection, EMBEDDINGS_LOCK]
+        ).fetchone()[0]
+        if not got:
+            return -1
+        return super().drop_unreferenced_embeddings()
 
     def set_manifest(self, key: str, value) -> None:
         self.db.execute(

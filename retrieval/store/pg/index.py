@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import IndexNotFoundError, RetrievalError
+from retrieval.faults import checkpoint
 from retrieval.modelspec import ModelIdentity
 from retrieval.store.index_base import IndexBase
 from retrieval.store.pg.checks import PgChecks
@@ -80,6 +81,7 @@ class PgIndex(PgChecks, IndexBase):
                 )
             check_version(conn, loc)
             store = PgStore(loc, conn, readonly=True)
+            store.db.reopen = lambda: open_connection(loc, write=False)
             recorded = store.get_manifest("model") is not None
         except BaseException:
             conn.close()
@@ -173,6 +175,7 @@ class PgIndex(PgChecks, IndexBase):
                 store.set_manifest("vectors_captions", counts["captions"])
                 if fusion_meta is not ...:
                     store.set_manifest("fusion", fusion_meta)
+                checkpoint("publish")  # every vector and count written, the transaction not committed
         finally:
             self._fusion_override = None
         self._fusion_cache = None

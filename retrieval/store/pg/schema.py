@@ -9,7 +9,8 @@ inner product) and fusion weights (`files`).
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from retrieval.faults import checkpoint
 
@@ -64,12 +65,33 @@ def version(conn, schema: str) -> int:
     return int(row[0] or 0)
 
 
+@contextmanager
+def _schema_step(conn, schema: str) -> Iterator[None]:
+    """One transaction that changes the collection's tables, one writer at a time. The advisory lock
+    (hashtext(schema), 0) is taken before the transaction begins: a transaction that began before another
+    writer committed its CREATE may not see it in the catalogue, and its `CREATE … IF NOT EXISTS` then fails
+    with a duplicate key (seen with three writers opening a new collection at once)."""
+    from psycopg.pq import TransactionStatus
+
+    if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+        with conn.transaction():  # inside a caller's transaction: the lock for that transaction
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), 0)", [schema])
+            yield
+        return
+    conn.execute("SELECT pg_advisory_lock(hashtext(%s), 0)", [schema])
+    try:
+        with conn.transaction():
+            yield
+    finally:
+        if not conn.broken:  # a lost session has lost its locks with it
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s), 0)", [schema])
+
+
 def migrate(conn, schema: str) -> int:
     """Run the steps this collection has not had; return its version. A collection from newer code is left
     alone. `conn` is in autocommit mode with search_path set to the collection."""
     for n in range(version(conn, schema) + 1, LATEST + 1):
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), 0)", [schema])
+        with _schema_step(conn, schema):
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted(schema)}")
             conn.execute(f"CREATE TABLE IF NOT EXISTS {quoted(schema)}.schema_version (version integer NOT NULL)")
             if version(conn, schema) >= n:  # another writer ran it while we waited for the lock
@@ -139,8 +161,7 @@ def ensure_vector_tables(conn, schema: str, dim: int) -> None:
     """The fused-vector tables for `dim`-d vectors, each with its HNSW index (inner product: vectors are
     L2-normalised, so it ranks as cosine). Tables of another dimension, left by an earlier model, are
     replaced: fused vectors are derived data, remade from the raw embeddings."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), 0)", [schema])
+    with _schema_step(conn, schema):
         for kind, table in VECTOR_TABLES.items():
             have = vector_dim(conn, table)
             if have is not None and have != dim:
