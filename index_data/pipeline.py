@@ -290,7 +290,9 @@ def _encode(
         with store.transaction():
             if unstored:
                 store.put_embeddings("image", [r.key.hash for r in unstored], vecs)
-            _restore_pruned(store, encoder, [r for r in batch if r.key.hash not in hashes])
+            reused = [r for r in batch if r.key.hash not in hashes]
+            stored = [r for r in fresh if getattr(r, "stored", False)]
+            batch = _restore_pruned(store, encoder, batch, reused + stored)
             for r in batch:
                 w: _Work = r.key
                 if w.replace_id is not None:  # edited in place: same row (id, captions), new content
@@ -301,8 +303,10 @@ def _encode(
             store.clear_errors([r.key.file.path for r in batch])
             if any(r.key.replace_id is not None for r in batch):
                 store.set_manifest(PENDING_KEY, sorted(dirty | set(store.get_manifest(PENDING_KEY, None) or [])))
-        report.encoded += len(fresh)
-        report.reused += len(batch) - len(fresh)
+        kept = {id(r) for r in batch}  # less any file left for the next run (_restore_pruned)
+        encoded = sum(id(r) in kept for r in fresh)
+        report.encoded += encoded
+        report.reused += len(batch) - encoded
         bar.update(len(batch))
         batch = []
 
@@ -333,16 +337,25 @@ def _encode(
         bar.close()
 
 
-def _restore_pruned(store, encoder, reused) -> None:
-    """Inside a batch's transaction: encode again the contents this run stored earlier whose raw embedding is gone
-    since (another writer deleted every row of that content and pruned it), so no row is left without one."""
-    if not reused:
-        return
-    firsts = {r.key.hash: r for r in reused}
+def _restore_pruned(store, encoder, batch: list, stored_before: list) -> list:
+    """Inside a batch's transaction: encode again the contents whose raw embedding was stored before this
+    transaction (by this run, or by a Ray actor with --ray-write direct) and is gone since (another writer deleted
+    every row of that content and pruned it), so no row is left without one. Returns the batch to write: a file
+    whose embedding is gone and cannot be made here (the pixels stayed on the cluster) is left for the next run."""
+    if not stored_before:
+        return batch
+    firsts = {r.key.hash: r for r in stored_before}
     have = store.has_embeddings("image", list(firsts))
     gone = [h for h in firsts if h not in have]
-    if gone:
-        store.put_embeddings("image", gone, _vectors(encoder, [firsts[h] for h in gone]))
+    remake = [
+        h
+        for h in gone
+        if getattr(firsts[h], "vector", None) is not None or getattr(firsts[h], "tensor", None) is not None
+    ]
+    if remake:
+        store.put_embeddings("image", remake, _vectors(encoder, [firsts[h] for h in remake]))
+    lost = set(gone) - set(remake)
+    return [r for r in batch if r.key.hash not in lost] if lost else batch
 
 
 def _result_stream(jobs, encoder, opts: IndexOptions, workers: int, idx=None):

@@ -287,3 +287,21 @@ def test_direct_writes_to_a_postgresql_collection(tmp_path, ray_address, pg_url)
         ],
     )
     assert r.exit_code == 2 and "needs a PostgreSQL index" in r.output
+
+
+def test_a_direct_write_pruned_before_its_row_is_left_for_the_next_run(tmp_path, pg_url):
+    """An actor's committed embedding that another writer pruned before the driver wrote its row: the row is not
+    written (it would have no embedding); one whose embedding is there is written."""
+    from index_data.pipeline import _restore_pruned, _Work
+    from index_data.ray_executor import EncodedResult
+    from index_data.scan import ScannedFile
+
+    photos = write_photos(tmp_path / "photos", 2)
+    build_index(pg_url, [tmp_path / "photos"])
+    with Index.open_for_write(pg_url, create=False) as idx:
+        (h,) = idx.store.db.execute("SELECT hash FROM images LIMIT 1").fetchone()
+        f = ScannedFile(str(photos[0]), 1, 1)
+        kept = EncodedResult(_Work(f, h), None, 8, 8, None, None, stored=True)
+        lost = EncodedResult(_Work(f, "f" * 64), None, 8, 8, None, None, stored=True)
+        with idx.store.transaction():
+            assert _restore_pruned(idx.store, None, [kept, lost], [kept, lost]) == [kept]
