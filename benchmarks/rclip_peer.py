@@ -448,7 +448,8 @@ def write_report(out: Path, res: dict, name: str) -> Path:
         f"Model: {ARCH}, {res['model']['init']} (same weights in both tools; ONNX towers vs torch max abs "
         f"difference image {res['model']['onnx_vs_torch_max_abs']['image']:.1e}, text "
         f"{res['model']['onnx_vs_torch_max_abs']['text']:.1e}). {res['n']} generated 1600x1200 JPEGs, "
-        f"{res['rounds']} interleaved rounds. Load average (1/5/15 min) at start {res['load_start']}, end "
+        f"{res.get('rounds_done', 0)} of {res['rounds']} interleaved rounds done. Load average (1/5/15 min) "
+        f"at start {res['load_start']}, end "
         f"{res['load_end']}; per run in the JSON.",
         "",
         "## Indexing, end to end (new process, new index / database)",
@@ -515,6 +516,15 @@ def write_report(out: Path, res: dict, name: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ main
+def _finish(res: dict, rec: Recorder, args, top10: dict) -> None:
+    """Summary and report after every round, so an interrupted run keeps what it measured."""
+    res["runs"] = rec.runs
+    res["summary"] = summarise(rec, args.n, ["engine", "engine ViT-B-32", "rclip"])
+    res["top10"] = top10
+    res["load_end"] = load_average()
+    write_report(Path(args.out), res, args.name)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="1600x1200 JPEGs to index")
@@ -560,6 +570,11 @@ def main(argv=None) -> int:
         engine_index(warm_photos, workdir / "warm-index-b32", "ViT-B-32:none", env)
     rclip_index(rclip, warm_photos, rclip_datadir(models, workdir / "warm-rclip"))
 
+    res["install"] = {
+        "engine_base": engine_base_size(),
+        "rclip": closure_size(str(Path(args.rclip_venv) / "bin" / "python"), "rclip"),
+        "rclip_venv_bytes": du_bytes(Path(args.rclip_venv)),
+    }
     rec = Recorder()
     pad_vecs = None
     if args.pad > args.n:
@@ -610,16 +625,9 @@ def main(argv=None) -> int:
                 top10[what] = compare(rows_e, rows_r)
                 top10[what]["engine"] = rows_e
                 top10[what]["rclip"] = rows_r
-    res["runs"] = rec.runs
-    res["summary"] = summarise(rec, args.n, ["engine", "engine ViT-B-32", "rclip"])
-    res["top10"] = top10
-    res["install"] = {
-        "engine_base": engine_base_size(),
-        "rclip": closure_size(str(Path(args.rclip_venv) / "bin" / "python"), "rclip"),
-        "rclip_venv_bytes": du_bytes(Path(args.rclip_venv)),
-    }
-    res["load_end"] = load_average()
-    md = write_report(Path(args.out), res, args.name)
+        res["rounds_done"] = r
+        _finish(res, rec, args, top10)
+    md = Path(args.out) / f"{args.name}.md"
     print(md.read_text())
     print(f"wrote {md.with_suffix('.json')} and {md}\nreproduce: {cmd}")
     return 0
