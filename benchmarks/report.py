@@ -497,7 +497,22 @@ def _rel_png(png: str) -> str:
     return f"out/{p.name}"
 
 
+def _sibling_md(path: Path):
+    """Renderer for results whose script writes its own Markdown beside the JSON: that file, headings demoted."""
+
+    def render(d: dict) -> str:
+        md = path.with_suffix(".md")
+        body = md.read_text() if md.is_file() else ""
+        if not body:
+            raise ValueError("no Markdown beside the JSON")
+        lines = [("#" + ln if ln.startswith("#") else ln) for ln in body.splitlines() if not ln.startswith("# ")]
+        return "\n".join(lines).strip() + "\n"
+
+    return render
+
+
 RENDERERS = [
+    (lambda name, d: name.startswith("rclip_peer"), "The engine against rclip (rclip_peer.py)", None),
     (lambda name, d: name == "speed.json", "Speed: indexing, query latency, memory, cold CLI", render_speed),
     (lambda name, d: name.startswith("recall"), None, render_recall),
     (lambda name, d: name == "speed_vectors.json", "Vector index speed (speed_vectors.py)", render_speed_vectors),
@@ -516,6 +531,7 @@ def render_file(path: Path) -> str:
     except (OSError, ValueError) as e:
         return f"## {_title(path, None)}\n\n_Source: `benchmarks/out/{path.name}`_ (could not be read: {e})\n"
     for match, title, fn in RENDERERS:
+        fn = fn or _sibling_md(path)
         try:
             if match(path.name, d) and isinstance(d, dict):
                 return f"## {title or _title(path, d)}\n\n_Source: `benchmarks/out/{path.name}`_\n\n" + fn(d)
@@ -610,7 +626,82 @@ def headline(out_dir: Path) -> str:
                     )
         except Exception:
             pass
+    lines += _onnx_before_after(out_dir)
     return "\n".join(lines)
+
+
+def _onnx_before_after(out_dir: Path) -> list[str]:
+    """Torch (before) against onnxruntime (after) on the issue's figures, from speed.json (torch indexing),
+    rclip_peer.json (indexing and cold queries beside rclip) and onnx_warm_1m.json (warm 1M text query)."""
+    try:
+        peer = json.loads((out_dir / "rclip_peer.json").read_text())
+    except (OSError, ValueError):
+        return []
+    rows = []
+    try:
+        torch_ix = next(
+            r["images_per_s"]
+            for r in json.loads((out_dir / "speed.json").read_text()).get("indexing") or []
+            if r.get("model") == "ViT-B-32:none" and r.get("torch_threads") == 2
+        )
+    except (OSError, ValueError, StopIteration, KeyError):
+        torch_ix = None
+    ix = peer["summary"]["index"]
+    b32, rc = ix.get("engine ViT-B-32"), ix.get("rclip")
+    rc_ix = f"{_fmt(rc['images_per_s'])} images/s ({PEER_ARCH})" if rc else ""
+    if b32:
+        ok = torch_ix and b32["images_per_s"] >= 1.8 * torch_ix
+        target = f">= {_fmt(1.8 * torch_ix)} (1.8x): {'met' if ok else 'missed'}" if torch_ix else ">= 1.8x torch"
+        ratio = f" ({b32['images_per_s'] / torch_ix:.2f}x)" if torch_ix else ""
+        rows.append(
+            f"| `index`, {peer['n']} 1600x1200 JPEGs, ViT-B-32, images/s | {_fmt(torch_ix) if torch_ix else ''} | "
+            f"**{_fmt(b32['images_per_s'])}**{ratio} | {target} | {rc_ix} |"
+        )
+    if ix.get("engine") and rc:
+        rows.append(
+            f"| `index`, same photos, {PEER_ARCH} (rclip's model), images/s | | "
+            f"**{_fmt(ix['engine']['images_per_s'])}** | >= rclip: "
+            f"{'met' if ix['engine']['images_per_s'] >= rc['images_per_s'] else 'missed'} | "
+            f"{_fmt(rc['images_per_s'])} |"
+        )
+    for what, v in peer["summary"]["query"].items():
+        if "engine" in v and "rclip" in v:
+            lim = 0.6 if what.startswith("image") else 0.25
+            ok = "met" if v["engine"]["median_s"] <= lim else "missed"
+            target = f"<= {lim} s: {ok}" if "rows" in what else ""
+            rows.append(
+                f"| cold `search`, {what} ({PEER_ARCH}), median | | **{_fmt(v['engine']['median_s'])} s** | "
+                f"{target} | {_fmt(v['rclip']['median_s'])} s |"
+            )
+    try:
+        w = json.loads((out_dir / "onnx_warm_1m.json").read_text())
+        for r in w.get("warm") or []:
+            if r.get("mode") == "fast" and r.get("n_vectors", 0) >= 1_000_000:
+                rows.append(
+                    f"| warm text query, {_fmt(r['n_vectors'])} vectors, {r.get('index_kind')} (onnx_warm_1m) | | "
+                    f"**p50 {_fmt(r['total_p50_ms'])} ms**, recall@10 {_fmt(r['recall_at_10'])} | "
+                    "p50 <= 15 ms at recall@10 >= 0.98: "
+                    f"{'met' if r['total_p50_ms'] <= 15 and r['recall_at_10'] >= 0.98 else 'missed'} | |"
+                )
+    except (OSError, ValueError, KeyError):
+        pass
+    if not rows:
+        return []
+    loads = [r["load_avg"][0] for r in peer.get("runs", []) if r.get("load_avg")]
+    note = f"load average {min(loads):.1f}–{max(loads):.1f}" if loads else "load not recorded"
+    return [
+        "",
+        f"Before / after ONNX Runtime on the CPU ({note} during rclip_peer; the torch figure is speed.json's, "
+        "taken on a quieter day; see RESULTS_onnx.md):",
+        "",
+        "| | before (torch) | after (onnxruntime) | target | rclip " + peer.get("rclip", {}).get("version", "") + " |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+PEER_ARCH = "ViT-B-32-256"
 
 
 def build_report(out_dir: Path) -> str:

@@ -136,6 +136,21 @@ def test_report(out, tmp_path):
     )
     (o / "bench_decode.txt").write_text("decode-only workers=1 fork   42.0 img/s\n")
     (o / "broken.json").write_text("{not json")
+    peer = {
+        "n": 10,
+        "rclip": {"version": "3.3.0"},
+        "runs": [{"load_avg": [1.5, 1.0, 0.5]}],
+        "summary": {
+            "index": {
+                "engine ViT-B-32": {"images_per_s": 31.0},
+                "engine": {"images_per_s": 25.0},
+                "rclip": {"images_per_s": 20.0},
+            },
+            "query": {"text, 100,000 rows": {"engine": {"median_s": 0.3}, "rclip": {"median_s": 0.9}}},
+        },
+    }
+    (o / "rclip_peer.json").write_text(json.dumps(peer))
+    (o / "rclip_peer.md").write_text("# The engine against rclip\n\n## Indexing\n\n| tool | images/s |\n")
     results = tmp_path / "RESULTS.md"
     p = _run([str(ROOT / "benchmarks" / "report.py"), "--out-dir", str(o), "--results", str(results)], timeout=120)
     assert "reproduce: python benchmarks/report.py" in p.stdout
@@ -148,6 +163,12 @@ def test_report(out, tmp_path):
         "## Fusion weird",
         "## Bench decode (text output)",
         "## Broken",
+        "## The engine against rclip (rclip_peer.py)",
+        "### Indexing",
     ):
         assert heading in text, heading
     assert "image_retrieval_recall" in text and "| a | b |" in text and "42.0 img/s" in text
+    assert "Before / after ONNX Runtime" in text
+    assert (
+        "| cold `search`, text, 100,000 rows (ViT-B-32-256), median | | **0.3 s** | <= 0.25 s: missed | 0.9 s |" in text
+    )
