@@ -418,20 +418,25 @@ def _reader_main(index_dir: str, out_path: str, stop_path: str, seed: str) -> No
 
 def start_reader(index_dir, workdir: Path, seed: int = 0) -> tuple[subprocess.Popen, Path, Path]:
     """A reader process (no torch: it searches with random query vectors). Returns (proc, out, stop)."""
+    return _start_reader_process("reader", str(index_dir), workdir, seed, timeout=120)
+
+
+def _start_reader_process(verb: str, where: str, workdir: Path, seed: int, timeout: float):
+    """`python faultkit.py VERB WHERE OUT STOP SEED`, returned once it has written its start line."""
     workdir.mkdir(parents=True, exist_ok=True)
-    out, stop = workdir / "reader.jsonl", workdir / "reader.stop"
+    out, stop = workdir / f"{verb}.jsonl", workdir / f"{verb}.stop"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "reader", str(index_dir), str(out), str(stop), str(seed)],
+        [sys.executable, __file__, verb, where, str(out), str(stop), str(seed)],
         env=child_env(),
         cwd=ROOT,
-        stderr=open(workdir / "reader.err", "wb"),
+        stderr=open(workdir / f"{verb}.err", "wb"),
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().startswith('{"started"'):
             return proc, out, stop
         time.sleep(0.01)
-    raise RuntimeError(f"reader did not start: {(workdir / 'reader.err').read_text()[-2000:]}")
+    raise RuntimeError(f"reader did not start: {(workdir / f'{verb}.err').read_text()[-2000:]}")
 
 
 def _pg_reader_main(url: str, out_path: str, stop_path: str, seed: str) -> None:  # a reader of a collection
@@ -534,20 +539,7 @@ def _pg_reader_main(url: str, out_path: str, stop_path: str, seed: str) -> None:
 
 def start_pg_reader(url: str, workdir: Path, seed: int = 0) -> tuple[subprocess.Popen, Path, Path]:
     """A reader process of a collection (see _pg_reader_main). Returns (proc, out, stop)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    out, stop = workdir / "pg_reader.jsonl", workdir / "pg_reader.stop"
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "pg_reader", url, str(out), str(stop), str(seed)],
-        env=child_env(),
-        cwd=ROOT,
-        stderr=open(workdir / "pg_reader.err", "wb"),
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_text().startswith('{"started"'):
-            return proc, out, stop
-        time.sleep(0.01)
-    raise RuntimeError(f"reader did not start: {(workdir / 'pg_reader.err').read_text()[-2000:]}")
+    return _start_reader_process("pg_reader", url, workdir, seed, timeout=60)
 
 
 def index_argv(paths, index_dir, *extra, batch_size: int = 8, workers: int = 1, model: str | None = TINY) -> list[str]:
