@@ -54,21 +54,23 @@ def load_collection(
     uri: str, x: np.ndarray, maintenance_mem: str, workers: int, m: int | None = None, efc: int | None = None
 ) -> tuple[object, dict]:
     """A fresh collection holding x as image vectors (ids 1..n), its HNSW index built after the COPY."""
-    from retrieval.store.pg.connect import connect
     from retrieval.store.pg.db import PgStore
+    from retrieval.store.pg.index import open_connection
     from retrieval.store.pg.location import parse_location
-    from retrieval.store.pg.schema import HNSW_EF_CONSTRUCTION, HNSW_M, ensure_vector_tables, quoted
+    from retrieval.store.pg.schema import (
+        HNSW_EF_CONSTRUCTION,
+        HNSW_M,
+        drop_collection,
+        drop_vector_indexes,
+        ensure_vector_tables,
+    )
 
     loc = parse_location(f"{uri}{'&' if '?' in uri else '?'}collection={COLLECTION}")
-    admin = connect(loc, autocommit=True)
-    admin.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    admin.execute(f"DROP SCHEMA IF EXISTS {quoted(COLLECTION)} CASCADE")
-    admin.close()
-    conn = connect(loc, autocommit=True)
-    conn.execute(f"SET search_path TO {quoted(COLLECTION)}, public")
+    conn = open_connection(loc, write=True)  # creates pgvector in the database when it is missing
+    drop_collection(conn, COLLECTION)
     PgStore(loc, conn)  # creates the schema by its migrations
     ensure_vector_tables(conn, COLLECTION, x.shape[1])
-    conn.execute("DROP INDEX image_vectors_hnsw")
+    drop_vector_indexes(conn)  # built once after the COPY, below
     n, res = len(x), {}
     m, efc = m or HNSW_M, efc or HNSW_EF_CONSTRUCTION  # the store's own unless exploring others
     t = time.perf_counter()

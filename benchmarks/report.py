@@ -513,6 +513,16 @@ def _sibling_md(path: Path):
 
 RENDERERS = [
     (lambda name, d: name.startswith("rclip_peer"), "The engine against rclip (rclip_peer.py)", None),
+    (
+        lambda name, d: name.startswith("pg_vectors"),
+        "PostgreSQL + pgvector against the embedded store (pg_vectors.py)",
+        None,
+    ),
+    (
+        lambda name, d: name.startswith("ray_pg_write"),
+        "Ray into PostgreSQL: driver or actor writes (ray_pg_write.py)",
+        None,
+    ),
     (lambda name, d: name == "speed.json", "Speed: indexing, query latency, memory, cold CLI", render_speed),
     (lambda name, d: name.startswith("recall"), None, render_recall),
     (lambda name, d: name == "speed_vectors.json", "Vector index speed (speed_vectors.py)", render_speed_vectors),
@@ -630,11 +640,19 @@ def headline(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _quietest(out_dir: Path, stem: str) -> Path:
+    """`<stem>_idle.json` (the run taken with little else on the machine) when there is one, else `<stem>.json`."""
+    idle = out_dir / f"{stem}_idle.json"
+    return idle if idle.is_file() else out_dir / f"{stem}.json"
+
+
 def _onnx_before_after(out_dir: Path) -> list[str]:
     """Torch (before) against onnxruntime (after) on the issue's figures, from speed.json (torch indexing),
-    rclip_peer.json (indexing and cold queries beside rclip) and onnx_warm_1m.json (warm 1M text query)."""
+    rclip_peer (indexing and cold queries beside rclip) and onnx_warm_1m (warm 1M text query), each the
+    quietest run there is."""
+    peer_path = _quietest(out_dir, "rclip_peer")
     try:
-        peer = json.loads((out_dir / "rclip_peer.json").read_text())
+        peer = json.loads(peer_path.read_text())
     except (OSError, ValueError):
         return []
     rows = []
@@ -674,11 +692,12 @@ def _onnx_before_after(out_dir: Path) -> list[str]:
                 f"{target} | {_fmt(v['rclip']['median_s'])} s |"
             )
     try:
-        w = json.loads((out_dir / "onnx_warm_1m.json").read_text())
+        warm_path = _quietest(out_dir, "onnx_warm_1m")
+        w = json.loads(warm_path.read_text())
         for r in w.get("warm") or []:
             if r.get("mode") == "fast" and r.get("n_vectors", 0) >= 1_000_000:
                 rows.append(
-                    f"| warm text query, {_fmt(r['n_vectors'])} vectors, {r.get('index_kind')} (onnx_warm_1m) | | "
+                    f"| warm text query, {_fmt(r['n_vectors'])} vectors, {r.get('index_kind')} ({warm_path.stem}) | | "
                     f"**p50 {_fmt(r['total_p50_ms'])} ms**, recall@10 {_fmt(r['recall_at_10'])} | "
                     "p50 <= 15 ms at recall@10 >= 0.98: "
                     f"{'met' if r['total_p50_ms'] <= 15 and r['recall_at_10'] >= 0.98 else 'missed'} | |"
@@ -691,7 +710,7 @@ def _onnx_before_after(out_dir: Path) -> list[str]:
     note = f"load average {min(loads):.1f}–{max(loads):.1f}" if loads else "load not recorded"
     return [
         "",
-        f"Before / after ONNX Runtime on the CPU ({note} during rclip_peer; the torch figure is speed.json's, "
+        f"Before / after ONNX Runtime on the CPU ({note} during {peer_path.stem}; the torch figure is speed.json's, "
         "taken on a quieter day; see RESULTS_onnx.md):",
         "",
         "| | before (torch) | after (onnxruntime) | target | rclip " + peer.get("rclip", {}).get("version", "") + " |",

@@ -19,11 +19,10 @@ from retrieval.errors import IndexNotFoundError, ModelMismatchError
 from retrieval.faults import checkpoint
 from retrieval.modelspec import parse_spec
 from retrieval.store.index import Index
+from retrieval.store.pg.index import PUBLISH_LOCK
 from retrieval.store.pg.location import parse_location
-from retrieval.store.pg.schema import quoted
-from retrieval.store.switch import STAGING_KEY, require_complete
-
-PUBLISH_LOCK = 1  # the collection's publish lock (retrieval/store/pg/index.py): no publish during the swap
+from retrieval.store.pg.schema import drop_collection, quoted
+from retrieval.store.switch import STAGING_KEY, planned_id_moves, require_complete
 
 
 def staging_name(collection: str) -> str:
@@ -34,10 +33,6 @@ def staging_name(collection: str) -> str:
     return f"rebuild_{hashlib.sha256(collection.encode()).hexdigest()[:24]}"
 
 
-def _drop_schema(idx, schema: str) -> None:
-    idx.store.db.pg.execute(f"DROP SCHEMA IF EXISTS {quoted(schema)} CASCADE")
-
-
 def _run_staged(run_index, main, stage_url: str, stage_schema: str, opts, what: dict):
     with Index.open_for_write(stage_url) as st, st.store.transaction():
         st.store.set_manifest(STAGING_KEY, what)
@@ -45,25 +40,16 @@ def _run_staged(run_index, main, stage_url: str, stage_schema: str, opts, what: 
         return run_index(stage_url, opts)
     except Exception:
         if not resumable(stage_url, what):  # failed before a model was recorded: leave nothing behind
-            _drop_schema(main, stage_schema)
+            drop_collection(main.store.db.pg, stage_schema)
         raise
 
 
 def keep_ids(main, stage_url: str) -> int:
     """Give each staging image the id its path has in the collection (new paths get ids above both), then
     remake the staging vectors from its raw embeddings (no encoding). Returns how many rows moved."""
-    old = {bytes(raw): int(i) for i, raw in main.store.db.pg.execute("SELECT id, path_raw FROM images")}
     with Index.open_for_write(stage_url, create=False) as st:
         pg = st.store.db.pg
-        rows = [(int(i), bytes(raw)) for i, raw in pg.execute("SELECT id, path_raw FROM images")]
-        top = max([0, *old.values(), *(i for i, _ in rows)]) + 1
-        moves = []
-        for i, raw in rows:
-            new = old.get(raw)
-            if new is None:
-                new, top = top, top + 1
-            if new != i:
-                moves.append((i, new))
+        moves, top = planned_id_moves(main.store, st.store)
         if moves:
             with st.store.transaction():
                 pg.execute("CREATE TEMP TABLE id_moves (old bigint PRIMARY KEY, new bigint) ON COMMIT DROP")
@@ -96,7 +82,7 @@ def switch_in(main, stage_url: str, stage_schema: str) -> int:
     pg = main.store.db.pg
     next_gen = main.generation + 1
     checkpoint("switch")
-    with pg.transaction():
+    with pg.transaction():  # under the publish lock: no publish of either schema during the swap
         pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", [collection, PUBLISH_LOCK])
         s = quoted(stage_schema)
         pg.execute(f"DELETE FROM {s}.manifest WHERE key = %s", [STAGING_KEY])
@@ -109,8 +95,6 @@ def switch_in(main, stage_url: str, stage_schema: str) -> int:
         pg.execute(f"ALTER SCHEMA {quoted(collection)} RENAME TO {quoted(gone)}")
         pg.execute(f"ALTER SCHEMA {s} RENAME TO {quoted(collection)}")
         pg.execute(f"DROP SCHEMA {quoted(gone)} CASCADE")
-    main._vectors = {}
-    main._fusion_cache = None
     return next_gen
 
 
@@ -132,13 +116,13 @@ def run_pg_rebuild(url: str, opts, run_index):
         stage_url = loc.with_collection(stage_schema)
         what = rebuild_inputs(opts, spec)
         if not resumable(stage_url, what):
-            _drop_schema(main, stage_schema)
+            drop_collection(main.store.db.pg, stage_schema)
         index_type = opts.index_type or main.store.get_manifest("index_type_requested", "auto")
         staged = replace(opts, rebuild=False, model=spec, index_type=index_type)
         try:
             report = _run_staged(run_index, main, stage_url, stage_schema, staged, what)
         except ModelMismatchError:  # same spec, other weights: start the staging collection afresh
-            _drop_schema(main, stage_schema)
+            drop_collection(main.store.db.pg, stage_schema)
             report = _run_staged(run_index, main, stage_url, stage_schema, staged, what)
         if report.interrupted:  # Ctrl-C: the collection stays as it was; the same command resumes
             return report

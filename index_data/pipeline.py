@@ -284,6 +284,7 @@ def _encode(
                 hashes.add(r.key.hash)
                 fresh.append(r)
         # with --ray-write direct the encode actors have committed these embeddings already
+        stored = [r for r in fresh if getattr(r, "stored", False)]
         unstored = [r for r in fresh if not getattr(r, "stored", False)]
         vecs = _vectors(encoder, unstored) if unstored else None
         checkpoint("encode")
@@ -291,7 +292,6 @@ def _encode(
             if unstored:
                 store.put_embeddings("image", [r.key.hash for r in unstored], vecs)
             reused = [r for r in batch if r.key.hash not in hashes]
-            stored = [r for r in fresh if getattr(r, "stored", False)]
             batch = _restore_pruned(store, encoder, batch, reused + stored)
             for r in batch:
                 w: _Work = r.key

@@ -129,12 +129,9 @@ class EncodeActor:
 
 def _open_store(url: str):
     """The collection's store for an encode actor's direct writes (no migrations: the driver made it)."""
-    from retrieval.store.pg.connect import connect
     from retrieval.store.pg.db import PgStore
+    from retrieval.store.pg.index import open_connection
     from retrieval.store.pg.location import parse_location
-    from retrieval.store.pg.schema import quoted
 
     loc = parse_location(url)
-    conn = connect(loc, autocommit=True)
-    conn.execute(f"SET search_path TO {quoted(loc.collection)}, public")
-    return PgStore(loc, conn, readonly=True)
+    return PgStore(loc, open_connection(loc, write=False), readonly=True)

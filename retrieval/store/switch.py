@@ -52,23 +52,32 @@ def _copy_file(src: Path, dest: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def planned_id_moves(main_store, staging_store) -> tuple[list[tuple[int, int]], int]:
+    """(staging id, id to take) for each staging image whose id is not the one its path has in `main_store`
+    (a path new to main gets an id above every id in use in either), and an id above all of them. Both
+    stores' images are read with the shared SQL, so this serves the embedded store and a collection alike."""
+    old = {bytes(raw): int(i) for i, raw in main_store.db.execute("SELECT id, path_raw FROM images")}
+    rows = [(int(i), bytes(raw)) for i, raw in staging_store.db.execute("SELECT id, path_raw FROM images")]
+    top = max([0, *old.values(), *(i for i, _ in rows)]) + 1
+    moves = []
+    for i, raw in rows:
+        new = old.get(raw)
+        if new is None:
+            new, top = top, top + 1
+        if new != i:
+            moves.append((i, new))
+    return moves, top
+
+
 def keep_ids(main: Index, staging: Path) -> int:
     """Give each image of the staging index the id its path has in `main` (new paths get ids above both),
     so /file/ID links and a reader's in-flight results keep naming the same files across the switch.
     Re-keys the staging vectors (rebuilt from its raw embeddings, no encoding). Returns how many rows
     moved. A kill halfway leaves rows ahead of the vectors, which the resumed run publishes."""
-    old = {bytes(raw): i for i, raw in main.store.db.execute("SELECT id, path_raw FROM images")}
     with Index.open_for_write(staging, create=False) as st:
         db = st.store.db
-        rows = [(i, bytes(raw)) for i, raw in db.execute("SELECT id, path_raw FROM images")]
-        top = max([0, *old.values(), *(i for i, _ in rows)]) + 1
-        want = {}
-        for i, raw in rows:
-            if raw in old:
-                want[i] = old[raw]
-            else:
-                want[i], top = top, top + 1
-        moves = [(new, i) for i, new in want.items() if new != i]
+        planned, top = planned_id_moves(main.store, st.store)
+        moves = [(new, i) for i, new in planned]
         if not moves:
             return 0
         shift = top  # above every id in use: the two-step renumbering never collides

@@ -75,7 +75,7 @@ def _schema_step(conn, schema: str) -> Iterator[None]:
 
     if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
         with conn.transaction():  # inside a caller's transaction: the lock for that transaction
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), 0)", [schema])
+            lock_collection(conn, schema)
             yield
         return
     conn.execute("SELECT pg_advisory_lock(hashtext(%s), 0)", [schema])
@@ -140,21 +140,24 @@ def raise_build_memory(conn, rows: int, dim: int) -> None:
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", [f"{want_kb}kB"])
 
 
-def vector_dim(conn, table: str) -> int | None:
-    """The declared dimension of `table`.embedding, or None when the table does not exist yet."""
+def _embedding_column(conn, table: str, attribute: str):
+    """`attribute` of `table`.embedding in pg_attribute, or None when the table does not exist yet."""
     row = conn.execute(
-        "SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
+        f"SELECT a.{attribute} FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
         [table],
     ).fetchone()
-    return None if row is None else int(row[0])
+    return None if row is None else row[0]
+
+
+def vector_dim(conn, table: str) -> int | None:
+    """The declared dimension of `table`.embedding, or None when the table does not exist yet."""
+    dim = _embedding_column(conn, table, "atttypmod")
+    return None if dim is None else int(dim)
 
 
 def _storage(conn, table: str) -> str | None:
-    row = conn.execute(
-        "SELECT a.attstorage FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
-        [table],
-    ).fetchone()
-    return None if row is None else str(row[0])
+    storage = _embedding_column(conn, table, "attstorage")
+    return None if storage is None else str(storage)
 
 
 def ensure_vector_tables(conn, schema: str, dim: int) -> None:
