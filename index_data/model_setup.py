@@ -28,7 +28,7 @@ def _record_export(idx: Index, encoder) -> None:
     """The manifest names the ONNX export in the cache that the index's queries use; the per-index text
     export of older versions (text_encoder.*) is removed once that is recorded. A re-run with nothing new
     loads no model when the export is recorded and in the cache."""
-    from retrieval.models.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, warn_once
+    from retrieval.models.onnx_runtime import ExportUnusable, export_dir, export_key, read_meta, remake_due, warn_once
 
     ident = idx.identity
     key = export_key(ident) if ident is not None else None
@@ -36,7 +36,7 @@ def _record_export(idx: Index, encoder) -> None:
     current = False
     if key is not None and recorded == key:
         try:  # files present at their recorded sizes; a query that cannot load one sets the export aside
-            current = read_meta(export_dir(key)) is not None
+            current = not remake_due(read_meta(export_dir(key)))  # an older version's export is made again
         except ExportUnusable as e:
             if "no ONNX export" not in str(e):
                 warn_once(f"{e}; exporting it again")

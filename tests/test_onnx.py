@@ -383,3 +383,53 @@ def test_index_of_the_older_layout_answers_and_is_migrated(tmp_path, tiny_export
     db = sqlite3.connect(idx / "meta.sqlite")
     (value,) = db.execute("SELECT value FROM manifest WHERE key = 'onnx_export'").fetchone()
     assert json.loads(value)["key"] == tiny_export.name
+
+
+def test_open_clip_text_tower_is_exported_with_plain_attention(tiny_encoder, tiny_export):
+    """nn.MultiheadAttention is swapped for plain tensor operations over the same weights before the text tower
+    is exported (on a copy: the model itself keeps its layers), so the graph has a few reshapes per layer instead
+    of ~11; the tokenizer's merges are stored uncompressed. Outputs still match torch at every length."""
+    import onnx
+    import torch
+    from torch import nn
+
+    from retrieval.models.onnx_towers import _clip_text_module
+
+    model = tiny_encoder.model
+    module, dynamic = _clip_text_module(model)
+    assert dynamic
+    assert all(type(b.attn) is not nn.MultiheadAttention for b in module.transformer.resblocks)
+    assert all(type(b.attn) is nn.MultiheadAttention for b in model.transformer.resblocks)
+    tokens = torch.as_tensor(tiny_encoder.tokenizer(["a dog on a beach at night", "x"]))
+    for n in (2, 5, 9):
+        with torch.no_grad():
+            ref = model.encode_text(torch.nn.functional.pad(tokens[:, :n], (0, tokens.shape[1] - n)))
+            np.testing.assert_allclose(module(tokens[:, :n]).numpy(), ref.numpy(), atol=1e-5, rtol=0)
+    meta = json.loads((tiny_export / META_NAME).read_text())
+    graph = onnx.load(str(tiny_export / meta["text"]["file"]), load_external_data=False).graph
+    layers = len(model.transformer.resblocks)
+    reshapes = sum(n.op_type == "Reshape" for n in graph.node)
+    assert reshapes <= 3 * layers + 4, reshapes
+    assert meta["revision"] == 2
+    assert meta["tokenizer"]["file"] == "bpe_merges.txt" and meta["tokenizer"]["unique_merges"] is True
+
+
+def test_an_export_of_an_older_revision_answers_and_is_made_again_by_index(
+    onnx_index, tmp_path, tiny_export, monkeypatch
+):
+    """An export made by an older version (no revision in its meta, the gzipped vocabulary) keeps answering
+    queries on onnxruntime; the next `index` run, torch being installed, exports the model again in its place."""
+    cache = _private_cache(tmp_path, tiny_export)
+    mine = cache / "onnx" / tiny_export.name
+    meta = json.loads((mine / META_NAME).read_text())
+    del meta["revision"]
+    (mine / META_NAME).write_text(json.dumps(meta))
+    idx = tmp_path / "idx"
+    shutil.copytree(onnx_index / "idx", idx)
+    ids, enc = _search(idx, monkeypatch, cache, text="a red circle")
+    assert len(ids) == 2 and enc.runtime == "onnx"
+    build_index(idx, [onnx_index / "photos"])  # nothing new to encode: only the export is made again
+    again = json.loads((mine / META_NAME).read_text())
+    assert again["revision"] == 2 and again["key"] == tiny_export.name
+    ids2, enc2 = _search(idx, monkeypatch, cache, text="a red circle")
+    assert ids2 == ids and enc2.runtime == "onnx" and enc2.meta["revision"] == 2

@@ -222,14 +222,14 @@ def test_choose_config():
     assert choose_config(50_000, 512).kind == "flat"
     assert choose_config(200_000, 512).kind == "ivfsq"  # IVF over float16: better than hnsw (RESULTS_vectors.md)
     assert choose_config(200_000, 512).params["qtype"] == "fp16"
-    assert choose_config(1_000_000, 512).params["nprobe"] == 256  # 0.987 on sentence queries (RESULTS_fastquery.md)
-    assert choose_config(100_000, 512).params == {"nlist": 512, "nprobe": 256, "qtype": "fp16"}
+    assert choose_config(1_000_000, 512).params["nprobe"] == 256  # 0.991 on sentence queries (RESULTS_onnx.md)
+    assert choose_config(100_000, 512).params == {"nlist": 1024, "nprobe": 256, "qtype": "fp16"}
     assert choose_config(1_000_000, 512, "ivfflat").params["nprobe"] == 64
     assert choose_config(10_000_000, 512).kind == "ivfpq"
     assert choose_config(1000, 512, "hnsw").kind == "hnsw"  # explicit wins
     assert choose_config(10**7, 512, "flat").kind == "flat"
     assert choose_config(1_000_000, 512, "hnsw").params["efSearch"] >= 64
-    assert choose_config(1_000_000, 512).params["nlist"] == 2048
+    assert choose_config(1_000_000, 512).params["nlist"] == 4096
     cfg = choose_config(1000, 512, "ivfpq")
     assert cfg.kind == "ivfpq" and 512 % cfg.params["m"] == 0
     assert VectorIndexConfig.from_dict(cfg.to_dict()) == cfg

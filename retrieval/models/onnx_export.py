@@ -25,6 +25,7 @@ from retrieval.models.onnx_runtime import (
     FORMAT,
     FORMAT_VERSION,
     META_NAME,
+    REVISION,
     ExportUnusable,
     ImageTransform,
     OnnxEncoder,
@@ -33,6 +34,7 @@ from retrieval.models.onnx_runtime import (
     export_key,
     open_export,
     read_meta,
+    remake_due,
     warn_once,
 )
 from retrieval.models.onnx_towers import ExportFailed, _export_clip, _export_starter
@@ -142,7 +144,7 @@ def usable_export(identity) -> Path | None:
     try:
         enc = open_export(d, purpose="index")
         enc.check()
-        return d
+        return None if remake_due(enc.meta) else d
     except ExportUnusable as e:
         if "no ONNX export" not in str(e):
             warn_once(f"{e}; exporting it again")
@@ -182,6 +184,7 @@ def ensure_export(encoder) -> Path:
         meta.update(
             format=FORMAT,
             version=FORMAT_VERSION,
+            revision=REVISION,
             key=key,
             identity=encoder.identity.to_dict(),
             sources={p: sha256_file(p) for p in sources},
@@ -194,7 +197,7 @@ def ensure_export(encoder) -> Path:
         write_atomic(tmp / META_NAME, json.dumps(meta, indent=1, sort_keys=True).encode())  # the commit, last
         fsync_dir(tmp)
         checkpoint("onnx_export")
-        if final.exists():  # damaged: move it aside in one rename, then delete
+        if final.exists():  # damaged or of an older revision: move it aside in one rename, then delete
             old = root / f".{key}.old.{os.getpid()}.tmp"
             os.rename(final, old)
             shutil.rmtree(old, ignore_errors=True)

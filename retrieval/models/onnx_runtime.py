@@ -7,7 +7,7 @@ An export (written by retrieval/models/onnx_export.py) lives once per user and m
         image.onnx       pixels [n, 3, H, W] float32 -> features [n, d] (starter: ImageNet logits [n, 1000]);
                          its weights in image.onnx.data (mapped by onnxruntime, not copied)
         text.onnx        tokens [n, L] int64 (starter: + attention mask) -> features [n, d]; + text.onnx.data
-        bpe_simple_vocab_16e6.txt.gz / tokenizer.json   the tokenizer's files
+        bpe_merges.txt / tokenizer.json   the tokenizer's files (open_clip: the BPE merges in use, plain text)
         class_emb.npy    starter: the ConSE class-embedding matrix
 
 keyed by `export_key(identity)`: the weights' sha256 (for random-init `ARCH:none` models, the identity
@@ -36,9 +36,12 @@ from retrieval.vecmath import l2_normalize
 
 FORMAT = "retrieval-onnx"
 FORMAT_VERSION = 2  # 2: weights in <tower>.onnx.data beside each graph
+# What made an export of this format. An older revision still answers queries; `retrieval index` re-makes it
+# where torch is installed. 2: open_clip text towers with plain attention (onnx_towers._plain_attention).
+REVISION = 2
 META_NAME = "meta.json"
 ENV_CACHE = "RETRIEVAL_CACHE_DIR"
-QUERY_TEXT_THREADS = 1  # a query's ~10 tokens: a second thread only waits for a core (RESULTS_onnx.md)
+QUERY_TEXT_THREADS = 1  # a cold query's first text session (RESULTS_onnx.md)
 
 
 class ExportUnusable(Exception):
@@ -112,6 +115,14 @@ def read_meta(directory: Path) -> dict:
         if actual != size:
             raise ExportUnusable(f"the ONNX export at {directory} is damaged ({name} is {actual} bytes, not {size})")
     return meta
+
+
+def remake_due(meta: dict) -> bool:
+    """True when the export predates REVISION (for its kind) and torch is here to make it again."""
+    import importlib.util
+
+    old = meta.get("kind") == "clip" and int(meta.get("revision", 1)) < REVISION
+    return old and importlib.util.find_spec("torch") is not None
 
 
 def find_by_spec(spec: str) -> Path | None:
@@ -267,7 +278,10 @@ class OnnxEncoder(Encoder):
             s, was_packed = self._sessions.get(tower, (None, False))
             packed = self._prepack or tower in self._used
             if s is None or (packed and not was_packed):
-                s = _session(self.directory / self.meta[tower]["file"], self._threads[tower], packed)
+                # a query encoder's second use is a long-lived process (serve, the Python API): there the
+                # default thread count (the cores) streams the weights faster than one (RESULTS_onnx.md)
+                threads = None if packed and not self._prepack else self._threads[tower]
+                s = _session(self.directory / self.meta[tower]["file"], threads, packed)
                 self._sessions[tower] = (s, packed)
             if use:
                 self._used.add(tower)
@@ -319,7 +333,7 @@ class OnnxEncoder(Encoder):
                 from retrieval.models.tokenizer import ClipTokenizer
 
                 self._tokenizer = ClipTokenizer.from_file(
-                    self.directory / t["file"], context_length=t["context_length"]
+                    self.directory / t["file"], context_length=t["context_length"], unique_merges=t.get("unique_merges")
                 )
             else:
                 from tokenizers import Tokenizer

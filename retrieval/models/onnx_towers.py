@@ -85,23 +85,84 @@ def _clip_text_module(model):
     m, pool, eos_id, _ = parts
 
     class Causal(nn.Module):
+        # the text tower's parts only (not the model: its image tower's weights would go into the export)
         def __init__(self, m):
             super().__init__()
-            self.m = m
+            self.token_embedding, self.ln_final = m.token_embedding, m.ln_final
+            self.positional_embedding, self.text_projection = m.positional_embedding, m.text_projection
+            self.register_buffer("attn_mask", m.attn_mask, persistent=False)
+            self.transformer = _plain_attention(m.transformer)
 
         def forward(self, tokens):
             n = tokens.shape[1]
-            x = self.m.token_embedding(tokens) + self.m.positional_embedding[:n]
-            x = self.m.transformer(x, attn_mask=self.m.attn_mask[:n, :n])
-            x = self.m.ln_final(x)
+            x = self.token_embedding(tokens) + self.positional_embedding[:n]
+            x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+            x = self.ln_final(x)
             x = text_global_pool(x, tokens, pool, eos_token_id=eos_id)
-            p = self.m.text_projection
+            p = self.text_projection
             if p is not None:
                 x = p(x) if isinstance(p, nn.Linear) else x @ p
             return x
 
     del torch
     return Causal(m), True
+
+
+def _plain_attention(transformer):
+    """A copy of open_clip's text transformer whose nn.MultiheadAttention layers are PlainSelfAttention (same
+    weights), or the transformer itself when a layer is of another kind. Exported through torch.export,
+    nn.MultiheadAttention becomes ~40 reshape/transpose/slice nodes per layer; onnxruntime runs each as a
+    kernel, which made a 9-token ViT-B-32 query 1.4x slower (RESULTS_onnx.md)."""
+    import copy
+
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None or not all(_plain_ok(getattr(b, "attn", None)) for b in blocks):
+        return transformer
+    plain = _plain_attention_class()  # defined here: this module is imported without torch
+    shadow = copy.deepcopy(transformer)
+    for b in shadow.resblocks:
+        b.attn = plain(b.attn)
+    return shadow
+
+
+def _plain_ok(mha) -> bool:
+    from torch import nn
+
+    return (
+        type(mha) is nn.MultiheadAttention
+        and mha.batch_first
+        and mha._qkv_same_embed_dim
+        and mha.in_proj_bias is not None
+        and mha.bias_k is None
+        and not mha.add_zero_attn
+    )
+
+
+def _plain_attention_class():
+    import torch
+    from torch import nn
+
+    class PlainSelfAttention(nn.Module):
+        """nn.MultiheadAttention's self-attention (batch first, packed q/k/v projection, additive mask) as plain
+        tensor operations over the same parameters; checked against torch like every export."""
+
+        def __init__(self, mha):
+            super().__init__()
+            self.heads = int(mha.num_heads)
+            self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+
+        def forward(self, q, k=None, v=None, need_weights=False, attn_mask=None, **_):
+            b, n, width = q.shape
+            hd = width // self.heads
+            qkv = nn.functional.linear(q, self.in_proj_weight, self.in_proj_bias)
+            qkv = qkv.reshape(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+            scores = (qkv[0] * hd**-0.5) @ qkv[1].transpose(-2, -1)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            out = (torch.softmax(scores, dim=-1) @ qkv[2]).transpose(1, 2).reshape(b, n, width)
+            return self.out_proj(out), None
+
+    return PlainSelfAttention
 
 
 def _check_clip_tokenizer(tok) -> None:
@@ -114,13 +175,16 @@ def _check_clip_tokenizer(tok) -> None:
 def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
     import torch
 
-    from retrieval.models.tokenizer import VOCAB_NAME, open_clip_vocab_path
+    from retrieval.models.tokenizer import MERGES_NAME, ClipTokenizer, open_clip_vocab_path, read_merges
 
     _check_clip_tokenizer(encoder.tokenizer)
     vocab = open_clip_vocab_path()
     if vocab is None:
         raise ExportFailed("open_clip's BPE vocabulary file was not found")
-    shutil.copyfile(vocab, tmp / VOCAB_NAME)
+    # only the merges open_clip uses, uncompressed: a cold query reads them in a tenth of the time
+    merges = read_merges(vocab)
+    (tmp / MERGES_NAME).write_text("\n".join(["#version: open_clip merges in use", *merges]) + "\n", "utf-8")
+    unique = ClipTokenizer(merges).unique_merges
     transform = _clip_preprocess(encoder.preprocess)
     model = _cpu_fp32(encoder.model, encoder.device)
     s = encoder.image_size
@@ -144,7 +208,7 @@ def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
         "preprocess": transform.to_meta(),
         "image": {"file": "image.onnx"},
         "text": {"file": "text.onnx", "dynamic_length": dynamic},
-        "tokenizer": {"kind": "clip-bpe", "file": VOCAB_NAME, "context_length": ctx},
+        "tokenizer": {"kind": "clip-bpe", "file": MERGES_NAME, "context_length": ctx, "unique_merges": unique},
     }, model
 
 

@@ -15,6 +15,7 @@ from retrieval.models.onnx_runtime import (
     find_by_spec,
     load_for_identity,
     open_export,
+    remake_due,
     warn_once,
 )
 from retrieval.modelspec import ModelIdentity, parse_spec
@@ -72,6 +73,9 @@ def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expect
             d = find_by_spec(str(parse_spec(spec)))
         if d is not None:
             enc = open_export(d, purpose="index")
+            if remake_due(enc.meta):  # made by an older version: exported again below, then used
+                d = None
+        if d is not None:
             try:
                 enc.check()
                 return enc, enc.key

@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+MERGES_NAME = "bpe_merges.txt"  # an export's plain-text copy: a header line, then the merges in use
 DEFAULT_CONTEXT_LENGTH = 77
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 _N_MERGES = 49152 - 256 - 2  # open_clip reads merges[1 : 49152-256-2+1]
