@@ -286,6 +286,9 @@ def _zygote_main() -> None:  # runs in the zygote process
 
     import index_data.pipeline  # noqa: F401
     import retrieval.cli
+    import retrieval.cli.indexing  # noqa: F401 - the commands, loaded once before the forks
+    import retrieval.cli.manage  # noqa: F401
+    import retrieval.cli.searching  # noqa: F401
     import retrieval.models.openclip  # noqa: F401
     import retrieval.models.registry  # noqa: F401
     import retrieval.query.searcher  # noqa: F401

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import TINY, write_photos
 
 from retrieval.cli import main
+from retrieval.cli.group import COMMAND_MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,8 +49,21 @@ def test_help_lists_commands():
     assert r.exit_code == 0
     listed = set(main.commands)
     assert listed == {"index", "search", "info", "verify", "copy", "duplicates", "benchmark", "serve", "train-fusion"}
+    assert listed == set(COMMAND_MODULES)  # every command is reachable through the lazy table
     for cmd in sorted(listed):
         assert f"  {cmd} " in r.output, cmd
+
+
+def test_a_command_loads_only_its_own_module():
+    code = (
+        "import sys\n"
+        "from retrieval.cli import main\n"
+        "try:\n    main(['search', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('retrieval.cli.')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['retrieval.cli.group', 'retrieval.cli.searching']"
 
 
 def test_info_json(indexed):

@@ -14,8 +14,30 @@ INDEX_HELP = (
 )
 
 
+# Each command's module, imported when the command is run (or help lists them): a search does not pay for
+# defining the other commands' ~150 options (click cleans every help text as it is defined).
+COMMAND_MODULES = {
+    "index": "retrieval.cli.indexing",
+    "search": "retrieval.cli.searching",
+    **dict.fromkeys(
+        ("info", "verify", "copy", "duplicates", "benchmark", "serve", "train-fusion"), "retrieval.cli.manage"
+    ),
+}
+
+
 class Cli(click.Group):
-    """Turns user errors into one line on stderr and exit code 2; --debug keeps tracebacks."""
+    """Turns user errors into one line on stderr and exit code 2; --debug keeps tracebacks. Commands are
+    loaded from COMMAND_MODULES on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(COMMAND_MODULES) | set(self.commands))
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            import importlib
+
+            importlib.import_module(COMMAND_MODULES[cmd_name])  # registers its commands on main
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx):
         from retrieval.errors import RetrievalError
