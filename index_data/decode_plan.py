@@ -132,7 +132,7 @@ def make_plan(preprocess, target_size: int | None = None) -> Plan:
 def _validated(preprocess, plan: Plan) -> Plan:
     if not plan.pil and plan.finish is None:
         return plan
-    if getattr(preprocess, "returns_numpy", False):  # it runs exactly its declared plan (onnx_runtime.ImageTransform)
+    if getattr(preprocess, "returns_numpy", False):  # it runs exactly its declared plan (preprocess.ImageTransform)
         return plan
     try:
         import torch

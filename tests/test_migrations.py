@@ -103,3 +103,25 @@ def test_new_index_starts_at_the_latest_version(tmp_path):
         r[1] for r in _peek(db, "PRAGMA table_info(errors)")
     }
     assert {"meta_hash", "taken_at", "gps_lon", "size", "mtime_ns"} <= cols
+
+
+def test_a_writer_does_not_import_pandas_and_pandas_still_imports_after(tmp_path):
+    """sqlite_utils imports pandas when it is installed (~0.3 s of every index run); the store's writer keeps it
+    out, and a later `import pandas` in the same process still works."""
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import importlib.util, sys\n"
+        "from retrieval.store.db import Store\n"
+        f"s = Store({str(tmp_path / 'meta.sqlite')!r})\n"
+        "s.db['t'].insert({'a': 1})\n"
+        "print('pandas' in sys.modules, s.db['t'].count)\n"
+        "if importlib.util.find_spec('pandas'):\n"
+        "    import pandas\n"
+        "    print(pandas.DataFrame({'a': [1]}).shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0] == "False 1"
+    if len([ln for ln in lines if ln]) > 1:
+        assert lines[1] == "(1, 1)"

@@ -27,7 +27,6 @@ from retrieval.models.onnx_runtime import (
     META_NAME,
     REVISION,
     ExportUnusable,
-    ImageTransform,
     OnnxEncoder,
     cache_root,
     export_dir,
@@ -39,6 +38,7 @@ from retrieval.models.onnx_runtime import (
 )
 from retrieval.models.onnx_towers import ExportFailed, _export_clip, _export_starter
 from retrieval.models.onnx_write import OPSET
+from retrieval.models.preprocess import ImageTransform
 from retrieval.store.atomic import fsync_dir, write_atomic
 
 TOLERANCE = 1e-5  # max abs difference of the normalised outputs, onnxruntime vs torch, both fp32 on the CPU

@@ -30,7 +30,7 @@ import numpy as np
 
 from retrieval.hashing import sha256_file
 from retrieval.models.base import Encoder
-from retrieval.models.preprocess import resize_crop_normalize
+from retrieval.models.preprocess import ImageTransform, conse_numpy
 from retrieval.modelspec import ModelIdentity
 from retrieval.vecmath import l2_normalize
 
@@ -149,67 +149,6 @@ def find_by_spec(spec: str) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Image preprocessing: PIL + numpy
-
-
-class ImageTransform:
-    """PIL image -> float32 [3, h, w]: resize the shorter side (PIL resampling), centre crop, /255, normalise.
-
-    Equal to torchvision's Resize(int) + CenterCrop + ToTensor + Normalize on PIL images (checked when an
-    export is made). `decode_plan` states the same steps for index_data.decode's workers; `returns_numpy`
-    tells it the result is a numpy array, not a torch tensor."""
-
-    returns_numpy = True
-
-    def __init__(self, resize: int, crop: tuple[int, int], resample: int, mean, std):
-        self.resize, self.crop, self.resample = int(resize), (int(crop[0]), int(crop[1])), int(resample)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-
-    @classmethod
-    def from_meta(cls, p: dict) -> ImageTransform:
-        return cls(p["resize"], tuple(p["crop"]), p["resample"], p["mean"], p["std"])
-
-    def to_meta(self) -> dict:
-        return {
-            "resize": self.resize,
-            "crop": list(self.crop),
-            "resample": self.resample,
-            "mean": [float(m) for m in self.mean.ravel()],
-            "std": [float(s) for s in self.std.ravel()],
-        }
-
-    @property
-    def decode_plan(self) -> tuple:
-        return (
-            (("resize", self.resize, self.resample), ("crop", self.crop[0], self.crop[1])),
-            (tuple(float(m) for m in self.mean.ravel()), tuple(float(s) for s in self.std.ravel())),
-        )
-
-    def __call__(self, image) -> np.ndarray:
-        return resize_crop_normalize(image, self.resize, self.crop, self.resample, self.mean, self.std)
-
-    def __repr__(self) -> str:
-        return f"ImageTransform({self.to_meta()})"
-
-
-# --------------------------------------------------------------------------------------------------
-# ConSE in numpy (the starter's image vectors from its classifier's logits)
-
-
-def conse_numpy(logits: np.ndarray, class_emb: np.ndarray, top_t: int, temperature: float) -> np.ndarray:
-    """Normalised convex combination of the top-T class embeddings, weighted by softmax(logits / T)."""
-    z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    p = z / z.sum(axis=-1, keepdims=True)
-    t = min(int(top_t), p.shape[-1])
-    idx = np.argpartition(-p, t - 1, axis=-1)[:, :t]
-    w = np.take_along_axis(p, idx, axis=-1)
-    w = w / w.sum(axis=-1, keepdims=True)
-    return l2_normalize(np.einsum("nt,ntd->nd", w, class_emb[idx]))
-
-
-# --------------------------------------------------------------------------------------------------
 # The encoder
 
 
@@ -288,9 +227,14 @@ class OnnxEncoder(Encoder):
             return s
 
     def check(self) -> None:
-        """Open both sessions now (a damaged file raises ExportUnusable here, not in the middle of a run)."""
+        """Open both sessions now (a damaged file raises ExportUnusable here, not in the middle of a run). The
+        text tower is opened without prepacking: an index run without captions never uses it, and a prepacked
+        session costs ~0.5 s and its own copy of the weights; a first use re-opens it prepacked."""
         self._get("image", use=False)
-        self._get("text", use=False)
+        with self._lock:
+            if "text" not in self._sessions:
+                s = _session(self.directory / self.meta["text"]["file"], self._threads["text"], prepack=False)
+                self._sessions["text"] = (s, False)
 
     # -- images --
     def encode_image_tensors(self, batch) -> np.ndarray:

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.models.onnx_runtime import (
-    ImageTransform,
-)
 from retrieval.models.onnx_write import _cpu_fp32, _onnx_export
+from retrieval.models.preprocess import ImageTransform
 
 
 class ExportFailed(Exception):

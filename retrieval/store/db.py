@@ -25,6 +25,24 @@ SCHEMA_VERSION = 1  # the read format; steps within it are counted by PRAGMA use
 DB_NAME = "meta.sqlite"
 
 
+def _import_sqlite_utils():
+    """sqlite_utils, imported without pandas when pandas is installed but not yet loaded: sqlite_utils imports
+    it only to recognise pandas values in inserts, which the store never makes, and that import costs ~0.3 s of
+    every `index` run (docs/fast-queries.md)."""
+    import sys
+
+    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
+        import sqlite_utils
+
+        return sqlite_utils
+    sys.modules["pandas"] = None  # `import pandas` raises ImportError while this is set
+    try:
+        import sqlite_utils
+    finally:
+        del sys.modules["pandas"]
+    return sqlite_utils
+
+
 class Store:
     """One index's SQLite database. Writers hold the index lock; readers may run at any time (WAL)."""
 
@@ -39,8 +57,7 @@ class Store:
         if readonly:
             self.db = _ReadOnlyDatabase(conn)  # readers only execute(): no sqlite_utils import (~0.1 s cold)
         else:
-            import sqlite_utils
-
+            sqlite_utils = _import_sqlite_utils()
             self.db = sqlite_utils.Database(conn, execute_plugins=False)  # no entry-point scan (~50 ms per open)
             self.db.conn.execute("PRAGMA journal_mode = WAL")
             self.db.conn.execute("PRAGMA synchronous = NORMAL")
