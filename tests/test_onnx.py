@@ -414,6 +414,26 @@ def test_open_clip_text_tower_is_exported_with_plain_attention(tiny_encoder, tin
     assert meta["tokenizer"]["file"] == "bpe_merges.txt" and meta["tokenizer"]["unique_merges"] is True
 
 
+def test_exports_are_preoptimised_and_open_with_optimisations_off(tiny_encoder, tiny_export):
+    """onnxruntime's graph optimisation runs once, when the export is made (fused nodes in the saved graph); a
+    session then opens with it off, and answers as torch does."""
+    import onnx
+    import onnxruntime as ort
+
+    meta = json.loads((tiny_export / META_NAME).read_text())
+    assert meta["optimised"] == {"level": "extended", "onnxruntime": ort.__version__}
+    assert not list(tiny_export.glob(".*"))  # the staging folders are gone
+    for tower in ("image", "text"):
+        graph = onnx.load(str(tiny_export / meta[tower]["file"]), load_external_data=False).graph
+        ops = {n.op_type for n in graph.node}
+        assert ops & {"SkipLayerNormalization", "BiasGelu", "FusedMatMul", "Gelu", "FastGelu"}, (tower, ops)
+    enc = open_export(tiny_export)
+    texts = ["a dog on a beach", "x"]
+    np.testing.assert_allclose(enc.encode_texts(texts), tiny_encoder.encode_texts(texts), atol=1e-5, rtol=0)
+    level = enc._sessions["text"][0].get_session_options().graph_optimization_level
+    assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
 def test_an_export_of_an_older_revision_answers_and_is_made_again_by_index(
     onnx_index, tmp_path, tiny_export, monkeypatch
 ):

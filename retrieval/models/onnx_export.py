@@ -37,7 +37,7 @@ from retrieval.models.onnx_runtime import (
     warn_once,
 )
 from retrieval.models.onnx_towers import ExportFailed, _export_clip, _export_starter
-from retrieval.models.onnx_write import OPSET
+from retrieval.models.onnx_write import OPSET, preoptimise
 from retrieval.models.preprocess import ImageTransform
 from retrieval.store.atomic import fsync_dir, write_atomic
 
@@ -179,6 +179,11 @@ def ensure_export(encoder) -> Path:
             sources = meta.pop("_sources")
         else:
             raise ExportFailed(f"{type(encoder).__name__} has no ONNX exporter")
+        import onnxruntime
+
+        for tower in ("image", "text"):
+            preoptimise(tmp / meta[tower]["file"])
+        meta["optimised"] = {"level": "extended", "onnxruntime": onnxruntime.__version__}
         from retrieval.hashing import sha256_file
 
         meta.update(

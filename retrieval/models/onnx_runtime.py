@@ -37,7 +37,8 @@ from retrieval.vecmath import l2_normalize
 FORMAT = "retrieval-onnx"
 FORMAT_VERSION = 2  # 2: weights in <tower>.onnx.data beside each graph
 # What made an export of this format. An older revision still answers queries; `retrieval index` re-makes it
-# where torch is installed. 2: open_clip text towers with plain attention (onnx_towers._plain_attention).
+# where torch is installed. 2: open_clip text towers with plain attention (onnx_towers._plain_attention), every
+# graph pre-optimised by onnxruntime (onnx_write.preoptimise).
 REVISION = 2
 META_NAME = "meta.json"
 ENV_CACHE = "RETRIEVAL_CACHE_DIR"
@@ -152,10 +153,12 @@ def find_by_spec(spec: str) -> Path | None:
 # The encoder
 
 
-def _session(path: Path, threads: int | None, prepack: bool = True):
+def _session(path: Path, threads: int | None, prepack: bool = True, optimised: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if optimised:  # onnx_write.preoptimise did the graph's optimisation when the export was made
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not prepack:
         # a cold query runs each tower once: prepacking the weights costs more than it saves (RESULTS_onnx.md)
         so.add_session_config_entry("session.disable_prepacking", "1")
@@ -196,6 +199,7 @@ class OnnxEncoder(Encoder):
         self.image_size = int(meta["image_size"])
         self._threads = {"image": image_threads, "text": text_threads}
         self._prepack = bool(prepack)
+        self._optimised = bool(meta.get("optimised"))
         self._sessions: dict = {}
         self._used: set[str] = set()  # towers that have run once
         self._lock = threading.Lock()
@@ -220,7 +224,7 @@ class OnnxEncoder(Encoder):
                 # a query encoder's second use is a long-lived process (serve, the Python API): there the
                 # default thread count (the cores) streams the weights faster than one (RESULTS_onnx.md)
                 threads = None if packed and not self._prepack else self._threads[tower]
-                s = _session(self.directory / self.meta[tower]["file"], threads, packed)
+                s = _session(self.directory / self.meta[tower]["file"], threads, packed, self._optimised)
                 self._sessions[tower] = (s, packed)
             if use:
                 self._used.add(tower)
@@ -233,7 +237,7 @@ class OnnxEncoder(Encoder):
         self._get("image", use=False)
         with self._lock:
             if "text" not in self._sessions:
-                s = _session(self.directory / self.meta["text"]["file"], self._threads["text"], prepack=False)
+                s = _session(self.directory / self.meta["text"]["file"], self._threads["text"], False, self._optimised)
                 self._sessions["text"] = (s, False)
 
     # -- images --
