@@ -5,7 +5,9 @@ and from this one, interleaved run by run so that both meet the same machine loa
     python benchmarks/cold_ab.py --base /tmp/base --n 20000 --runs 7
 
 The index is benchmarks/cold_query.py's synthetic ViT-B-32:none index (built once under --workdir, with the
-model's export in the cache); both trees use the same index and the same export.
+model's export in the cache); both trees use the same index and, by default, the same export. With
+`--base-cache DIR` the baseline tree runs on its own export cache, which it fills itself (its own exporter) when
+DIR holds none: a change to how exports are made is then measured too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.cold_query import QUERY, K, build_synthetic_index, child_env, query_image  # noqa: E402
+from benchmarks.cold_query import QUERY, SPEC, K, build_synthetic_index, child_env, query_image  # noqa: E402
 
 
 def run(tree: Path, args: list[str], env: dict) -> tuple[float, list[dict]]:
@@ -38,29 +40,51 @@ def run(tree: Path, args: list[str], env: dict) -> tuple[float, list[dict]]:
     return wall, [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 
 
+def base_export(tree: Path, cache: Path, env: dict) -> None:
+    """The baseline tree's own export of SPEC in cache (made by its code, once)."""
+    code = (
+        "from retrieval.models.registry import load_encoder\n"
+        "from retrieval.models.onnx_export import ensure_export\n"
+        f"ensure_export(load_encoder({SPEC!r}, device='cpu'))\n"
+    )
+    env = {**env, "PYTHONPATH": str(tree), "RETRIEVAL_CACHE_DIR": str(cache)}
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tree), check=True, capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, required=True, help="the baseline source tree")
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/retrieval-cold-ab"))
+    ap.add_argument("--base-cache", type=Path, default=None, help="the baseline tree's own export cache")
     a = ap.parse_args()
     idx = build_synthetic_index(a.workdir / f"vitb32-{a.n}", a.n)
     photo = query_image(a.workdir)
     env = child_env(a.workdir / "pycache", False)
+    envs = {"base": env, "new": env}
+    if a.base_cache is not None:
+        base_export(a.base.resolve(), a.base_cache.resolve(), env)
+        envs["base"] = {**env, "RETRIEVAL_CACHE_DIR": str(a.base_cache.resolve())}
     cases = {"text": [QUERY], "image": ["--image", str(photo)]}
     trees = {"base": a.base.resolve(), "new": ROOT}
     times = {(c, t): [] for c in cases for t in trees}
     results = {}
     for c, args in cases.items():  # warm-up (bytecode, page cache)
         for t, tree in trees.items():
-            results[(c, t)] = run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], env)[1]
+            results[(c, t)] = run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], envs[t])[1]
     for _ in range(a.runs):
         for c, args in cases.items():
             for t, tree in trees.items():
-                times[(c, t)].append(run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], env)[0])
+                times[(c, t)].append(run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], envs[t])[0])
     load = os.getloadavg()
-    out = {"n": a.n, "runs": a.runs, "loadavg": [round(x, 2) for x in load], "cases": {}}
+    out = {
+        "n": a.n,
+        "runs": a.runs,
+        "loadavg": [round(x, 2) for x in load],
+        "base_cache": bool(a.base_cache),
+        "cases": {},
+    }
     for c in cases:
         sa = {r["id"]: r["score"] for r in results[(c, "base")]}
         sb = {r["id"]: r["score"] for r in results[(c, "new")]}
@@ -79,7 +103,7 @@ def main() -> None:
         print(f"| {c} | {b} | {n} | {r['same_top10']} | {r['max_score_diff']:.1e} |")
     print(
         f"load average after: {out['loadavg']}; command: python benchmarks/cold_ab.py --base {a.base} --n {a.n} "
-        f"--runs {a.runs}"
+        f"--runs {a.runs} --workdir {a.workdir}" + (f" --base-cache {a.base_cache}" if a.base_cache else "")
     )
 
 
