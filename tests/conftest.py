@@ -81,3 +81,13 @@ def build_index(index_dir, paths, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("device", "cpu")
     return run_index(index_dir, IndexOptions(paths=[str(p) for p in paths], **kw))
+
+
+def run_python(code: str, timeout: float = 120):
+    """code in a fresh interpreter from the repository root (what a new `retrieval` process imports); the
+    CompletedProcess, its output as text."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=timeout)

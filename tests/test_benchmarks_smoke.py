@@ -156,7 +156,7 @@ def test_report(out, tmp_path):
     assert "reproduce: python benchmarks/report.py" in p.stdout
     text = results.read_text()
     assert text.startswith("# Benchmark results")
-    assert "**Machine:**" in text and "GiB RAM" in text and "torch" in text and "faiss" in text
+    assert "**Machine of this regeneration:**" in text and "GiB RAM" in text and "torch" in text and "faiss" in text
     for heading in (
         "## Speed: indexing, query latency, memory, cold CLI",
         "## Recall: synthetic12",

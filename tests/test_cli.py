@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, write_photos
+from conftest import TINY, run_python, write_photos
 
 from retrieval.cli import main
 from retrieval.cli.group import COMMAND_MODULES
@@ -61,7 +61,7 @@ def test_a_command_loads_only_its_own_module():
         "try:\n    main(['search', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in sys.modules if m.startswith('retrieval.cli.')))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "['retrieval.cli.group', 'retrieval.cli.searching']"
 

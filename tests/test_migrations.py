@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
+from conftest import run_python
 
 from retrieval.cli import main
 from retrieval.store.db import Store
@@ -108,7 +109,6 @@ def test_new_index_starts_at_the_latest_version(tmp_path):
 def test_a_writer_does_not_import_pandas_and_pandas_still_imports_after(tmp_path):
     """sqlite_utils imports pandas when it is installed (~0.3 s of every index run); the store's writer keeps it
     out, and a later `import pandas` in the same process still works."""
-    root = Path(__file__).resolve().parent.parent
     code = (
         "import importlib.util, sys\n"
         "from retrieval.store.db import Store\n"
@@ -119,7 +119,7 @@ def test_a_writer_does_not_import_pandas_and_pandas_still_imports_after(tmp_path
         "    import pandas\n"
         "    print(pandas.DataFrame({'a': [1]}).shape)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
     assert lines[0] == "False 1"
