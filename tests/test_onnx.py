@@ -421,9 +421,9 @@ def test_exports_are_preoptimised_and_open_with_optimisations_off(tiny_encoder, 
     import onnxruntime as ort
 
     meta = json.loads((tiny_export / META_NAME).read_text())
-    assert meta["optimised"] == {"level": "extended", "onnxruntime": ort.__version__}
     assert not list(tiny_export.glob(".*"))  # the staging folders are gone
     for tower in ("image", "text"):
+        assert meta[tower]["optimised"] == {"level": "extended", "onnxruntime": ort.__version__}
         graph = onnx.load(str(tiny_export / meta[tower]["file"]), load_external_data=False).graph
         ops = {n.op_type for n in graph.node}
         assert ops & {"SkipLayerNormalization", "BiasGelu", "FusedMatMul", "Gelu", "FastGelu"}, (tower, ops)
@@ -453,3 +453,12 @@ def test_an_export_of_an_older_revision_answers_and_is_made_again_by_index(
     assert again["revision"] == 2 and again["key"] == tiny_export.name
     ids2, enc2 = _search(idx, monkeypatch, cache, text="a red circle")
     assert ids2 == ids and enc2.runtime == "onnx" and enc2.meta["revision"] == 2
+
+
+def test_a_graph_onnxruntime_cannot_optimise_is_left_as_it_was(tmp_path):
+    from retrieval.models.onnx_write import preoptimise
+
+    graph = tmp_path / "text.onnx"
+    graph.write_bytes(b"not a graph")
+    assert preoptimise(graph) is False
+    assert graph.read_bytes() == b"not a graph" and sorted(p.name for p in tmp_path.iterdir()) == ["text.onnx"]

@@ -182,8 +182,8 @@ def ensure_export(encoder) -> Path:
         import onnxruntime
 
         for tower in ("image", "text"):
-            preoptimise(tmp / meta[tower]["file"])
-        meta["optimised"] = {"level": "extended", "onnxruntime": onnxruntime.__version__}
+            if preoptimise(tmp / meta[tower]["file"]):
+                meta[tower]["optimised"] = {"level": "extended", "onnxruntime": onnxruntime.__version__}
         from retrieval.hashing import sha256_file
 
         meta.update(

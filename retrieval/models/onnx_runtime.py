@@ -199,7 +199,6 @@ class OnnxEncoder(Encoder):
         self.image_size = int(meta["image_size"])
         self._threads = {"image": image_threads, "text": text_threads}
         self._prepack = bool(prepack)
-        self._optimised = bool(meta.get("optimised"))
         self._sessions: dict = {}
         self._used: set[str] = set()  # towers that have run once
         self._lock = threading.Lock()
@@ -224,11 +223,14 @@ class OnnxEncoder(Encoder):
                 # a query encoder's second use is a long-lived process (serve, the Python API): there the
                 # default thread count (the cores) streams the weights faster than one (RESULTS_onnx.md)
                 threads = None if packed and not self._prepack else self._threads[tower]
-                s = _session(self.directory / self.meta[tower]["file"], threads, packed, self._optimised)
+                s = _session(self.directory / self.meta[tower]["file"], threads, packed, self._optimised(tower))
                 self._sessions[tower] = (s, packed)
             if use:
                 self._used.add(tower)
             return s
+
+    def _optimised(self, tower: str) -> bool:
+        return bool(self.meta[tower].get("optimised"))
 
     def check(self) -> None:
         """Open both sessions now (a damaged file raises ExportUnusable here, not in the middle of a run). The
@@ -237,7 +239,9 @@ class OnnxEncoder(Encoder):
         self._get("image", use=False)
         with self._lock:
             if "text" not in self._sessions:
-                s = _session(self.directory / self.meta["text"]["file"], self._threads["text"], False, self._optimised)
+                s = _session(
+                    self.directory / self.meta["text"]["file"], self._threads["text"], False, self._optimised("text")
+                )
                 self._sessions["text"] = (s, False)
 
     # -- images --

@@ -88,11 +88,11 @@ def _weights_beside(path: Path) -> None:
     )
 
 
-def preoptimise(path: Path) -> None:
+def preoptimise(path: Path) -> bool:
     """Replace the graph and its weights file by onnxruntime's hardware-independent optimisation of them (level
     EXTENDED: constant folding, layer-norm, GELU and bias fusions), so that a session skips that work when it
-    opens (onnx_runtime._session opens such an export with optimisations off). The result is checked against
-    torch like any export."""
+    opens (onnx_runtime._session opens such a tower with optimisations off). The result is checked against
+    torch like any export. False, with the graph left as it was, when onnxruntime cannot optimise it."""
     import shutil
 
     import onnxruntime as ort
@@ -107,8 +107,12 @@ def preoptimise(path: Path) -> None:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", path.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         so.log_severity_level = 3
-        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        for name in (path.name, path.name + ".data"):
+        try:
+            ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - onnxruntime's own error types; the plain graph still runs
+            return False
+        for name in (path.name + ".data", path.name):
             os.replace(staged / name, path.parent / name)
+        return True
     finally:
         shutil.rmtree(staged, ignore_errors=True)
