@@ -143,8 +143,10 @@ def usable_export(identity) -> Path | None:
     d = export_dir(export_key(identity))
     try:
         enc = open_export(d, purpose="index")
+        if remake_due(enc.meta):  # made by an older version: no need to open its sessions
+            return None
         enc.check()
-        return None if remake_due(enc.meta) else d
+        return d
     except ExportUnusable as e:
         if "no ONNX export" not in str(e):
             warn_once(f"{e}; exporting it again")

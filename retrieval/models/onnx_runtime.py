@@ -213,36 +213,30 @@ class OnnxEncoder(Encoder):
         set_aside(self.directory)
         return self.fallback()
 
-    def _get(self, tower: str, use: bool = True):
+    def _get(self, tower: str, use: bool = True, pack: bool | None = None):
         """The tower's session. A query's encoder first opens it unprepacked (fast to open); a second use (serve,
-        the Python API) swaps in a prepacked one, whose forward passes are about twice as fast."""
+        the Python API) swaps in a prepacked one, whose forward passes are about twice as fast. pack=False opens
+        it unprepacked whatever the encoder's purpose (a check that need not pay for prepacking)."""
         with self._lock:
             s, was_packed = self._sessions.get(tower, (None, False))
-            packed = self._prepack or tower in self._used
+            packed = (self._prepack or tower in self._used) if pack is None else pack
             if s is None or (packed and not was_packed):
                 # a query encoder's second use is a long-lived process (serve, the Python API): there the
                 # default thread count (the cores) streams the weights faster than one (RESULTS_onnx.md)
                 threads = None if packed and not self._prepack else self._threads[tower]
-                s = _session(self.directory / self.meta[tower]["file"], threads, packed, self._optimised(tower))
+                optimised = bool(self.meta[tower].get("optimised"))
+                s = _session(self.directory / self.meta[tower]["file"], threads, packed, optimised)
                 self._sessions[tower] = (s, packed)
             if use:
                 self._used.add(tower)
             return s
-
-    def _optimised(self, tower: str) -> bool:
-        return bool(self.meta[tower].get("optimised"))
 
     def check(self) -> None:
         """Open both sessions now (a damaged file raises ExportUnusable here, not in the middle of a run). The
         text tower is opened without prepacking: an index run without captions never uses it, and a prepacked
         session costs ~0.5 s and its own copy of the weights; a first use re-opens it prepacked."""
         self._get("image", use=False)
-        with self._lock:
-            if "text" not in self._sessions:
-                s = _session(
-                    self.directory / self.meta["text"]["file"], self._threads["text"], False, self._optimised("text")
-                )
-                self._sessions["text"] = (s, False)
+        self._get("text", use=False, pack=False)
 
     # -- images --
     def encode_image_tensors(self, batch) -> np.ndarray:

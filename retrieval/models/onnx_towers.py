@@ -83,7 +83,7 @@ def _clip_text_module(model):
     m, pool, eos_id, _ = parts
 
     class Causal(nn.Module):
-        # the text tower's parts only (not the model: its image tower's weights would go into the export)
+        # the text tower's parts, its transformer replaced by the plain-attention copy
         def __init__(self, m):
             super().__init__()
             self.token_embedding, self.ln_final = m.token_embedding, m.ln_final
@@ -110,7 +110,7 @@ def _plain_attention(transformer):
     """A copy of open_clip's text transformer whose nn.MultiheadAttention layers are PlainSelfAttention (same
     weights), or the transformer itself when a layer is of another kind. Exported through torch.export,
     nn.MultiheadAttention becomes ~40 reshape/transpose/slice nodes per layer; onnxruntime runs each as a
-    kernel, which made a 9-token ViT-B-32 query 1.4x slower (RESULTS_onnx.md)."""
+    kernel, which made a 9-token ViT-B-32 query ~1.3x slower (RESULTS_onnx.md)."""
     import copy
 
     blocks = getattr(transformer, "resblocks", None)
