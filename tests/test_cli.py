@@ -66,6 +66,52 @@ def test_a_command_loads_only_its_own_module():
     assert r.stdout.strip().splitlines()[-1] == "['retrieval.cli.group', 'retrieval.cli.searching']"
 
 
+def _console_script(args, tmp_path):
+    """`retrieval ARGS` as the console script runs it (retrieval.cli.run), with an exit handler that reports
+    on stderr whether the interpreter's teardown ran."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
+        f"sys.argv = ['retrieval', *{list(map(str, args))!r}]\n"
+        "from retrieval.cli import run\n"
+        "run()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_a_search_process_skips_the_teardown_and_keeps_its_output_and_exit_code(indexed, tmp_path):
+    root, photos = indexed
+    idx = str(root / "idx")
+    r = _console_script(["search", "a photo", "--index", idx, "-k", "8", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["rank"] for x in lines] == list(range(1, 9))  # all of it, flushed before the exit
+    assert "teardown ran" not in r.stderr
+    r = _console_script(["search", "a photo", "--index", idx, "--glob", "*.none"], tmp_path)
+    assert r.returncode == 1 and r.stdout == "" and "teardown ran" not in r.stderr
+    # errors and other commands end as usual
+    r = _console_script(["search", "a photo", "--index", str(tmp_path / "none")], tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: no index at") and "teardown ran" in r.stderr
+    r = _console_script(["info", "--index", idx, "--json"], tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["images"] == 8 and "teardown ran" in r.stderr
+
+
+def test_a_search_into_a_closed_pipe_ends_quietly(indexed):
+    root, _ = indexed
+    cmd = [sys.executable, str(ROOT / "cli.py"), "search", "a photo", "--index", str(root / "idx"), "-k", "8"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()  # like `| head -0`: nobody reads the results
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) in (0, 1) and "Traceback" not in err and "Exception ignored" not in err
+
+
 def test_info_json(indexed):
     root, _ = indexed
     r = run("info", "--index", str(root / "idx"), "--json")

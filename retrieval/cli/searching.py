@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from retrieval.cli.group import index_option, main
+from retrieval.cli.group import index_option, leave_fast, main
 
 
 @main.command()
@@ -150,6 +150,7 @@ def search(
         if protocol is None:
             click.echo(f"no previews: {found.reason}", err=True)
     _print_results(results, as_json, as_paths, as_null, protocol)
+    leave_fast()
     sys.exit(0 if results else 1)
 
 
