@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,16 +29,20 @@ if str(ROOT) not in sys.path:
 from benchmarks.cold_query import QUERY, SPEC, K, build_synthetic_index, child_env, query_image  # noqa: E402
 
 
-def run(tree: Path, args: list[str], env: dict) -> tuple[float, list[dict]]:
+def run(tree: Path, args: list[str], env: dict) -> tuple[float, float, list[dict]]:
+    """One search in a new process: wall seconds, the child's CPU seconds (user + sys), the results."""
     env = {**env, "PYTHONPATH": str(tree)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(
         [sys.executable, str(tree / "cli.py"), "search", *args], env=env, capture_output=True, text=True, cwd=str(tree)
     )
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if p.returncode != 0:
         raise RuntimeError(f"search failed in {tree}: {p.stderr[-1500:]}")
-    return wall, [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    return wall, cpu, [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 
 
 def base_export(tree: Path, cache: Path, env: dict) -> None:
@@ -69,14 +74,17 @@ def main() -> None:
     cases = {"text": [QUERY], "image": ["--image", str(photo)]}
     trees = {"base": a.base.resolve(), "new": ROOT}
     times = {(c, t): [] for c in cases for t in trees}
+    cpus = {(c, t): [] for c in cases for t in trees}
     results = {}
     for c, args in cases.items():  # warm-up (bytecode, page cache)
         for t, tree in trees.items():
-            results[(c, t)] = run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], envs[t])[1]
+            results[(c, t)] = run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], envs[t])[2]
     for _ in range(a.runs):
         for c, args in cases.items():
             for t, tree in trees.items():
-                times[(c, t)].append(run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], envs[t])[0])
+                wall, cpu, _ = run(tree, args + ["--index", str(idx), "--json", "-k", str(K)], envs[t])
+                times[(c, t)].append(wall)
+                cpus[(c, t)].append(cpu)
     load = os.getloadavg()
     out = {
         "n": a.n,
@@ -89,18 +97,23 @@ def main() -> None:
         sa = {r["id"]: r["score"] for r in results[(c, "base")]}
         sb = {r["id"]: r["score"] for r in results[(c, "new")]}
         out["cases"][c] = {
-            t: {"median_s": round(statistics.median(times[(c, t)]), 3), "runs": [round(x, 3) for x in times[(c, t)]]}
+            t: {
+                "median_s": round(statistics.median(times[(c, t)]), 3),
+                "cpu_median_s": round(statistics.median(cpus[(c, t)]), 3),
+                "runs": [round(x, 3) for x in times[(c, t)]],
+            }
             for t in trees
         }
         ids = {t: [r["id"] for r in results[(c, t)]] for t in trees}
         out["cases"][c]["same_top10"] = ids["base"] == ids["new"]
         out["cases"][c]["max_score_diff"] = max((abs(sa[i] - sb[i]) for i in set(sa) & set(sb)), default=0.0)
     print(json.dumps(out, indent=1))
-    print("| query | base median (s) | new median (s) | same top 10 | max score diff |")
-    print("|---|---|---|---|---|")
+    print("| query | base median (s) | new median (s) | CPU s base / new | same top 10 | max score diff |")
+    print("|---|---|---|---|---|---|")
     for c, r in out["cases"].items():
         b, n = r["base"]["median_s"], r["new"]["median_s"]
-        print(f"| {c} | {b} | {n} | {r['same_top10']} | {r['max_score_diff']:.1e} |")
+        cb, cn = r["base"]["cpu_median_s"], r["new"]["cpu_median_s"]
+        print(f"| {c} | {b} | {n} | {cb} / {cn} | {r['same_top10']} | {r['max_score_diff']:.1e} |")
     print(
         f"load average after: {out['loadavg']}; command: python benchmarks/cold_ab.py --base {a.base} --n {a.n} "
         f"--runs {a.runs} --workdir {a.workdir}" + (f" --base-cache {a.base_cache}" if a.base_cache else "")

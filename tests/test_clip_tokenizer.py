@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from retrieval.models.tokenizer import ClipTokenizer, _is_safe_ascii, read_merges
+from retrieval.models.tokenizer import RANKS_NAME, ClipTokenizer, SortedRanks, _is_safe_ascii, read_merges
 
 STRINGS = [
     "",
@@ -58,6 +58,43 @@ def test_tokenizer_matches_open_clip(arch, merges):
     texts = STRINGS + fuzz
     assert np.array_equal(ref(texts).numpy(), mine(texts))
     assert mine.vocab_size == len(ref.encoder) and mine.eot_token_id == ref.eot_token_id
+    # the same through the sorted ranks file a query reads
+    text = SortedRanks.format(merges)
+    searched = ClipTokenizer(None, ref.context_length, True, ranks=SortedRanks(text.partition("\n")[2], len(merges)))
+    assert np.array_equal(ref(texts).numpy(), searched(texts))
+    assert searched.vocab_size == mine.vocab_size and searched.eot_token_id == mine.eot_token_id
+
+
+def test_sorted_ranks_answer_as_the_dict_does(merges):
+    ranks = dict(zip(merges, range(len(merges))))
+    text = SortedRanks.format(merges)
+    sr = SortedRanks(text.partition("\n")[2], len(merges))
+    assert len(sr) == len(ranks)
+    rng = random.Random(1)
+    probes = rng.sample(merges, 3000) + [merges[0], merges[-1], min(merges), max(merges)]
+    for m in probes:
+        assert sr.get(m) == ranks[m]
+    absent = ["", " ", "\x00", "zzzz zzzz", "a", min(merges)[:-1], max(merges) + "x"]
+    absent += [a + b for a, b in zip(rng.sample(merges, 500), rng.sample(merges, 500))]
+    for k in absent:
+        assert sr.get(k, -1) == ranks.get(k, -1)
+
+
+def test_the_ranks_file_is_written_once_and_a_damaged_one_is_remade(merges, tmp_path):
+    plain = tmp_path / "bpe_merges.txt"
+    plain.write_text("\n".join(["#version: merges", *merges]) + "\n", "utf-8")
+    first = ClipTokenizer.from_file(plain, unique_merges=True)
+    assert isinstance(first.bpe_ranks, dict)  # built from the merges, and the ranks file written beside them
+    ranks_file = tmp_path / RANKS_NAME
+    assert ranks_file.is_file()
+    second = ClipTokenizer.from_file(plain, unique_merges=True)
+    assert isinstance(second.bpe_ranks, SortedRanks)
+    texts = STRINGS[:12]
+    assert np.array_equal(first(texts), second(texts))
+    ranks_file.write_bytes(ranks_file.read_bytes()[:-5000])  # cut short: not used, written again
+    third = ClipTokenizer.from_file(plain, unique_merges=True)
+    assert isinstance(third.bpe_ranks, dict) and np.array_equal(first(texts), third(texts))
+    assert isinstance(ClipTokenizer.from_file(plain, unique_merges=True).bpe_ranks, SortedRanks)
 
 
 def test_ascii_shortcut_is_what_ftfy_does():

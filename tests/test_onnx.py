@@ -412,6 +412,11 @@ def test_open_clip_text_tower_is_exported_with_plain_attention(tiny_encoder, tin
     assert reshapes <= 3 * layers + 4, reshapes
     assert meta["revision"] == 2
     assert meta["tokenizer"]["file"] == "bpe_merges.txt" and meta["tokenizer"]["unique_merges"] is True
+    # the sorted ranks a query searches are part of the export, and the query tokenizer uses them
+    from retrieval.models.tokenizer import RANKS_NAME, SortedRanks
+
+    assert meta["files"][RANKS_NAME] == (tiny_export / RANKS_NAME).stat().st_size
+    assert isinstance(open_export(tiny_export)._tok().bpe_ranks, SortedRanks)
 
 
 def test_exports_are_preoptimised_and_open_with_optimisations_off(tiny_encoder, tiny_export):

@@ -173,7 +173,14 @@ def _check_clip_tokenizer(tok) -> None:
 def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
     import torch
 
-    from retrieval.models.tokenizer import MERGES_NAME, ClipTokenizer, open_clip_vocab_path, read_merges
+    from retrieval.models.tokenizer import (
+        MERGES_NAME,
+        RANKS_NAME,
+        ClipTokenizer,
+        open_clip_vocab_path,
+        read_merges,
+        write_ranks,
+    )
 
     _check_clip_tokenizer(encoder.tokenizer)
     vocab = open_clip_vocab_path()
@@ -183,6 +190,8 @@ def _export_clip(encoder, tmp: Path) -> tuple[dict, object]:
     merges = read_merges(vocab)
     (tmp / MERGES_NAME).write_text("\n".join(["#version: open_clip merges in use", *merges]) + "\n", "utf-8")
     unique = ClipTokenizer(merges).unique_merges
+    if unique and not write_ranks(tmp / RANKS_NAME, merges):
+        raise OSError(f"cannot write {tmp / RANKS_NAME}")
     transform = _clip_preprocess(encoder.preprocess)
     model = _cpu_fp32(encoder.model, encoder.device)
     s = encoder.image_size

@@ -17,6 +17,10 @@ Two load-time shortcuts, both exact:
 * Merge ranks are keyed by the merge line itself ("a b"), which saves splitting 49k lines at load, and as
   every merge of CLIP's vocabulary makes a distinct token, a merged token's id is 512 + its rank: no
   vocabulary dict is built. Only the 48,894 merges used are read (the file holds 262k lines).
+* Beside an export's merges, `bpe_ranks.txt` holds the same merges sorted, each with its rank. A query
+  looks ranks up in it by binary search (SortedRanks) instead of building a 49k-entry dict: ~1 ms to
+  open instead of ~20 ms. It is written with the export, or by the first query of an export made
+  before it existed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import numpy as np
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 MERGES_NAME = "bpe_merges.txt"  # an export's plain-text copy: a header line, then the merges in use
+RANKS_NAME = "bpe_ranks.txt"  # the same merges sorted, "first second<TAB>rank" (SortedRanks)
+_RANKS_HEADER = "#sorted merge ranks v1: "
 DEFAULT_CONTEXT_LENGTH = 77
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 _N_MERGES = 49152 - 256 - 2  # open_clip reads merges[1 : 49152-256-2+1]
@@ -85,6 +91,73 @@ def read_merges(path: str | os.PathLike | None = None) -> list[str]:
     return merges
 
 
+class SortedRanks:
+    """Merge ranks ("first second" -> rank) found by binary search over sorted "key<TAB>rank" lines held as
+    one string: only the pairs a query meets are ever parsed. Behaves as the dict it replaces (get, len)."""
+
+    def __init__(self, lines: str, n: int):
+        self._text = lines  # every line ends with "\n", keys in code-point order
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def get(self, key: str, default=None):
+        text = self._text
+        lo, hi = 0, len(text)  # both at line starts: the key, if present, starts a line in [lo, hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start = text.rfind("\n", lo, mid) + 1 or lo
+            tab = text.find("\t", start)
+            end = text.find("\n", tab)
+            k = text[start:tab]
+            if k < key:
+                lo = end + 1
+            elif k > key:
+                hi = start
+            else:
+                return int(text[tab + 1 : end])
+        return default
+
+    @staticmethod
+    def format(merges: Sequence[str]) -> str:
+        """The file's text for merges in rank order."""
+        body = sorted(zip(merges, range(len(merges))))
+        return _RANKS_HEADER + f"{len(body)}\n" + "".join(f"{m}\t{r}\n" for m, r in body)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "SortedRanks | None":
+        """The ranks in path, or None when the file is missing or not whole (its line count is in its header)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+        head, _, body = text.partition("\n")
+        if not head.startswith(_RANKS_HEADER) or not body.endswith("\n"):
+            return None
+        try:
+            n = int(head[len(_RANKS_HEADER) :])
+        except ValueError:
+            return None
+        if body.count("\n") != n or body.count("\t") != n:
+            return None
+        return cls(body, n)
+
+
+def write_ranks(path: str | os.PathLike, merges: Sequence[str]) -> bool:
+    """Write the sorted ranks file atomically; False when it cannot be written (a read-only cache)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(SortedRanks.format(merges), "utf-8")
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
 def _is_safe_ascii(text: str) -> bool:
     """True when ftfy.fix_text and html.unescape provably leave text unchanged (see module doc)."""
     return text.isascii() and _SAFE_ASCII.issuperset(text)
@@ -106,18 +179,30 @@ class ClipTokenizer:
     """Drop-in for open_clip's SimpleTokenizer with clean='lower' (the default of every CLIP model)."""
 
     def __init__(
-        self, merges: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, unique_merges: bool | None = None
+        self,
+        merges: Sequence[str] | None,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        unique_merges: bool | None = None,
+        ranks: SortedRanks | None = None,
     ):
         """merges: the BPE merge lines ("first second") in rank order, as open_clip uses them.
 
         unique_merges: every merge makes a distinct token (true of CLIP's vocabulary; checked when
         None). Then a merged token's id is 512 + its merge rank and no vocabulary dict is built.
+
+        ranks: the same merges as a SortedRanks, in place of merges (only with unique_merges=True).
         """
-        merges = list(merges)
         self.byte_encoder = bytes_to_unicode()
         base = list(self.byte_encoder.values())
         self._base_ids = dict(zip(base + [v + "</w>" for v in base], range(2 * len(base))))
-        self.bpe_ranks = dict(zip(merges, range(len(merges))))  # "first second" -> rank
+        if ranks is not None:
+            if unique_merges is not True:
+                raise ValueError("sorted ranks need unique_merges=True")
+            merges = ()
+            self.bpe_ranks = ranks
+        else:
+            merges = list(merges)
+            self.bpe_ranks = dict(zip(merges, range(len(merges))))  # "first second" -> rank
         if unique_merges is None:
             joined = {m.replace(" ", "", 1) for m in merges}
             unique_merges = len(joined) == len(merges) and not (joined & self._base_ids.keys())
@@ -127,7 +212,7 @@ class ClipTokenizer:
         if not self.unique_merges:  # open_clip's dict(zip(vocab, ids)): a later duplicate wins
             vocab = list(self._base_ids) + [m.replace(" ", "", 1) for m in merges]
             self._vocab = dict(zip(vocab, range(len(vocab))))
-        self.sot_token_id = n_base + len(merges)
+        self.sot_token_id = n_base + len(self.bpe_ranks)
         self.eot_token_id = self.sot_token_id + 1
         self.vocab_size = self.eot_token_id + 1
         self.cache: dict[str, list[int]] = {SOT: [self.sot_token_id], EOT: [self.eot_token_id]}
@@ -144,7 +229,18 @@ class ClipTokenizer:
         unique_merges: bool | None = None,
     ) -> "ClipTokenizer":
         """Read a merges file: open_clip's gzipped vocabulary (default) or a plain-text copy of it
-        (header line, then merges). Only the merges open_clip uses are parsed."""
+        (header line, then merges). Only the merges open_clip uses are parsed.
+
+        For a plain-text copy with unique merges, the sorted ranks file beside it (RANKS_NAME) is used
+        instead, and written there (best effort) when it is missing or not whole."""
+        if path is not None and unique_merges is True:
+            ranks_path = Path(path).with_name(RANKS_NAME)
+            ranks = SortedRanks.read(ranks_path)
+            if ranks is not None and ranks._n == _N_MERGES:
+                return cls(None, context_length, True, ranks=ranks)
+            merges = read_merges(path)
+            write_ranks(ranks_path, merges)
+            return cls(merges, context_length, unique_merges)
         merges = read_merges(path)
         return cls(merges, context_length, unique_merges)
 
