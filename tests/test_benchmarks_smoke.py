@@ -172,3 +172,16 @@ def test_report(out, tmp_path):
     assert (
         "| cold `search`, text, 100,000 rows (ViT-B-32-256), median | | **0.3 s** | <= 0.25 s: missed | 0.9 s |" in text
     )
+
+
+def test_tokenizers_comparison_runs_and_both_reproduce_open_clip(tmp_path):
+    p = _run(
+        [str(ROOT / "benchmarks" / "tokenizers_vs_clip.py"), "--runs", "1", "--fuzz", "30", "--out", str(tmp_path)]
+    )
+    assert "reproduce: python benchmarks/tokenizers_vs_clip.py --runs 1 --fuzz 30" in p.stdout
+    res = json.loads((tmp_path / "tokenizers_vs_clip.json").read_text())
+    assert res["exactness"]["strings"] > 30
+    assert res["exactness"]["mismatches"] == {"tokenizers": 0, "pure-python": 0}
+    assert res["cold"]["same_ids"] is True
+    assert set(res["cold"]["median_ms"]) == {"tokenizers", "pure-python"}
+    assert (tmp_path / "tokenizers_vs_clip.md").is_file()
