@@ -14,7 +14,8 @@ What it measures, side by side in one run so that both paths meet the same machi
   p50/p95 for text and image, onnx and torch, with ANN recall@10 against exact search.
 * `--parts index`: `retrieval index` end to end (new process, new index) over `--index-n` generated
   1600x1200 JPEGs, `--runtime torch` against `--runtime onnx`, interleaved, at the default batch and workers
-  and at rclip's settings (batch 8, 2 decode workers).
+  and at rclip's settings (batch 8, 2 decode workers); with `--index-bf16` also `--precision bf16` (torch over
+  bfloat16 weights) at the default settings, with how far its vectors are from fp32.
 
 The ViT-B-32 index holds synthetic image vectors (clustered, CLIP-like: benchmarks/speed_vectors.py's
 generator) written straight through the Store/Index APIs under the real identity of ViT-B-32:none; its text
@@ -394,8 +395,21 @@ def write_jpegs(folder: Path, n: int) -> Path:
     return folder
 
 
-def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
-    """`retrieval index` over n JPEGs into a new index per run: torch vs onnx, default and rclip-like settings."""
+def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean share of each row's 10 nearest rows under a (itself excluded) that b finds too."""
+
+    def top(x):
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argsort(-s, axis=1)[:, :10]
+
+    ta, tb = top(a), top(b)
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
+
+
+def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path, bf16: bool = False) -> dict:
+    """`retrieval index` over n JPEGs into a new index per run: torch vs onnx, default and rclip-like settings
+    (and torch with --precision bf16 at the default settings when bf16 is set)."""
     import shutil
 
     photos = write_jpegs(workdir / f"jpegs-{n}", n)
@@ -413,9 +427,14 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
     )
     times: dict = {}
     vectors: dict = {}
+    runtimes = {"torch": ["--runtime", "torch"], "onnx": ["--runtime", "onnx"]}
+    if bf16:  # torch over bfloat16 weights (--precision bf16), at the default settings only
+        runtimes["torch-bf16"] = ["--precision", "bf16"]
     for r in range(rounds):
         for name, extra in settings.items():
-            for rt in ("torch", "onnx"):
+            for rt, rt_args in runtimes.items():
+                if rt == "torch-bf16" and name != "default":
+                    continue
                 target = workdir / f"index-{rt}"
                 shutil.rmtree(target, ignore_errors=True)
                 t = time.perf_counter()
@@ -431,8 +450,7 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
                         "-q",
                         "--device",
                         "cpu",
-                        "--runtime",
-                        rt,
+                        *rt_args,
                         *extra,
                     ],
                     env=env,
@@ -458,6 +476,14 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path) -> dict:
         "rounds": rounds,
         "max_abs_diff_onnx_vs_torch": float(np.abs(vectors["onnx"] - vectors["torch"]).max()),
     }
+    if "torch-bf16" in vectors:
+        a, b = vectors["torch"], vectors["torch-bf16"]
+        out["bf16_vs_fp32"] = {
+            "max_abs_diff": float(np.abs(a - b).max()),
+            "min_cosine": float((a * b).sum(axis=1).min()),
+            # each stored vector as an image query: how much of its fp32 top 10 the bf16 vectors find
+            "top10_overlap": _top10_overlap(a, b),
+        }
     out["runs"] = {
         k: {
             "median_s": statistics.median(v),
@@ -638,6 +664,13 @@ def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> No
         ]
         for k, v in ix["runs"].items():
             lines.append(f"| {k} | {v['median_s']:.1f} | {v['images_per_s']:.1f} | {v['runs_s']} |")
+        q = ix.get("bf16_vs_fp32")
+        if q:
+            lines += [
+                "",
+                f"--precision bf16 against torch fp32 (stored vectors): max abs difference {q['max_abs_diff']:.1e}, "
+                f"lowest cosine {q['min_cosine']:.5f}, image-to-image top-10 overlap {q['top10_overlap']:.3f}.",
+            ]
     ck = res.get("cold_image_checkpoint")
     if ck:
         b, a = ck["before_init"], ck["after_no_init"]
@@ -722,6 +755,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small index, 2 runs: a smoke run")
     ap.add_argument("--index-n", type=int, default=200, help="1600x1200 JPEGs for --parts index")
     ap.add_argument("--index-rounds", type=int, default=2, help="interleaved rounds of --parts index")
+    ap.add_argument(
+        "--index-bf16", action="store_true", help="--parts index: also torch with --precision bf16 (default settings)"
+    )
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrieval_cold_query"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     ap.add_argument("--name", default="cold_query", help="output files: NAME.json and NAME.md")
@@ -777,7 +813,7 @@ def main(argv=None) -> int:
             c["label"] = "starter, 18 sample photos"
             res["cold_image"].append(c)
     if "index" in parts:
-        res["index"] = run_index_bench(workdir, args.index_n, args.index_rounds, pycache)
+        res["index"] = run_index_bench(workdir, args.index_n, args.index_rounds, pycache, bf16=args.index_bf16)
 
     warm_sets = [(vit, f"{SPEC}, {args.n:,}")] if "warm" in parts else []
     for n in [int(x) for x in args.warm_n.split(",") if x.strip() and "warm" in parts]:

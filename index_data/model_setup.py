@@ -70,7 +70,7 @@ def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
     if current is not None:
 
         def load():
-            encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current)
+            encoder, key = index_encoder(spec, opts.device, opts.runtime, expected=current, precision=opts.precision)
             idx.check_identity(encoder.identity)  # e.g. the weights file changed since the index was built
             return encoder, key
 
@@ -78,7 +78,7 @@ def _prepare_model(idx: Index, opts: IndexOptions, preloaded=None):
     if preloaded is not None:
         encoder, key = preloaded
     else:
-        encoder, key = index_encoder(spec, opts.device, opts.runtime)
+        encoder, key = index_encoder(spec, opts.device, opts.runtime, precision=opts.precision)
     encoder.export_key = key
     idx.set_model(encoder.identity)
     return encoder

@@ -19,6 +19,7 @@ class IndexOptions:
     device: str = "auto"
     decode: str = "auto"  # auto | cpu | gpu: see index_data/gpu_stream.py
     runtime: str = "auto"  # auto | onnx | torch (retrieval/models/runtime.py)
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 encodes on torch (CUDA autocast, or bf16 weights on a CPU)
     index_type: str | None = None  # None keeps the index's setting (auto for a new index)
     exclude: Sequence[str] = ()
     include_hidden: bool = False

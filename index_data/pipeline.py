@@ -88,7 +88,7 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     if _needs_new_model(root):
         from retrieval.models.runtime import index_encoder
 
-        preloaded = index_encoder(opts.model or DEFAULT_MODEL, opts.device, opts.runtime)
+        preloaded = index_encoder(opts.model or DEFAULT_MODEL, opts.device, opts.runtime, precision=opts.precision)
     idx = Index.open_for_write(root)
     dirty: set[int] = set()
     try:

@@ -272,6 +272,52 @@ def test_onnx_and_torch_runtimes_store_the_same_vectors(tmp_path, tiny_export):
     assert r.returncode == 2 and "--runtime onnx runs on the CPU" in r.stderr
 
 
+def test_bf16_on_the_cpu_indexes_on_torch_close_to_fp32_and_queries_stay_on_onnx(tmp_path, tiny_export):
+    """--precision bf16 on the CPU: torch over a bfloat16 copy of the weights; the vectors are those of fp32 to
+    bf16's precision, the export (made from the fp32 model) is the same one, and queries run on onnxruntime."""
+    from retrieval.models.runtime import index_encoder
+    from retrieval.query.searcher import Searcher
+    from retrieval.store.index import Index
+
+    write_photos(tmp_path / "photos", 6)
+    (tmp_path / "photos" / "img_0001.jpg.txt").write_text("a caption\n")
+    vecs = {}
+    for precision in ("auto", "bf16"):
+        build_index(tmp_path / precision, [tmp_path / "photos"], precision=precision)
+        with Index.open(tmp_path / precision) as idx:
+            rows = idx.store.image_ids_with_hash()
+            vecs[precision] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
+            caps = idx.store.caption_ids_with_hash()
+            vecs[precision + "-text"] = idx.store.get_embeddings("text", [h for _, h in caps], idx.dim)
+    for kind in ("", "-text"):
+        a, b = vecs["auto" + kind], vecs["bf16" + kind]
+        cos = (a * b).sum(axis=1)
+        assert cos.min() > 0.99, cos  # bf16 keeps ~3 significant digits
+        assert np.abs(a - b).max() > 1e-6  # and it did run in bf16, not fp32
+    enc, key = index_encoder(TINY, "cpu", "auto", precision="bf16")
+    assert enc.runtime == "torch" and enc.precision == "bf16" and key == tiny_export.name
+    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in enc.model.parameters())  # fp32 kept
+    with Searcher.open(tmp_path / "bf16") as s:
+        assert s.encoder.runtime == "onnx" and len(s.search("a photo", k=3)) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--runtime", "onnx", "--precision", "bf16"], "--runtime onnx runs fp32"),
+        (["--model", "starter", "--precision", "bf16"], "applies to open_clip models"),
+        (["--precision", "bf16", "--executor", "ray"], "--precision applies to the local executor"),
+        (["--precision", "half"], "Invalid value for '--precision'"),
+    ],
+)
+def test_precision_errors_are_one_line(tmp_path, args, message):
+    write_photos(tmp_path / "photos", 2)
+    model = [] if "--model" in args else ["--model", TINY]
+    r = _cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "x"), *model, *args, "-q")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 4  # click: usage, hint, error
+
+
 def _private_cache(tmp_path, tiny_export) -> Path:
     """A copy of the session's cache, so that damaging it does not touch the other tests' export."""
     cache = tmp_path / "cache"

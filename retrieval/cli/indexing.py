@@ -58,6 +58,14 @@ from retrieval.cli.group import index_option, main
     help="What encodes: onnxruntime (auto on the CPU) or torch (auto on CUDA / MPS).",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Image vectors' precision: auto = bf16 autocast on CUDA, fp32 elsewhere. bf16 on a CPU with bfloat16 "
+    "instructions (AVX512-BF16, AMX) encodes about twice as fast on torch; vectors differ from fp32 by ~1e-3.",
+)
+@click.option(
     "--index-type",
     type=click.Choice(["auto", "flat", "ivfflat", "ivfsq", "hnsw", "ivfpq"]),
     default=None,
@@ -110,6 +118,7 @@ def index(
     device,
     decode,
     runtime,
+    precision,
     index_type,
     exclude,
     include_hidden,
@@ -139,6 +148,7 @@ def index(
         device=device,
         decode=decode,
         runtime=runtime,
+        precision=precision,
         index_type=index_type,
         exclude=list(exclude),
         include_hidden=include_hidden,
@@ -156,6 +166,8 @@ def index(
         )
         opts.executor, opts.ray_actors, opts.ray_batch_size = executor, ray_actors, batch_size if explicit else None
         opts.ray_write = ray_write
+        if precision != "auto":
+            raise RetrievalError("--precision applies to the local executor; Ray actors use auto")
     elif ray_actors is not None or ray_write != "driver":
         raise RetrievalError("--ray-actors and --ray-write only apply with --executor ray")
     r = run_index(index_dir, opts)

@@ -7,6 +7,7 @@ open_clip) happen inside functions so that light commands never pay for them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ from retrieval.vecmath import l2_normalize
 # suite's tiny models live under tests/model_configs and are never registered for users.
 CONFIG_DIRS_ENV = "RETRIEVAL_MODEL_CONFIGS"
 RANDOM_INIT_SEED = 0
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: CUDA autocast only
 
 
 class OpenClipEncoder(Encoder):
@@ -38,6 +40,7 @@ class OpenClipEncoder(Encoder):
         self.precision = precision
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._bf16_model = None
 
     def _autocast(self):
         import torch
@@ -47,22 +50,36 @@ class OpenClipEncoder(Encoder):
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
+    def _runner(self):
+        """(model, input dtype) that encodes. bf16 on the CPU is a bfloat16 copy of the weights, made once:
+        autocast would cast them on every batch (slower than fp32 there), and self.model stays fp32 for the
+        ONNX export."""
+        import torch
+
+        if self.precision != "bf16" or self.device != "cpu":
+            return self.model, None
+        if self._bf16_model is None:
+            self._bf16_model = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+        return self._bf16_model, torch.bfloat16
+
     def encode_image_tensors(self, batch) -> np.ndarray:
         import torch
 
+        model, dtype = self._runner()
         with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_image(batch.to(self.device, non_blocking=True))
+            feats = model.encode_image(batch.to(self.device, dtype=dtype, non_blocking=True))
         return l2_normalize(feats.float().cpu().numpy())
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         import torch
 
         texts = list(texts)
+        model, _ = self._runner()
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
             with torch.inference_mode(), self._autocast():
-                feats = self.model.encode_text(tokens)
+                feats = model.encode_text(tokens)
             out.append(l2_normalize(feats.float().cpu().numpy()))
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -143,6 +160,20 @@ def _skip_param_init():
                 setattr(init, n, f)
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """auto: bf16 autocast on CUDA, fp32 elsewhere. bf16 on the CPU casts the weights (pays off on CPUs with
+    bfloat16 instructions: AVX512-BF16, AMX); MPS runs fp32 only."""
+    if precision not in PRECISIONS:
+        raise ModelSpecError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if precision == "bf16" and device.startswith("mps"):
+        raise ModelSpecError("--precision bf16 runs on CUDA or on the CPU, not on MPS")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ModelSpecError(f"--precision fp16 runs on CUDA only, not on {device}")
+    return precision
+
+
 def load_open_clip(spec: ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None):
     """The open_clip encoder of `ARCH:TAG`, `ARCH:/path/to/weights` or `ARCH:none`."""
     import open_clip
@@ -152,8 +183,7 @@ def load_open_clip(spec: ModelSpec, device: str = "auto", precision: str = "auto
     if spec.arch not in open_clip.list_models():
         raise ModelSpecError(f"unknown open_clip architecture {spec.arch!r} (see open_clip.list_models())")
     device = pick_device(device)
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
+    precision = resolve_precision(precision, device)
     weights = _resolve_weights(spec, cache_dir)
     if weights is None:
         torch.manual_seed(RANDOM_INIT_SEED)  # random init is deterministic, so an index can be reopened

@@ -23,13 +23,20 @@ from retrieval.modelspec import ModelIdentity, parse_spec
 RUNTIMES = ("auto", "onnx", "torch")
 
 
-def resolve(runtime: str, device: str) -> tuple[str, str]:
-    """(runtime, device) to index with. auto: onnx on the CPU, torch on CUDA / MPS. Probes for a GPU
-    (importing torch) only when device is auto and torch is installed."""
+def resolve(runtime: str, device: str, precision: str = "auto") -> tuple[str, str]:
+    """(runtime, device) to index with. auto: onnx on the CPU, torch on CUDA / MPS, and torch for
+    --precision bf16 or fp16 (onnxruntime runs fp32). Probes for a GPU (importing torch) only when device is
+    auto and torch is installed."""
     if runtime not in RUNTIMES:
         raise ModelSpecError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if runtime == "onnx" and device not in ("auto", "cpu"):
         raise ModelSpecError(f"--runtime onnx runs on the CPU; use --device cpu (or auto), not {device}")
+    if precision in ("bf16", "fp16"):
+        if runtime == "onnx":
+            raise ModelSpecError(f"--runtime onnx runs fp32; --precision {precision} runs on torch (--runtime torch)")
+        if importlib.util.find_spec("torch") is None:
+            raise ModelSpecError(f"--precision {precision} runs on torch: pip install 'retrieval-engine[torch]'")
+        return "torch", device
     if runtime == "torch" or device not in ("auto", "cpu"):
         return "torch", device
     if device == "auto" and runtime == "auto" and importlib.util.find_spec("torch") is not None:
@@ -57,13 +64,35 @@ def _export(torch_encoder):
         return None
 
 
-def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expected: ModelIdentity | None = None):
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo; None where
+    that file does not say (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None
+
+
+def index_encoder(
+    spec: str,
+    device: str = "auto",
+    runtime: str = "auto",
+    expected: ModelIdentity | None = None,
+    precision: str = "auto",
+):
     """The encoder an index run uses, and the key of the export now in the cache (or None).
 
     onnx: the cached export when there is one (no torch import), else the torch model is loaded, exported
-    and checked, and the export encodes. torch: the torch model; it is exported too (from a CPU fp32 copy),
-    so that the index's queries run on onnxruntime."""
-    rt, dev = resolve(runtime, device)
+    and checked, and the export encodes. torch: the torch model at `precision` (auto: bf16 autocast on CUDA,
+    else fp32); it is exported too (from a CPU fp32 copy), so that the index's queries run on onnxruntime."""
+    rt, dev = resolve(runtime, device, precision)
+    if precision not in ("auto", "fp32") and parse_spec(spec).is_starter:
+        raise ModelSpecError(f"--precision {precision} applies to open_clip models; the starter model runs fp32")
     if rt == "onnx":
         d = None
         if expected is not None:
@@ -88,7 +117,9 @@ def index_encoder(spec: str, device: str = "auto", runtime: str = "auto", expect
         )
     from retrieval.models.registry import load_encoder
 
-    torch_enc = load_encoder(spec, device=dev)
+    torch_enc = load_encoder(spec, device=dev, precision=precision)
+    if getattr(torch_enc, "precision", "fp32") == "bf16" and torch_enc.device == "cpu" and cpu_has_bf16() is False:
+        warn_once("this CPU has no bfloat16 instructions (AVX512-BF16, AMX): --precision bf16 runs slower than fp32")
     d = _export(torch_enc)
     if d is None:
         return torch_enc, None
