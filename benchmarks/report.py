@@ -648,7 +648,7 @@ def _quietest(out_dir: Path, stem: str) -> Path:
 
 # The runs the ONNX before/after table is taken from: the newest side-by-side runs, all on one machine
 # (RESULTS_onnx.md, "Plain attention, pre-optimised graphs"); older runs stay in out/ and in RESULTS_onnx.md.
-ONNX_RUNS = {"rclip_peer": "rclip_peer_v4", "onnx_warm_1m": "onnx_warm_1m_v3", "onnx_index": "onnx_index_v3"}
+ONNX_RUNS = {"rclip_peer": "rclip_peer_v4", "onnx_warm_1m": "onnx_warm_1m_v3", "onnx_index": "onnx_index_v4"}
 
 
 def _onnx_run(out_dir: Path, stem: str) -> Path:
@@ -695,6 +695,18 @@ def _onnx_before_after(out_dir: Path) -> list[str]:
             f"| `index`, {peer['n']} 1600x1200 JPEGs, ViT-B-32, images/s | {_fmt(torch_ix) if torch_ix else ''} | "
             f"**{_fmt(b32['images_per_s'])}**{ratio} | {target} | {rc_ix} |"
         )
+    try:  # the opt-in --precision bf16 (torch over bfloat16 weights), beside the same run's torch fp32
+        runs = json.loads(_onnx_run(out_dir, "onnx_index").read_text())["index"]
+        bf, fp = runs["runs"]["torch-bf16 default"], runs["runs"]["torch default"]
+        q = runs.get("bf16_vs_fp32") or {}
+        ratio = bf["images_per_s"] / fp["images_per_s"]
+        rows.append(
+            f"| `index --precision bf16`, {runs['images']} JPEGs, ViT-B-32, images/s (vectors within "
+            f"{q.get('max_abs_diff', float('nan')):.0e} of fp32) | {_fmt(fp['images_per_s'])} | "
+            f"**{_fmt(bf['images_per_s'])}** ({ratio:.2f}x) | >= 1.8x: {'met' if ratio >= 1.8 else 'missed'} | |"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     if ix.get("engine") and rc:
         rows.append(
             f"| `index`, same photos, {PEER_ARCH} (rclip's model), images/s | | "
