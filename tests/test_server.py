@@ -103,6 +103,17 @@ def test_model_is_not_loaded_at_start(corpus):
         assert r.status_code == 200 and svc.searcher.query_encoder.loaded is not None
 
 
+def test_the_vector_files_are_brought_into_memory_at_start(corpus):
+    app = create_app(corpus[0] / "idx", device="cpu", for_tests=True)
+    svc = app.state.service
+    assert svc.warmed.wait(60)  # started by the service itself, beside the first requests
+    assert svc.searcher.index._vectors  # the vector files were opened (and read) without any request
+    with TestClient(app) as c:
+        assert c.get("/api/search", params={"id": 1, "k": 2}).status_code == 200
+    svc.close()
+    assert svc.closed
+
+
 # -- search ---------------------------------------------------------------------------------------
 
 

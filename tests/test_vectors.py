@@ -323,3 +323,36 @@ def test_probes_overrides_the_search_effort_for_one_call(data, kind):
     assert recall(vi.search(queries, 10)[1]) == low  # the override did not stick
     with pytest.raises(ValueError, match="probes"):
         vi.search(queries, 10, probes=0)
+
+
+def _mapped_rss_kb(path) -> int | None:
+    """Resident kB of this process's mappings of path (Linux /proc/self/smaps), None elsewhere."""
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in text.splitlines():
+        if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfsq", "ivfflat", "hnsw"])
+def test_touch_brings_a_mapped_file_into_memory_and_changes_no_result(data, tmp_path, kind):
+    ids, x = data
+    path = tmp_path / f"{kind}.faiss"
+    fresh(kind, data).save(path)
+    before, found = VectorIndex.load(path).search(x[:5], 10)
+    vi = VectorIndex.load(path, mmap=True)
+    rss0 = _mapped_rss_kb(path)
+    vi.touch()
+    rss1 = _mapped_rss_kb(path)
+    after, found2 = vi.search(x[:5], 10)
+    assert np.array_equal(found, found2) and np.allclose(before, after)
+    if rss0 is None or kind == "hnsw":  # no /proc here; HNSW is left alone
+        return
+    vectors_kb = N * DIM * (2 if kind == "ivfsq" else 4) // 1024
+    assert rss0 < 0.5 * vectors_kb <= 0.9 * vectors_kb <= rss1, (rss0, rss1, vectors_kb)

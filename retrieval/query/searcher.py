@@ -106,6 +106,15 @@ class Searcher:
     def close(self) -> None:
         self.index.close()
 
+    def warm(self) -> None:
+        """Bring the vector files into memory (VectorIndex.touch) so that the first queries of a long-lived
+        process answer as fast as later ones; `serve` calls it as it starts. A one-off query does not need
+        it: it reads only the lists it probes."""
+        for kind in ("images", "captions"):
+            vectors = self.index.vectors(kind, mmap=True)
+            if vectors is not None:
+                vectors.touch()
+
     def __enter__(self):
         return self
 

@@ -73,6 +73,20 @@ class _Service:
         local = self.searcher.index.local_dir  # the index directory, or this machine's cache of a collection
         self.thumbs = self._thumb_dir(Path(thumbs_dir) if thumbs_dir else local / "thumbs")
         self.decodes = threading.BoundedSemaphore(UPLOAD_DECODES)
+        self.closed = False
+        self.warmed = threading.Event()
+        threading.Thread(target=self._warm, name="warm-vectors", daemon=True).start()
+
+    def _warm(self) -> None:
+        """The vector files into memory, beside the first requests (under the lock, so never during close)."""
+        try:
+            with self.lock:
+                if not self.closed:
+                    self.searcher.warm()
+        except Exception as e:  # noqa: BLE001 - a damaged file is reported by the first search that opens it
+            log.warning("could not pre-load the vector files: %s", (str(e).splitlines() or [type(e).__name__])[0])
+        finally:
+            self.warmed.set()
 
     def _thumb_dir(self, want: Path) -> Path:
         try:
@@ -97,6 +111,7 @@ class _Service:
     def close(self):
         self.remove_temp_thumbs()
         with self.lock:
+            self.closed = True
             self.searcher.close()
 
     # -- lookups --------------------------------------------------------------------------------
