@@ -242,19 +242,26 @@ def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_exp
     assert json.loads(value)["key"] == tiny_export.name
 
 
-def test_onnx_and_torch_runtimes_store_the_same_vectors(tmp_path, tiny_export):
+def _stored_vectors(tmp_path, option: str, values) -> dict:
+    """Six photos (one with a caption) indexed once per value of an IndexOptions field: {value: image
+    vectors, value + "-text": caption vectors}."""
     from retrieval.store.index import Index
 
     write_photos(tmp_path / "photos", 6)
     (tmp_path / "photos" / "img_0001.jpg.txt").write_text("a caption\n")
     vecs = {}
-    for rt in ("onnx", "torch"):
-        build_index(tmp_path / rt, [tmp_path / "photos"], runtime=rt)
-        with Index.open(tmp_path / rt) as idx:
+    for v in values:
+        build_index(tmp_path / v, [tmp_path / "photos"], **{option: v})
+        with Index.open(tmp_path / v) as idx:
             rows = idx.store.image_ids_with_hash()
-            vecs[rt] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
+            vecs[v] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
             caps = idx.store.caption_ids_with_hash()
-            vecs[rt + "-text"] = idx.store.get_embeddings("text", [h for _, h in caps], idx.dim)
+            vecs[v + "-text"] = idx.store.get_embeddings("text", [h for _, h in caps], idx.dim)
+    return vecs
+
+
+def test_onnx_and_torch_runtimes_store_the_same_vectors(tmp_path, tiny_export):
+    vecs = _stored_vectors(tmp_path, "runtime", ("onnx", "torch"))
     np.testing.assert_allclose(vecs["onnx"], vecs["torch"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(vecs["onnx-text"], vecs["torch-text"], atol=1e-5, rtol=0)
     r = _cli(
@@ -277,18 +284,8 @@ def test_bf16_on_the_cpu_indexes_on_torch_close_to_fp32_and_queries_stay_on_onnx
     bf16's precision, the export (made from the fp32 model) is the same one, and queries run on onnxruntime."""
     from retrieval.models.runtime import index_encoder
     from retrieval.query.searcher import Searcher
-    from retrieval.store.index import Index
 
-    write_photos(tmp_path / "photos", 6)
-    (tmp_path / "photos" / "img_0001.jpg.txt").write_text("a caption\n")
-    vecs = {}
-    for precision in ("auto", "bf16"):
-        build_index(tmp_path / precision, [tmp_path / "photos"], precision=precision)
-        with Index.open(tmp_path / precision) as idx:
-            rows = idx.store.image_ids_with_hash()
-            vecs[precision] = idx.store.get_embeddings("image", [h for _, h in rows], idx.dim)
-            caps = idx.store.caption_ids_with_hash()
-            vecs[precision + "-text"] = idx.store.get_embeddings("text", [h for _, h in caps], idx.dim)
+    vecs = _stored_vectors(tmp_path, "precision", ("auto", "bf16"))
     for kind in ("", "-text"):
         a, b = vecs["auto" + kind], vecs["bf16" + kind]
         cos = (a * b).sum(axis=1)
