@@ -209,13 +209,15 @@ def test_every_query_path_runs_without_torch(onnx_index, tiny_encoder):
 
 
 def test_a_cli_text_query_does_not_import_pil(onnx_index):
-    """A text query has no image to decode: PIL (~30 ms of a cold query) stays unimported."""
+    """A text query has no image to decode: PIL (~30 ms of a cold query) stays unimported; nor, on a directory
+    index, does the PostgreSQL URL parser."""
     r = _cli(
         "search", "a red circle", "--index", str(onnx_index / "idx"), "--json", "-k", "3", PYTHONPROFILEIMPORTTIME="1"
     )
     assert r.returncode == 0, r.stderr[-2000:]
     mods = [ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")]
     assert "onnxruntime" in mods and "PIL" not in mods, [m for m in mods if m.startswith("PIL")][:3]
+    assert not [m for m in mods if m.startswith("retrieval.store.pg")], [m for m in mods if ".pg" in m]
 
 
 def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_export):
