@@ -112,6 +112,19 @@ def test_a_search_into_a_closed_pipe_ends_quietly(indexed):
     assert p.wait(timeout=300) in (0, 1) and "Traceback" not in err and "Exception ignored" not in err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full (every write fails: disk full) is Linux's")
+@pytest.mark.parametrize("k", ["2", "8"])
+def test_results_that_cannot_be_written_are_one_line_and_exit_2(indexed, k):
+    root, _ = indexed
+    cmd = [sys.executable, str(ROOT / "cli.py"), "search", "a photo", "--index", str(root / "idx"), "-k", k]
+    # -k 2 fits the output buffer (the failure comes at the final flush); --json -k 8 writes through it
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd + (["--json"] if k == "8" else []), stdout=full, stderr=subprocess.PIPE, cwd=ROOT)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines() == ["error: cannot write the results: No space left on device"]
+
+
 def test_info_json(indexed):
     root, _ = indexed
     r = run("info", "--index", str(root / "idx"), "--json")

@@ -118,6 +118,18 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`| head`) or closed stream: nothing more to say there
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
             pass
+        except (OSError, ValueError) as e:  # a full disk, say: the results are not all written
+            if stream is sys.stdout and (code or 0) in (0, 1):
+                code = 2
+                _say(f"error: cannot write the results: {getattr(e, 'strerror', None) or e}")
     os._exit(code or 0)
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -149,8 +149,13 @@ def search(
         protocol = found.protocol
         if protocol is None:
             click.echo(f"no previews: {found.reason}", err=True)
-    _print_results(results, as_json, as_paths, as_null, protocol)
-    leave_fast()
+    leave_fast()  # also on the errors below: the unwritten output must not be flushed again at exit
+    try:
+        _print_results(results, as_json, as_paths, as_null, protocol)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        pass
+    except OSError as e:  # stdout on a full disk, say
+        raise RetrievalError(f"cannot write the results: {e.strerror or e}") from None
     sys.exit(0 if results else 1)
 
 
