@@ -66,7 +66,7 @@ def test_a_command_loads_only_its_own_module():
     assert r.stdout.strip().splitlines()[-1] == "['retrieval.cli.group', 'retrieval.cli.searching']"
 
 
-def _console_script(args, tmp_path):
+def _console_script(args):
     """`retrieval ARGS` as the console script runs it (retrieval.cli.run), with an exit handler that reports
     on stderr whether the interpreter's teardown ran."""
     code = (
@@ -89,17 +89,17 @@ def _console_script(args, tmp_path):
 def test_a_search_process_skips_the_teardown_and_keeps_its_output_and_exit_code(indexed, tmp_path):
     root, photos = indexed
     idx = str(root / "idx")
-    r = _console_script(["search", "a photo", "--index", idx, "-k", "8", "--json"], tmp_path)
+    r = _console_script(["search", "a photo", "--index", idx, "-k", "8", "--json"])
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["rank"] for x in lines] == list(range(1, 9))  # all of it, flushed before the exit
     assert "teardown ran" not in r.stderr
-    r = _console_script(["search", "a photo", "--index", idx, "--glob", "*.none"], tmp_path)
+    r = _console_script(["search", "a photo", "--index", idx, "--glob", "*.none"])
     assert r.returncode == 1 and r.stdout == "" and "teardown ran" not in r.stderr
     # errors and other commands end as usual
-    r = _console_script(["search", "a photo", "--index", str(tmp_path / "none")], tmp_path)
+    r = _console_script(["search", "a photo", "--index", str(tmp_path / "none")])
     assert r.returncode == 2 and r.stderr.startswith("error: no index at") and "teardown ran" in r.stderr
-    r = _console_script(["info", "--index", idx, "--json"], tmp_path)
+    r = _console_script(["info", "--index", idx, "--json"])
     assert r.returncode == 0 and json.loads(r.stdout)["images"] == 8 and "teardown ran" in r.stderr
 
 

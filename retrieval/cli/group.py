@@ -123,13 +123,14 @@ def run() -> None:
         except (OSError, ValueError) as e:  # a full disk, say: the results are not all written
             if stream is sys.stdout and (code or 0) in (0, 1):
                 code = 2
-                _say(f"error: cannot write the results: {getattr(e, 'strerror', None) or e}")
+                try:
+                    sys.stderr.write(f"error: {unwritable(e)}\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
     os._exit(code or 0)
 
 
-def _say(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+def unwritable(e: Exception) -> str:
+    """The one line for results that could not be written to stdout (a full disk, say)."""
+    return f"cannot write the results: {getattr(e, 'strerror', None) or e}"

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from retrieval.cli.group import index_option, leave_fast, main
+from retrieval.cli.group import index_option, leave_fast, main, unwritable
 
 
 @main.command()
@@ -155,7 +155,7 @@ def search(
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         pass
     except OSError as e:  # stdout on a full disk, say
-        raise RetrievalError(f"cannot write the results: {e.strerror or e}") from None
+        raise RetrievalError(unwritable(e)) from None
     sys.exit(0 if results else 1)
 
 
