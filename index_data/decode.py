@@ -182,6 +182,17 @@ class DecodeStream(Iterator[DecodeResult]):
             self.close()
             raise
 
+    def read_ahead(self, n: int) -> None:
+        """Hand the workers up to n files now, more than `prefetch`, while the caller is busy elsewhere (loading
+        the model); the stream then goes on `prefetch` ahead. No effect without workers."""
+        if self._workers == 0 or self._closed:
+            return
+        kept, self._prefetch = self._prefetch, max(self._prefetch, int(n))
+        try:
+            self._fill()
+        finally:
+            self._prefetch = kept
+
     def __enter__(self):
         return self
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from index_data.captions import sync_captions as _sync_captions
 from index_data.decode import DecodeWorkerError
 from index_data.gpu_stream import choose_decode_stream
-from index_data.model_setup import _prepare_model, _record_export
+from index_data.model_setup import _prepare_model, _record_export, deferred_new_model
 from index_data.options import IndexOptions, IndexReport
 from index_data.photo_meta import fill_photo_meta
 from index_data.scan import DEFAULT_EXCLUDES, ScannedFile, ScanProblem, scan
@@ -31,6 +31,8 @@ from retrieval.store.layout import PENDING_DIRTY_KEY as PENDING_KEY
 from retrieval.store.layout import resolve_index
 
 CHECKPOINT_SECONDS = 120.0  # publish vectors at least this often during long runs
+# decoded photos (uint8) held while the model loads: 256 MiB is ~1,800 photos at 224 px
+READ_AHEAD_BYTES = 256 << 20
 STILL_SKIPPED = "unchanged since it failed; --retry-errors tries again"
 
 
@@ -88,7 +90,10 @@ def run_index(index_dir: str | os.PathLike | None, opts: IndexOptions) -> IndexR
     if _needs_new_model(root):
         from retrieval.models.runtime import index_encoder
 
-        preloaded = index_encoder(opts.model or DEFAULT_MODEL, opts.device, opts.runtime, precision=opts.precision)
+        spec = opts.model or DEFAULT_MODEL
+        preloaded = deferred_new_model(opts, spec) or index_encoder(
+            spec, opts.device, opts.runtime, precision=opts.precision
+        )
     idx = Index.open_for_write(root)
     dirty: set[int] = set()
     try:
@@ -312,6 +317,12 @@ def _encode(
 
     stream = _result_stream(jobs, encoder, opts, workers, idx)
     try:
+        if not getattr(encoder, "loaded", True):
+            # torch on the CPU takes ~5-7 s to load: the workers decode the first photos meanwhile
+            read_ahead = getattr(stream, "read_ahead", None)
+            if read_ahead is not None:
+                read_ahead(max(1, READ_AHEAD_BYTES // (3 * encoder.image_size**2)))
+            encoder.load()
         for res in stream:
             checkpoint("decode")
             if res.error:
@@ -377,8 +388,11 @@ def _vectors(encoder, results):
 
     if getattr(results[0], "vector", None) is not None:
         return np.stack([r.vector for r in results])
+    tensors = [r.tensor for r in results]
     if encoder.runtime == "onnx":
-        return encoder.encode_image_tensors(np.stack([r.tensor for r in results]))
+        return encoder.encode_image_tensors(np.stack(tensors))
     import torch
 
-    return encoder.encode_image_tensors(torch.stack([r.tensor for r in results]))
+    if isinstance(tensors[0], np.ndarray):  # decoded with the export's preprocessing while torch loaded
+        return encoder.encode_image_tensors(torch.from_numpy(np.stack(tensors)))
+    return encoder.encode_image_tensors(torch.stack(tensors))

@@ -215,6 +215,29 @@ def test_prefetch_bounds_read_ahead(tmp_path, tiny_encoder):
         assert [r.key for r in s] == list(range(1, 50))
 
 
+def test_read_ahead_decodes_past_prefetch_before_the_caller_asks(tmp_path, tiny_encoder):
+    """read_ahead(n): n files go to the workers at once and are decoded while the caller does something else
+    (the pipeline loads torch); then the stream keeps `prefetch` ahead, in order, with the same results."""
+    paths = [make_jpeg(str(tmp_path / f"{i}.jpg"), (40 + i, 30)) for i in range(12)]
+    jobs = [(i, p) for i, p in enumerate(paths)]
+    with decode_stream(iter(jobs), tiny_encoder.preprocess, 32, workers=1, prefetch=2) as s:
+        s.read_ahead(10)
+        assert len(s._pending) == 10
+        deadline = time.monotonic() + 60
+        while not all(item[2].done() for item in s._pending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(item[2].done() for item in s._pending)  # decoded with no next() called
+        ahead = list(s)
+    plain = decode_all(jobs, tiny_encoder, workers=0)
+    assert [r.key for r in ahead] == list(range(12))
+    for a, b in zip(ahead, plain):
+        assert a.error is None and (a.width, a.height) == (b.width, b.height)
+        assert torch.equal(a.tensor, b.tensor)
+    with decode_stream(iter(jobs), tiny_encoder.preprocess, 32, workers=0) as s:
+        s.read_ahead(10)  # without workers there is nobody to decode ahead: nothing happens
+        assert [r.key for r in s] == list(range(12))
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

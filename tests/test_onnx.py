@@ -220,13 +220,20 @@ def test_a_cli_text_query_does_not_import_pil(onnx_index):
     assert not [m for m in mods if m.startswith("retrieval.store.pg")], [m for m in mods if ".pg" in m]
 
 
-def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_export):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_export, device):
+    """--device auto asks torch for a GPU only where one may be (gpu_may_exist: a GPU device node on Linux);
+    on a machine without one, a default index run never imports torch."""
+    from retrieval.models.runtime import gpu_may_exist
+
+    if device == "auto" and gpu_may_exist():  # a GPU machine: auto must ask torch, and may pick the GPU
+        return
     write_photos(tmp_path / "photos", 5)
     code = (
         "import sys\n"
         "from index_data.pipeline import IndexOptions, run_index\n"
         f"r = run_index(sys.argv[1], IndexOptions(paths=[sys.argv[2]], model='{TINY}', workers=1, "
-        f"progress=False, device='cpu'))\n"
+        f"progress=False, device='{device}'))\n"
         "print(r.encoded, [m for m in ('torch', 'open_clip') if m in sys.modules])\n"
     )
     p = subprocess.run(
@@ -242,6 +249,59 @@ def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_exp
     db = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
     (value,) = db.execute("SELECT value FROM manifest WHERE key = 'onnx_export'").fetchone()
     assert json.loads(value)["key"] == tiny_export.name
+
+
+def test_a_cpu_torch_run_starts_decoding_before_torch_loads(tmp_path, tiny_export):
+    """--runtime torch / --precision bf16 on the CPU with the model's export cached: the index is created from the
+    export's identity and the decode workers start (fork) before torch is imported; the model loads while they
+    decode, and the run stores what the onnxruntime run stores. Without the export, the model loads first."""
+    from index_data.model_setup import deferred_new_model
+    from index_data.options import IndexOptions
+
+    lazy, key = deferred_new_model(IndexOptions(runtime="torch", device="cpu"), TINY)
+    assert not lazy.loaded and key == tiny_export.name and lazy.identity.spec == TINY
+    assert type(lazy.preprocess).__name__ == "ImageTransform" and lazy.runtime == "torch"
+    assert deferred_new_model(IndexOptions(runtime="onnx", device="cpu"), TINY) is None  # onnx opens at once
+    assert deferred_new_model(IndexOptions(runtime="torch", device="cpu", executor="ray"), TINY) is None
+
+    write_photos(tmp_path / "photos", 6)
+    code = (
+        "import sys\n"
+        "events = []\n"
+        "def hook(event, args):\n"
+        "    if event == 'os.fork' and 'fork' not in events: events.append('fork')\n"
+        "    if event == 'import' and args[0] == 'torch' and 'torch' not in events: events.append('torch')\n"
+        "sys.addaudithook(hook)\n"
+        "from index_data.pipeline import IndexOptions, run_index\n"
+        f"r = run_index(sys.argv[1], IndexOptions(paths=[sys.argv[2]], model='{TINY}', workers=1, "
+        f"progress=False, device='cpu', runtime='torch', batch_size=4))\n"
+        "print(r.encoded, ' '.join(events))\n"
+    )
+    runs = {}
+    for name, cache in (("cached", None), ("empty", tmp_path / "empty-cache")):
+        env = {ENV_CACHE: str(cache)} if cache else {}
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / name), str(tmp_path / "photos")],
+            capture_output=True,
+            text=True,
+            env=_env(**env),
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = p.stdout.split()
+    assert runs["cached"] == ["6", "fork", "torch"]  # workers first, then torch
+    assert runs["empty"] == ["6", "torch", "fork"]  # nothing to read the preprocessing from: torch first
+    build_index(tmp_path / "onnx", [tmp_path / "photos"], runtime="onnx")
+    vecs = {}
+    for name in ("cached", "empty", "onnx"):
+        db = sqlite3.connect(tmp_path / name / "meta.sqlite")
+        rows = db.execute("SELECT key, vector FROM embeddings WHERE kind = 'image' ORDER BY key").fetchall()
+        vecs[name] = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in rows])
+        (value,) = db.execute("SELECT value FROM manifest WHERE key = 'onnx_export'").fetchone()
+        assert json.loads(value)["key"] == tiny_export.name
+    np.testing.assert_array_equal(vecs["cached"], vecs["empty"])  # the same pixels reach the same torch model
+    np.testing.assert_allclose(vecs["cached"], vecs["onnx"], atol=1e-5, rtol=0)
 
 
 def _stored_vectors(tmp_path, option: str, values) -> dict:

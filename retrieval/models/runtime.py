@@ -7,9 +7,13 @@ export in the cache, else torch with one line on stderr). Neither imports torch 
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 from retrieval.errors import ModelSpecError
 from retrieval.models.onnx_runtime import (
+    ExportUnusable,
+    OnnxEncoder,
     cache_root,
     export_key,
     find_by_spec,
@@ -21,12 +25,22 @@ from retrieval.models.onnx_runtime import (
 from retrieval.modelspec import ModelIdentity, parse_spec
 
 RUNTIMES = ("auto", "onnx", "torch")
+# device nodes without which torch finds no GPU on Linux: NVIDIA (CUDA), AMD (ROCm), WSL's GPU
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_may_exist() -> bool:
+    """False when torch can find no GPU here, judged without importing torch (~1.7 s): Linux with none of the
+    device nodes CUDA, ROCm or WSL need. Elsewhere (macOS has MPS) True, and torch is asked."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in _GPU_NODES)
 
 
 def resolve(runtime: str, device: str, precision: str = "auto") -> tuple[str, str]:
     """(runtime, device) to index with. auto: onnx on the CPU, torch on CUDA / MPS, and torch for
     --precision bf16 or fp16 (onnxruntime runs fp32). Probes for a GPU (importing torch) only when device is
-    auto and torch is installed."""
+    auto, torch is installed and a GPU may be there (gpu_may_exist)."""
     if runtime not in RUNTIMES:
         raise ModelSpecError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if runtime == "onnx" and device not in ("auto", "cpu"):
@@ -39,7 +53,7 @@ def resolve(runtime: str, device: str, precision: str = "auto") -> tuple[str, st
         return "torch", device
     if runtime == "torch" or device not in ("auto", "cpu"):
         return "torch", device
-    if device == "auto" and runtime == "auto" and importlib.util.find_spec("torch") is not None:
+    if device == "auto" and runtime == "auto" and importlib.util.find_spec("torch") is not None and gpu_may_exist():
         from retrieval.models.base import pick_device
 
         picked = pick_device("auto")
@@ -128,6 +142,35 @@ def index_encoder(
         enc.fallback = lambda: torch_enc
         return enc, enc.key
     return torch_enc, export_key(torch_enc.identity)
+
+
+def export_ahead_of_torch(
+    spec: str,
+    device: str = "auto",
+    runtime: str = "auto",
+    precision: str = "auto",
+    expected: ModelIdentity | None = None,
+) -> OnnxEncoder | None:
+    """For an index run that will encode with torch on the CPU (--runtime torch, --precision bf16): the model's
+    cached export (no session opened), whose identity, key and image preprocessing equal the torch model's, so
+    the run can create its index and start decoding before torch has loaded (~5-7 s). None when the run is not
+    torch on the CPU, or its export is not in the cache (the model then loads first, as it always did)."""
+    rt, dev = resolve(runtime, device, precision)
+    if rt != "torch" or not (dev == "cpu" or (dev == "auto" and not gpu_may_exist())):
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    if expected is not None:
+        enc = load_for_identity(expected, purpose="index", quiet=True)
+    else:
+        d = find_by_spec(str(parse_spec(spec)))
+        try:
+            enc = open_export(d, purpose="index") if d is not None else None
+        except ExportUnusable:  # damaged since find_by_spec looked: the torch load re-makes it
+            enc = None
+    if enc is None or remake_due(enc.meta):
+        return None
+    return enc
 
 
 def query_encoder(identity: ModelIdentity, device: str = "auto", recorded_key: str | None = None):
