@@ -419,9 +419,12 @@ def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
 
 
-def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path, bf16: bool = False) -> dict:
+def run_index_bench(
+    workdir: Path, n: int, rounds: int, pycache: Path, bf16: bool = False, base: Path | None = None
+) -> dict:
     """`retrieval index` over n JPEGs into a new index per run: torch vs onnx, default and rclip-like settings
-    (and torch with --precision bf16 at the default settings when bf16 is set)."""
+    (and torch with --precision bf16 at the default settings when bf16 is set; and torch fp32 and, with bf16,
+    bf16 of an earlier version's source tree `base` at the default settings, interleaved with the others)."""
     import shutil
 
     photos = write_jpegs(workdir / f"jpegs-{n}", n)
@@ -442,16 +445,22 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path, bf16: boo
     runtimes = {"torch": ["--runtime", "torch"], "onnx": ["--runtime", "onnx"]}
     if bf16:  # torch over bfloat16 weights (--precision bf16), at the default settings only
         runtimes["torch-bf16"] = ["--precision", "bf16"]
+    if base is not None:  # the earlier version, run from its own tree (its cli.py imports its own packages)
+        runtimes["torch-base"] = ["--runtime", "torch"]
+        if bf16:
+            runtimes["torch-bf16-base"] = ["--precision", "bf16"]
     for r in range(rounds):
         for name, extra in settings.items():
             for rt, rt_args in runtimes.items():
-                if rt == "torch-bf16" and name != "default":
-                    continue
+                if rt.startswith("torch-bf16") or rt.endswith("-base"):
+                    if name != "default":
+                        continue
+                command = [sys.executable, str(base / "cli.py")] if rt.endswith("-base") else cli_command()
                 target = workdir / f"index-{rt}"
                 shutil.rmtree(target, ignore_errors=True)
                 t = time.perf_counter()
                 subprocess.run(
-                    cli_command()
+                    command
                     + [
                         "index",
                         str(photos),
@@ -467,7 +476,7 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path, bf16: boo
                     ],
                     env=env,
                     check=True,
-                    cwd=str(ROOT),
+                    cwd=str(base if rt.endswith("-base") else ROOT),
                     capture_output=True,
                 )
                 wall = time.perf_counter() - t
@@ -488,6 +497,9 @@ def run_index_bench(workdir: Path, n: int, rounds: int, pycache: Path, bf16: boo
         "rounds": rounds,
         "max_abs_diff_onnx_vs_torch": float(np.abs(vectors["onnx"] - vectors["torch"]).max()),
     }
+    if base is not None:
+        out["base"] = str(base)
+        out["torch_same_as_base"] = bool(np.array_equal(vectors["torch"], vectors["torch-base"]))
     if "torch-bf16" in vectors:
         a, b = vectors["torch"], vectors["torch-bf16"]
         out["bf16_vs_fp32"] = {
@@ -686,6 +698,12 @@ def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> No
                 f"--precision bf16 against torch fp32 (stored vectors): max abs difference {q['max_abs_diff']:.1e}, "
                 f"lowest cosine {q['min_cosine']:.5f}, image-to-image top-10 overlap {q['top10_overlap']:.3f}.",
             ]
+        if ix.get("base"):
+            lines += [
+                "",
+                f"`-base` rows: the source tree {ix['base']}; torch fp32 vectors identical to this version's: "
+                f"{ix['torch_same_as_base']}.",
+            ]
     ck = res.get("cold_image_checkpoint")
     if ck:
         b, a = ck["before_init"], ck["after_no_init"]
@@ -702,16 +720,20 @@ def write_report(out: Path, res: dict, cmd: str, name: str = "cold_query") -> No
             f"{b['cpu_median_s']:.2f} / {a['cpu_median_s']:.2f} | {ck['results']['same_top10']} | "
             f"{ck['results']['max_score_diff']:.1e} |",
         ]
-    lines += [
-        "",
-        "Warm: one process, Searcher.search end to end (encode + FAISS + SQLite join), distinct queries, after",
-        "Searcher.warm() (the vector files read into memory, as `serve` does at start) and 5 warm-up queries;",
-        "CPU p50 = process CPU time per query (all threads).",
-        "",
-        "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | "
-        "FAISS+SQLite p50 ms | recall@10 vs exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += (
+        []
+        if not res["warm"]
+        else [
+            "",
+            "Warm: one process, Searcher.search end to end (encode + FAISS + SQLite join), distinct queries, after",
+            "Searcher.warm() (the vector files read into memory, as `serve` does at start) and 5 warm-up queries;",
+            "CPU p50 = process CPU time per query (all threads).",
+            "",
+            "| index | vectors | kind | query | queries | p50 ms | p95 ms | CPU p50 ms | encode p50 ms | "
+            "FAISS+SQLite p50 ms | recall@10 vs exact |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for w in res["warm"]:
         mode = {
             "fast": "text, onnxruntime",
@@ -774,6 +796,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--index-bf16", action="store_true", help="--parts index: also torch with --precision bf16 (default settings)"
     )
+    ap.add_argument(
+        "--index-base",
+        type=Path,
+        help="--parts index: also index with this earlier source tree (torch fp32, and bf16 with --index-bf16), "
+        "interleaved; make it with `git archive REV | tar -x -C DIR`",
+    )
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "retrieval_cold_query"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     ap.add_argument("--name", default="cold_query", help="output files: NAME.json and NAME.md")
@@ -829,7 +857,9 @@ def main(argv=None) -> int:
             c["label"] = "starter, 18 sample photos"
             res["cold_image"].append(c)
     if "index" in parts:
-        res["index"] = run_index_bench(workdir, args.index_n, args.index_rounds, pycache, bf16=args.index_bf16)
+        res["index"] = run_index_bench(
+            workdir, args.index_n, args.index_rounds, pycache, bf16=args.index_bf16, base=args.index_base
+        )
 
     warm_sets = [(vit, f"{SPEC}, {args.n:,}")] if "warm" in parts else []
     for n in [int(x) for x in args.warm_n.split(",") if x.strip() and "warm" in parts]:
