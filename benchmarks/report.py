@@ -648,7 +648,7 @@ def _quietest(out_dir: Path, stem: str) -> Path:
 
 # The runs the ONNX before/after table is taken from: the newest side-by-side runs, all on one machine
 # (RESULTS_onnx.md, "Plain attention, pre-optimised graphs"); older runs stay in out/ and in RESULTS_onnx.md.
-ONNX_RUNS = {"rclip_peer": "rclip_peer_v5", "onnx_warm_1m": "onnx_warm_1m_v5", "onnx_index": "onnx_index_v5"}
+ONNX_RUNS = {"rclip_peer": "rclip_peer_v6", "onnx_warm_1m": "onnx_warm_1m_v5", "onnx_index": "onnx_index_v5"}
 
 
 def _onnx_run(out_dir: Path, stem: str) -> Path:

@@ -292,6 +292,18 @@ def test_a_cpu_torch_run_starts_decoding_before_torch_loads(tmp_path, tiny_expor
         runs[name] = p.stdout.split()
     assert runs["cached"] == ["6", "fork", "torch"]  # workers first, then torch
     assert runs["empty"] == ["6", "torch", "fork"]  # nothing to read the preprocessing from: torch first
+    # an existing index that gets new photos: the same order, from the export recorded for its identity
+    write_photos(tmp_path / "photos", 2, start=6)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "cached"), str(tmp_path / "photos")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert p.returncode == 0 and p.stdout.split() == ["2", "fork", "torch"], p.stdout + p.stderr[-3000:]
+    build_index(tmp_path / "empty", [tmp_path / "photos"], runtime="torch")  # all three indexes: the same 8 photos
     build_index(tmp_path / "onnx", [tmp_path / "photos"], runtime="onnx")
     vecs = {}
     for name in ("cached", "empty", "onnx"):
