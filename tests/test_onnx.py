@@ -31,9 +31,14 @@ def _env(**extra) -> dict:
     return env
 
 
-def _py(code: str, **env) -> subprocess.CompletedProcess:
+def _py(code: str, *argv, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=300
+        [sys.executable, "-c", code, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        cwd=ROOT,
+        timeout=300,
     )
 
 
@@ -170,14 +175,7 @@ print(json.dumps(out))
 
 def test_every_query_path_runs_without_torch(onnx_index, tiny_encoder):
     idx, photo = onnx_index / "idx", onnx_index / "photos" / "img_0003.jpg"
-    p = subprocess.run(
-        [sys.executable, "-c", QUERY, str(idx), str(photo)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    p = _py(QUERY, idx, photo)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["torch"] == [] and out["runtime"] == "onnx", out
@@ -236,14 +234,7 @@ def test_cpu_indexing_with_a_cached_export_runs_without_torch(tmp_path, tiny_exp
         f"progress=False, device='{device}'))\n"
         "print(r.encoded, [m for m in ('torch', 'open_clip') if m in sys.modules])\n"
     )
-    p = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "idx"), str(tmp_path / "photos")],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    p = _py(code, tmp_path / "idx", tmp_path / "photos")
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split()[0] == "5" and p.stdout.strip().endswith("[]"), p.stdout
     db = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
@@ -280,28 +271,14 @@ def test_a_cpu_torch_run_starts_decoding_before_torch_loads(tmp_path, tiny_expor
     runs = {}
     for name, cache in (("cached", None), ("empty", tmp_path / "empty-cache")):
         env = {ENV_CACHE: str(cache)} if cache else {}
-        p = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / name), str(tmp_path / "photos")],
-            capture_output=True,
-            text=True,
-            env=_env(**env),
-            cwd=ROOT,
-            timeout=300,
-        )
+        p = _py(code, tmp_path / name, tmp_path / "photos", **env)
         assert p.returncode == 0, p.stderr[-3000:]
         runs[name] = p.stdout.split()
     assert runs["cached"] == ["6", "fork", "torch"]  # workers first, then torch
     assert runs["empty"] == ["6", "torch", "fork"]  # nothing to read the preprocessing from: torch first
     # an existing index that gets new photos: the same order, from the export recorded for its identity
     write_photos(tmp_path / "photos", 2, start=6)
-    p = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "cached"), str(tmp_path / "photos")],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    p = _py(code, tmp_path / "cached", tmp_path / "photos")
     assert p.returncode == 0 and p.stdout.split() == ["2", "fork", "torch"], p.stdout + p.stderr[-3000:]
     build_index(tmp_path / "empty", [tmp_path / "photos"], runtime="torch")  # all three indexes: the same 8 photos
     build_index(tmp_path / "onnx", [tmp_path / "photos"], runtime="onnx")
