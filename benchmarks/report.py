@@ -656,14 +656,20 @@ def _onnx_run(out_dir: Path, stem: str) -> Path:
     return chosen if chosen.is_file() else _quietest(out_dir, stem)
 
 
-def _torch_indexing(out_dir: Path) -> tuple[float | None, str]:
+def _onnx_index(out_dir: Path) -> dict:
+    """The chosen onnx_index run's "index" section, or {} when there is none."""
+    try:
+        return json.loads(_onnx_run(out_dir, "onnx_index").read_text())["index"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _torch_indexing(out_dir: Path, onnx_index: dict) -> tuple[float | None, str]:
     """ViT-B-32 torch indexing images/s: onnx_index's torch runs (same machine and rounds as its onnx runs), else
     speed.json's."""
-    try:
-        r = json.loads(_onnx_run(out_dir, "onnx_index").read_text())["index"]["runs"]["torch default"]
+    r = (onnx_index.get("runs") or {}).get("torch default")
+    if r:
         return r["images_per_s"], "onnx_index's interleaved torch runs"
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     try:
         return next(
             r["images_per_s"]
@@ -683,13 +689,13 @@ def _onnx_before_after(out_dir: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     rows = []
-    torch_ix, torch_src = _torch_indexing(out_dir)
+    onnx_index = _onnx_index(out_dir)
+    index_runs = onnx_index.get("runs") or {}
+    torch_ix, torch_src = _torch_indexing(out_dir, onnx_index)
     ix = peer["summary"]["index"]
-    b32, rc = ix.get("engine ViT-B-32"), ix.get("rclip")
-    try:  # onnx_index's onnxruntime runs, interleaved with the torch runs the ratio is taken against
-        b32 = json.loads(_onnx_run(out_dir, "onnx_index").read_text())["index"]["runs"]["onnx default"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    rc = ix.get("rclip")
+    # onnx_index's onnxruntime runs, interleaved with the torch runs the ratio is taken against
+    b32 = index_runs.get("onnx default") or ix.get("engine ViT-B-32")
     rc_ix = f"{_fmt(rc['images_per_s'])} images/s ({PEER_ARCH})" if rc else ""
     if b32:
         ok = torch_ix and b32["images_per_s"] >= 1.8 * torch_ix
@@ -699,18 +705,15 @@ def _onnx_before_after(out_dir: Path) -> list[str]:
             f"| `index`, {peer['n']} 1600x1200 JPEGs, ViT-B-32, images/s | {_fmt(torch_ix) if torch_ix else ''} | "
             f"**{_fmt(b32['images_per_s'])}**{ratio} | {target} | {rc_ix} |"
         )
-    try:  # the opt-in --precision bf16 (torch over bfloat16 weights), beside the same run's torch fp32
-        runs = json.loads(_onnx_run(out_dir, "onnx_index").read_text())["index"]
-        bf, fp = runs["runs"]["torch-bf16 default"], runs["runs"]["torch default"]
-        q = runs.get("bf16_vs_fp32") or {}
+    bf, fp = index_runs.get("torch-bf16 default"), index_runs.get("torch default")
+    if bf and fp:  # the opt-in --precision bf16 (torch over bfloat16 weights), beside the same run's torch fp32
+        q = onnx_index.get("bf16_vs_fp32") or {}
         ratio = bf["images_per_s"] / fp["images_per_s"]
         rows.append(
-            f"| `index --precision bf16`, {runs['images']} JPEGs, ViT-B-32, images/s (vectors within "
+            f"| `index --precision bf16`, {onnx_index.get('images', '')} JPEGs, ViT-B-32, images/s (vectors within "
             f"{q.get('max_abs_diff', float('nan')):.0e} of fp32) | {_fmt(fp['images_per_s'])} | "
             f"**{_fmt(bf['images_per_s'])}** ({ratio:.2f}x) | >= 1.8x: {'met' if ratio >= 1.8 else 'missed'} | |"
         )
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     if ix.get("engine") and rc:
         rows.append(
             f"| `index`, same photos, {PEER_ARCH} (rclip's model), images/s | | "

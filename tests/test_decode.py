@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent import futures
 
 import corpus
 import numpy as np
@@ -223,9 +224,7 @@ def test_read_ahead_decodes_past_prefetch_before_the_caller_asks(tmp_path, tiny_
     with decode_stream(iter(jobs), tiny_encoder.preprocess, 32, workers=1, prefetch=2) as s:
         s.read_ahead(10)
         assert len(s._pending) == 10
-        deadline = time.monotonic() + 60
-        while not all(item[2].done() for item in s._pending) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        futures.wait([item[2] for item in s._pending], timeout=60)
         assert all(item[2].done() for item in s._pending)  # decoded with no next() called
         ahead = list(s)
     plain = decode_all(jobs, tiny_encoder, workers=0)

@@ -108,17 +108,8 @@ def index_encoder(
     if precision not in ("auto", "fp32") and parse_spec(spec).is_starter:
         raise ModelSpecError(f"--precision {precision} applies to open_clip models; the starter model runs fp32")
     if rt == "onnx":
-        d = None
-        if expected is not None:
-            enc = load_for_identity(expected, purpose="index", quiet=True)
-            d = enc.directory if enc is not None else None
-        else:
-            d = find_by_spec(str(parse_spec(spec)))
-        if d is not None:
-            enc = open_export(d, purpose="index")
-            if remake_due(enc.meta):  # made by an older version: exported again below, then used
-                d = None
-        if d is not None:
+        enc = _cached_export(spec, expected)
+        if enc is not None:
             try:
                 enc.check()
                 return enc, enc.key
@@ -160,17 +151,22 @@ def export_ahead_of_torch(
         return None
     if importlib.util.find_spec("onnxruntime") is None:
         return None
+    return _cached_export(spec, expected)
+
+
+def _cached_export(spec: str, expected: ModelIdentity | None) -> OnnxEncoder | None:
+    """The cached export an index run can use, sessions not opened: the one of `expected` (an existing index's
+    model), else the one made from spec's current files. None when there is none, it cannot be read, or an
+    older version made it (the torch load exports it again)."""
     if expected is not None:
         enc = load_for_identity(expected, purpose="index", quiet=True)
     else:
         d = find_by_spec(str(parse_spec(spec)))
         try:
             enc = open_export(d, purpose="index") if d is not None else None
-        except ExportUnusable:  # damaged since find_by_spec looked: the torch load re-makes it
+        except ExportUnusable:  # damaged since find_by_spec looked
             enc = None
-    if enc is None or remake_due(enc.meta):
-        return None
-    return enc
+    return None if enc is None or remake_due(enc.meta) else enc
 
 
 def query_encoder(identity: ModelIdentity, device: str = "auto", recorded_key: str | None = None):
